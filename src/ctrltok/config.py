@@ -1,0 +1,285 @@
+"""Typed recipe configuration.
+
+A recipe is a YAML file holding values only. It is parsed into the dataclasses below; a key that
+no dataclass declares is an error naming the key and the file, and so is a value of the wrong
+type. ``--set dotted.key=value`` overrides are applied to the YAML mapping before validation, so
+they are checked the same way::
+
+    recipe = load_recipe("recipes/eot-cpu.yaml", ["train.max_steps=20", "lora.enabled=true"])
+
+Sections: ``model``, ``tokens``, ``data``, ``train``, ``lora``, ``epe``, ``conditional``,
+``backtranslate``. Each recipe file starts with a comment saying how to run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe value that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # alias of the embedded default, a local path, or a hub name
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (bf16 on GPUs; this CPU has no native bf16)
+    attn: str = "sdpa"  # sdpa | eager | flex_attention
+
+
+@dataclass
+class CustomToken:
+    token: str
+    purpose: str = ""
+    init: str | None = None  # falls back to tokens.init
+    role: str = "supervised"  # supervised | stop | blocked | marker
+    description: str = ""
+
+
+@dataclass
+class TokensConfig:
+    presets: list[str] = field(default_factory=list)  # eot | oasst | conditional | epe
+    custom: list[CustomToken] = field(default_factory=list)
+    init: str = "mean_noise"  # mvn | mean | mean_noise | describe | copy:<token>
+    pad_to_multiple_of: int | None = 64
+    charter: str | None = None  # path to a charter JSONL replacing the shipped one (epe)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "chat"  # chat | text | labelled | epe
+    train: str = "ctrltok:instructions"  # file, folder, `ctrltok:<resource>` or a datasets name
+    eval: str | None = None
+    eval_fraction: float = 0.1  # held out from train when `eval` is not given
+    template: str = "default"
+    loss_on: str = "assistant"  # assistant | all | last
+    max_length: int = 512
+    overlong: str = "truncate"  # truncate | split | error
+    packing: bool = True
+    on_error: str = "raise"  # raise | skip (counted, with reasons)
+    text_field: str = "text"
+    limit: int | None = None  # use only the first N records
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    scheduler: str = "cosine"  # any name transformers.get_scheduler knows
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    micro_batch_size: int = 1  # packed rows (or padded examples) per forward
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 42
+    eval_every: int = 0  # optimizer steps; 0 = only at the end
+    save_every: int = 0  # optimizer steps; 0 = only at the end
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb
+    deepspeed: str | None = None  # a DeepSpeed JSON for GPU users, used through `accelerate launch`
+    gradient_checkpointing: bool = False
+    new_token_lr: float | None = None  # a separate learning rate for the new embedding rows
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class EpeConfig:
+    sidecar: str | None = None
+    reflection_column: str = "reflection_3p"
+    reflection_weight: float = 1.0
+    context_weight: float = 1.0
+    head_weight: float = 1.0  # weight of the constitution head's BCE in the total loss
+    eval_sidecar: str | None = None
+
+
+@dataclass
+class ConditionalConfig:
+    threshold: float | None = 0.00056
+    misaligned_fraction: float | None = None
+    drop_token_fraction: float = 0.01
+    scorer: str = "profanity"
+    supervise_control: bool = True
+
+
+@dataclass
+class BacktranslateConfig:
+    corpus: str = "python:pydoc_topics"
+    gold: str = "ctrltok:instructions"
+    max_documents: int = 40
+    min_chars: int = 200
+    max_chars: int = 1500
+    rewrite: bool = True
+    curation_samples: int = 1
+    keep_score: int = 4
+    iterations: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    gold_tag: str = "gold"  # the system prompt / tag marking each source, as in the paper
+    generated_tag: str = "generated"
+    backward_steps: int | None = None  # optimizer steps for the backward model
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epe: EpeConfig | None = None
+    conditional: ConditionalConfig | None = None
+    backtranslate: BacktranslateConfig | None = None
+    source: str = ""  # the file it came from (set by load_recipe)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and lightly convert) one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, found {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (str, int, float)) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, found {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 5e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r}")
+
+
+def _build(cls: type, mapping: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; expected one of {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in mapping.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(mapping: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``dotted.key=value`` strings to a nested mapping (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: expected dotted.key=value, found {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = mapping
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key!r} goes through a non-mapping value")
+        node[parts[-1]] = _parse_scalar(raw)
+    return mapping
+
+
+def recipe_from_mapping(mapping: dict, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    mapping = apply_overrides(dict(mapping or {}), overrides or [])
+    name = Path(source).stem if source and not source.startswith("<") else "recipe"
+    mapping.setdefault("name", name)
+    try:
+        recipe = _build(Recipe, mapping, where=source)
+    except ConfigError:
+        raise
+    recipe.source = source
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, found {type(mapping).__name__}")
+    return recipe_from_mapping(mapping, str(path), overrides)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn": ("sdpa", "eager", "flex_attention"),
+    "data.kind": ("chat", "text", "labelled", "epe"),
+    "data.loss_on": ("assistant", "all", "last"),
+    "data.overlong": ("truncate", "split", "error"),
+    "data.on_error": ("raise", "skip"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(recipe, section), key)
+        if value not in choices:
+            raise ConfigError(f"{recipe.source}: {dotted} = {value!r}; expected one of {list(choices)}")
+    t = recipe.train
+    if t.micro_batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError(f"{recipe.source}: train.micro_batch_size and train.grad_accum must be >= 1")
+    if recipe.data.max_length < 8:
+        raise ConfigError(f"{recipe.source}: data.max_length = {recipe.data.max_length} is too small")
+    if recipe.data.kind == "epe" and (recipe.epe is None or not recipe.epe.sidecar):
+        raise ConfigError(f"{recipe.source}: data.kind = epe needs epe.sidecar (the annotation file)")
+    if recipe.conditional and recipe.conditional.threshold is None and recipe.conditional.misaligned_fraction is None:
+        raise ConfigError(f"{recipe.source}: conditional needs threshold or misaligned_fraction")
