@@ -1,0 +1,458 @@
+"""Backtranslation stages with a fake backend and a fake trainer: counts, reasons, parser, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from ctrltok.backtranslate import (
+    ChatModel,
+    Pair,
+    aggregate,
+    clean_instruction,
+    curate,
+    load_text,
+    parse_score,
+    read_documents,
+    run_backtranslation,
+    segment,
+)
+from ctrltok.completion import FakeBackend, Sampling
+from ctrltok.config import BacktranslateConfig, ConfigError, load_recipe, recipe_from_mapping
+
+REPO = Path(__file__).resolve().parents[1]
+BACKWARD_SYSTEM = load_text("ctrltok:backtranslate_backward_system.txt", "backward_system")
+
+
+def render(messages: list[dict]) -> str:
+    return "\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+def _h(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16)
+
+
+def fake_llm(prompt: str) -> str:
+    """A deterministic stand-in for M_yx and the seed model, with failures at fixed hash classes."""
+    if prompt.startswith(f"[system]\n{BACKWARD_SYSTEM}"):
+        response = prompt.split("[user]\n", 1)[1]
+        h = _h(response) % 6
+        if h == 0:
+            return "  "
+        if h == 1:
+            return "Why " * 150
+        return f"Instruction: What does the passage about {response.split()[0]} say?"
+    if "Draft answer:\n" in prompt:
+        response = prompt.split("Draft answer:\n", 1)[1]
+        return "" if _h(response) % 9 == 0 else "Here is the rewritten answer:\nIn short, " + response
+    if "Candidate answer:\n" in prompt:
+        h = _h(prompt.split("Candidate answer:\n", 1)[1])
+        if h % 7 == 0:
+            return "Looks fine.\nScore: 4/5"
+        if h % 7 == 1:
+            return "Very good.\nScore: 9"
+        return f"Reasoning about the pair.\nScore: {h % 5 + 1}"
+    raise AssertionError(f"unexpected prompt {prompt[:80]!r}")
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class Flaky:
+    """Answers ``budget`` prompts, then raises (a kill between two backend calls)."""
+
+    def __init__(self, inner, budget: int | None):
+        self.inner, self.budget, self.asked = inner, budget, 0
+
+    def complete(self, prompts, sampling):
+        if self.budget is not None and self.asked + len(prompts) > self.budget:
+            raise Killed(f"killed after {self.asked} prompts")
+        self.asked += len(prompts)
+        return self.inner.complete(prompts, sampling)
+
+
+class FakeTrainer:
+    def __init__(self, fail_on: int | None = None):
+        self.calls: list[tuple[str, Path]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, recipe, out_dir: Path) -> Path:
+        if self.fail_on is not None and len(self.calls) == self.fail_on:
+            self.fail_on = None
+            raise Killed("trainer killed")
+        self.calls.append((recipe.data.train, out_dir))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = Path(recipe.data.train).read_text().splitlines()
+        (out_dir / "trained.json").write_text(json.dumps({"examples": len(lines), "steps": recipe.train.max_steps}))
+        return out_dir
+
+
+PARAGRAPHS = [
+    "The garden gate was painted green in the spring of that year, and every visitor remarked on it. "
+    "It made the whole street look brighter, and the neighbours soon followed with their own colours.",
+    "Bread rises because yeast ferments the sugars in the dough and releases carbon dioxide. "
+    "The gas is trapped by the gluten network, which stretches and holds the bubbles as the loaf bakes.",
+    "A lighthouse keeper once kept a log of every ship that passed the point during the winter storms. "
+    "The log survives in the town museum and records more than four hundred vessels in a single season.",
+    "Rivers carry sediment from the mountains to the sea, and the heaviest stones settle first. "
+    "Fine silt travels furthest and builds the wide deltas where many of the world's cities now stand.",
+    "Owls hunt mostly at night and rely on hearing more than sight to find their prey in the dark. "
+    "Their facial discs funnel sound to ears placed at different heights on each side of the head.",
+    "Glaciers move slowly downhill under their own weight, grinding the rock beneath them into flour. "
+    "The valleys they leave behind have a typical U shape that geologists recognise at a glance.",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(8):
+        paras = [PARAGRAPHS[(i + j) % len(PARAGRAPHS)] for j in range(3)]
+        (folder / f"doc{i}.txt").write_text(f"Title {i}\n=======\n\n" + "\n\n".join(paras) + "\n")
+    (folder / "short.txt").write_text("Too short to be an answer.\n")
+    return folder
+
+
+@pytest.fixture
+def gold(tmp_path: Path) -> Path:
+    path = tmp_path / "gold.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(5)]
+    rows.append({"instruction": "Say hi.", "response": "Hi!"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_recipe(corpus: Path, gold: Path, **bt):
+    values = dict(corpus=str(corpus), gold=str(gold), min_chars=150, max_chars=450, batch_size=3,
+                  max_documents=20)
+    values.update(bt)
+    return recipe_from_mapping({"train": {"max_steps": 3}, "backtranslate": values}, "<test>")
+
+
+def run(recipe, out: Path, budget: int | None = None, trainer=None, factory_log: list | None = None):
+    fake = FakeBackend(fake_llm)
+    flaky = Flaky(fake, budget)
+
+    def factory(name, _recipe):
+        if factory_log is not None:
+            factory_log.append(name)
+        return ChatModel(flaky, render)
+
+    quiet = Console(file=io.StringIO(), width=120)
+    report = run_backtranslation(recipe, out, backend_factory=factory, trainer=trainer or FakeTrainer(),
+                                 console=quiet)
+    assert "score_below_keep" in quiet.file.getvalue()  # the printed tables
+    return report, fake
+
+
+def stage_files(out: Path) -> dict[str, list[str]]:
+    return {p.name: p.read_text().splitlines() for p in sorted(out.glob("*.jsonl"))}
+
+
+# ---------------------------------------------------------------- segment
+
+
+def test_segment_counts_every_drop_with_its_reason():
+    cfg = BacktranslateConfig(min_chars=60, max_chars=200)
+    good = "Tides rise and fall twice a day because of the pull of the moon on the oceans."
+    docs = [
+        ("a", f"Heading\n*******\n\n{good}"),
+        ("b", good.upper().replace("TIDES", "Tides")),  # shouting
+        ("c", "  " + good.lower().replace(".", " .")),  # starts lower case: continues something
+        ("d", "Tides   rise and fall twice a day because of the pull of the MOON on the oceans!"),  # dup
+        ("e", "Short."),
+        ("f", "x " * 150),
+        ("g", "| 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | 9 | 10 | 11 | 12 | 13 | 14 | 15 | 16 | 17 | 18 |"),
+        ("h", "The list of things to remember when sailing at night includes the following items:"),
+    ]
+    stats = Counter()
+    pairs = list(segment(docs, cfg, stats))
+    assert stats["documents"] == 8
+    by_id = {p.id: p.drop for p in pairs}
+    assert by_id == {"a#0": None, "b#0": "shouting", "c#0": "not_self_contained", "d#0": "duplicate",
+                     "e#0": "too_short", "f#0": "too_long", "g#0": "mostly_symbols", "h#0": "not_self_contained"}
+    assert pairs[0].response == good  # the heading and its underline are not part of the answer
+
+
+def test_segment_glues_code_to_its_introduction_and_packs_paragraphs():
+    cfg = BacktranslateConfig(min_chars=10, max_chars=120)
+    text = ("First paragraph is here and it is fine.\n\nIt is equivalent to:\n\n   x = 1\n   y = 2\n\n"
+            + "Third paragraph stands alone with enough words to overflow the limit of this chunk.")
+    pairs = list(segment([("d", text)], cfg))
+    assert [p.response for p in pairs] == [
+        "First paragraph is here and it is fine.\n\nIt is equivalent to:\n\n   x = 1\n   y = 2",
+        "Third paragraph stands alone with enough words to overflow the limit of this chunk.",
+    ]
+    assert all(p.drop is None for p in pairs)
+
+
+def test_pydoc_corpus_gives_stable_unique_ids_and_respects_caps():
+    cfg = BacktranslateConfig(max_candidates=7)
+    first = list(segment(read_documents("python:pydoc_topics", limit=6), cfg))
+    again = list(segment(read_documents("python:pydoc_topics", limit=6), cfg))
+    assert [p.id for p in first] == [p.id for p in again]
+    assert len({p.id for p in first}) == len(first)
+    assert sum(p.drop is None for p in first) == 7
+    assert all(cfg.min_chars <= len(p.response) <= cfg.max_chars for p in first if p.drop is None)
+
+
+# ---------------------------------------------------------------- augment cleanup, parser
+
+
+@pytest.mark.parametrize("raw, expected, reason", [
+    ("Instruction: How do tides work?", "How do tides work?", None),
+    ('  "How do tides work?"  ', "How do tides work?", None),
+    ("**Question:** How do tides work?", "How do tides work?", None),
+    ("", "", "instruction_empty"),
+    ("?!", "?!", "instruction_empty"),
+    ("Why " * 200, None, "instruction_too_long"),
+    ("the pull of the moon on the oceans", None, "instruction_copies_response"),
+])
+def test_clean_instruction(raw, expected, reason):
+    cfg = BacktranslateConfig()
+    text, got = clean_instruction(raw, "Tides rise and fall because of the pull of the moon on the oceans.", cfg)
+    assert got == reason
+    if expected is not None:
+        assert text == expected
+
+
+@pytest.mark.parametrize("text, score", [
+    ("Fine.\nScore: 4", 4), ("Score: 5", 5), ("reasons\nScore:3\n\n  ", 3), ("a\nScore: 0", 0),
+    ("a\nScore: 12", 12), ("Score: 4/5", None), ("**Score: 4**", None), ("score: 4", None),
+    ("Score: four", None), ("Score: 4.", None), ("Score: 4\nThanks!", None), ("I give it a 4", None),
+    ("", None), ("Score: 99999999999999", None),
+])
+def test_parse_score_cases(text, score):
+    assert parse_score(text) == score
+
+
+@given(st.text())
+def test_random_text_without_the_exact_form_never_parses(text):
+    if "Score:" not in text:
+        assert parse_score(text) is None
+    else:  # it may parse, but only when the last non-empty line is exactly the form
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if parse_score(text) is not None:
+            assert lines[-1].startswith("Score:") and lines[-1][6:].strip().isdigit()
+
+
+@given(st.text(), st.integers(0, 10**6), st.sampled_from(["", " ", "  ", "\t"]),
+       st.sampled_from(["", "\n", "\n\n  \n", " "]))
+def test_valid_forms_always_parse(prefix, n, space, tail):
+    assert parse_score(f"{prefix}\nScore:{space}{n}{tail}") == n
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(-3, 9)), max_size=7))
+def test_aggregate_uses_only_in_range_scores(scores):
+    valid = [s for s in scores if s is not None and 1 <= s <= 5]
+    med, mean = aggregate(scores, "median"), aggregate(scores, "mean")
+    if not valid:
+        assert med is None and mean is None
+    else:
+        assert min(valid) <= med <= max(valid) and min(valid) <= mean <= max(valid)
+
+
+class SampleBackend:
+    """Different curator outputs per sample of the same prompt (FakeBackend repeats one text)."""
+
+    def __init__(self, per_prompt: list[list[str]]):
+        self.per_prompt = per_prompt
+
+    def complete(self, prompts, sampling):
+        assert sampling.n == 3 and sampling.temperature > 0
+        return [t for i in range(len(prompts)) for t in self.per_prompt[i]]
+
+
+def test_curate_several_samples_median_and_separate_failure_counts():
+    cfg = BacktranslateConfig(curation_samples=3, curation_temperature=0.7, batch_size=8)
+    outs = [["Score: 5", "Score: 2", "Score: 4"],  # median 4
+            ["Score: 9", "nothing", "Score: 1"],   # only 1 is valid
+            ["Score: 0", "Score: 7", "Score: 6"],  # all out of range
+            ["meh", "Score: 6", "no"]]             # unparsed + out of range
+    pairs = [Pair(id=str(i), source="s", response="r", instruction="i") for i in range(4)]
+    got = list(curate(pairs, ChatModel(SampleBackend(outs), render), cfg))
+    assert [p.score for p in got] == [4.0, 1.0, None, None]
+    assert [p.drop for p in got] == [None, None, "score_out_of_range", "score_unparsed"]
+    assert got[1].scores == [9, None, 1]
+    mean_cfg = BacktranslateConfig(curation_samples=3, curation_temperature=0.7, score_aggregate="mean")
+    assert next(curate(pairs[:1], ChatModel(SampleBackend(outs), render), mean_cfg)).score == pytest.approx(11 / 3)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def test_pipeline_counts_reasons_training_data_and_report(corpus, gold, tmp_path):
+    out = tmp_path / "out"
+    trainer = FakeTrainer()
+    report, fake = run(make_recipe(corpus, gold), out, trainer=trainer)
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["segments", "augmented", "rewritten", "curated-1", "selected-1"]
+    seg = stages["segments"]
+    assert seg["documents"] == 9 and seg["dropped"]["too_short"] == 1 and seg["dropped"]["duplicate"] > 0
+    order = list(stages)
+    for a, b in zip(order, order[1:]):  # every stage sees exactly what the previous one kept
+        assert stages[b]["in"] == stages[a]["kept"]
+        assert stages[a]["in"] == stages[a]["kept"] + sum(stages[a]["dropped"].values())
+    assert set(stages["augmented"]["dropped"]) <= {"instruction_empty", "instruction_too_long"}
+    assert stages["augmented"]["dropped"]
+    assert set(stages["curated-1"]["dropped"]) <= {"score_unparsed", "score_out_of_range"}
+    assert set(stages["selected-1"]["dropped"]) == {"score_below_keep"}
+    # every prompt was asked once
+    assert len(fake.calls) == len(set(fake.calls)) == sum(stages[s]["in"] for s in order[1:4])
+
+    cur = report["curation"]["curated-1"]
+    assert cur["samples"] == stages["curated-1"]["in"]
+    assert cur["unparsed"] + cur["out_of_range"] + sum(cur["histogram"].values()) == cur["samples"]
+    assert cur["parse_failure_rate"] == round(cur["unparsed"] / cur["samples"], 4)
+
+    # backward: roles swapped; finetune: gold + kept, each with its tag
+    (bw_file, bw_dir), (ft_file, ft_dir) = trainer.calls
+    backward_rows = [json.loads(x)["messages"] for x in Path(bw_file).read_text().splitlines()]
+    assert backward_rows[0] == [{"role": "system", "content": BACKWARD_SYSTEM},
+                                {"role": "user", "content": "Answer number 0."},
+                                {"role": "assistant", "content": "Question 0?"}]
+    rows = [json.loads(x)["messages"] for x in Path(ft_file).read_text().splitlines()]
+    tags = Counter(r[0]["content"] for r in rows)
+    cfg = BacktranslateConfig()
+    assert tags == {cfg.gold_tag: 6, cfg.generated_tag: stages["selected-1"]["kept"]}
+    kept = [json.loads(x) for x in (out / "selected-1.jsonl").read_text().splitlines()]
+    kept = [k for k in kept if k["drop"] is None]
+    assert all(k["score"] >= 4 and k["original_response"] and k["response"].startswith("In short, ") for k in kept)
+    assert report["models"]["final"] == str(out / "model-1") == str(ft_dir)
+
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["stages"] == report["stages"] and (out / "scores.png").stat().st_size > 1000
+    assert len(saved["samples"]["kept"]) == min(3, stages["selected-1"]["kept"])
+    assert saved["samples"]["dropped"]
+
+
+def test_no_rewrite_and_second_iteration_curates_with_m1(corpus, gold, tmp_path):
+    log: list[str] = []
+    trainer = FakeTrainer()
+    report, _ = run(make_recipe(corpus, gold, rewrite=False, iterations=2), tmp_path / "o", trainer=trainer,
+                    factory_log=log)
+    names = [s["stage"] for s in report["stages"]]
+    assert names == ["segments", "augmented", "curated-1", "selected-1", "curated-2", "selected-2"]
+    assert log == [str(tmp_path / "o" / "backward"), "smollm2-135m", str(tmp_path / "o" / "model-1")]
+    assert [c[1].name for c in trainer.calls] == ["backward", "model-1", "model-2"]
+    assert report["models"]["final"] == str(tmp_path / "o" / "model-2")
+
+
+def test_seed_model_train_fine_tunes_m0_on_gold_first(corpus, gold, tmp_path):
+    log: list[str] = []
+    trainer = FakeTrainer()
+    run(make_recipe(corpus, gold, seed_model="train", seed_steps=2), tmp_path / "o", trainer=trainer, factory_log=log)
+    assert [c[1].name for c in trainer.calls] == ["backward", "seed", "model-1"]
+    assert log[1] == str(tmp_path / "o" / "seed")
+
+
+def test_resume_after_a_backend_kill_at_every_point(corpus, gold, tmp_path):
+    recipe = make_recipe(corpus, gold)
+    ref_report, ref_fake = run(recipe, tmp_path / "ref")
+    reference = stage_files(tmp_path / "ref")
+    total = len(ref_fake.calls)
+    assert total > 10
+    for budget in range(0, total, 2):
+        out = tmp_path / f"k{budget}"
+        with pytest.raises(Killed):
+            run(recipe, out, budget=budget)
+        report, fake = run(recipe, out)
+        assert stage_files(out) == reference, f"kill after {budget} prompts"
+        assert report["stages"] == ref_report["stages"]
+        assert len(fake.calls) <= total - budget + recipe.backtranslate.batch_size  # done work is not redone
+        for name, lines in stage_files(out).items():
+            if not name.endswith(".train.jsonl"):
+                ids = [json.loads(x)["id"] for x in lines]
+                assert len(ids) == len(set(ids)), name
+
+
+@pytest.mark.parametrize("stage", ["segments", "augmented", "rewritten", "curated-1", "selected-1"])
+def test_resume_after_a_torn_write_in_any_stage(corpus, gold, tmp_path, stage):
+    recipe = make_recipe(corpus, gold)
+    run(recipe, tmp_path / "ref")
+    reference = stage_files(tmp_path / "ref")
+    out = tmp_path / "cut"
+    shutil.copytree(tmp_path / "ref", out)
+    # the state a kill leaves in the middle of `stage`: half its lines, a torn one, nothing after it
+    order = ["segments", "augmented", "rewritten", "curated-1", "selected-1"]
+    lines = reference[f"{stage}.jsonl"]
+    keep = len(lines) // 2
+    (out / f"{stage}.jsonl").write_text("".join(x + "\n" for x in lines[:keep]) + lines[keep][: len(lines[keep]) // 2])
+    for later in order[order.index(stage):]:
+        (out / f"{later}.done").unlink()
+    for later in order[order.index(stage) + 1:]:
+        (out / f"{later}.jsonl").unlink()
+    for marker in ("model-1.done",):
+        (out / marker).unlink()
+    run(recipe, out)
+    assert stage_files(out) == reference
+
+
+def test_resume_after_a_trainer_kill(corpus, gold, tmp_path):
+    recipe = make_recipe(corpus, gold)
+    run(recipe, tmp_path / "ref")
+    for fail_on in (0, 1):
+        out = tmp_path / f"t{fail_on}"
+        trainer = FakeTrainer(fail_on=fail_on)
+        with pytest.raises(Killed):
+            run(recipe, out, trainer=trainer)
+        run(recipe, out, trainer=trainer)
+        assert stage_files(out) == stage_files(tmp_path / "ref")
+        assert [c[1].name for c in trainer.calls] == ["backward", "model-1"]
+
+
+def test_completed_run_is_not_redone(corpus, gold, tmp_path):
+    recipe = make_recipe(corpus, gold)
+    run(recipe, tmp_path / "o")
+    trainer = FakeTrainer()
+    report, fake = run(recipe, tmp_path / "o", trainer=trainer)
+    assert fake.calls == [] and trainer.calls == []
+    assert report["stages"][0]["complete"]
+
+
+def test_config_errors_name_the_key(corpus, gold):
+    from ctrltok.backtranslate import check_config
+
+    with pytest.raises(ConfigError, match="backtranslate.curation_temperature"):
+        check_config(BacktranslateConfig(curation_samples=3))
+    with pytest.raises(ConfigError, match="backtranslate.score_aggregate"):
+        check_config(BacktranslateConfig(score_aggregate="mode"))
+    with pytest.raises(ConfigError, match="backtranslate.keep_score"):
+        check_config(BacktranslateConfig(keep_score=6))
+    with pytest.raises(ConfigError, match="curation_prompt"):
+        load_text("ctrltok:nope.txt", "curation_prompt")
+
+
+@pytest.mark.parametrize("name", ["backtranslate.yaml", "backtranslate-cpu.yaml"])
+def test_recipes_load_and_validate(name):
+    from ctrltok.backtranslate import check_config
+
+    path = REPO / "recipes" / name
+    assert path.read_text().startswith("#") and "ctrltok backtranslate" in path.read_text().splitlines()[0] + \
+        path.read_text().splitlines()[1]
+    recipe = load_recipe(path)
+    assert recipe.backtranslate is not None
+    check_config(recipe.backtranslate, str(path))
+    for key in ("curation_prompt", "rewrite_prompt", "backward_system"):
+        load_text(getattr(recipe.backtranslate, key), key)
+
+
+def test_shipped_prompts_have_their_placeholders():
+    cfg = BacktranslateConfig()
+    for key in ("curation_prompt", "rewrite_prompt"):
+        text = load_text(getattr(cfg, key), key)
+        assert "{instruction}" in text and "{response}" in text
+    assert 'Score: N' in load_text(cfg.curation_prompt, "curation_prompt")
+    assert Sampling(n=2, temperature=0.5).n == 2
