@@ -122,20 +122,47 @@ class ConditionalConfig:
 
 @dataclass
 class BacktranslateConfig:
-    corpus: str = "python:pydoc_topics"
-    gold: str = "ctrltok:instructions"
+    """Humpback (Li et al. 2023) with self-rewriting (seed 003); read by ``backtranslate.py``."""
+
+    # segment: unlabelled documents -> candidate responses
+    corpus: str = "python:pydoc_topics"  # python:pydoc_topics | .jsonl/.parquet | folder of .txt | datasets name
+    corpus_field: str = "text"  # the text column of a JSONL/Parquet/datasets corpus
+    gold: str = "ctrltok:instructions"  # gold (instruction, response) pairs, chat or instruction/response records
     max_documents: int = 40
+    max_candidates: int | None = None  # stop segmenting after this many kept candidates
     min_chars: int = 200
     max_chars: int = 1500
-    rewrite: bool = True
-    curation_samples: int = 1
-    keep_score: int = 4
-    iterations: int = 1
+    # augment: the backward model M_yx writes instructions
+    backward_system: str = "ctrltok:backtranslate_backward_system.txt"  # file or ctrltok:<resource>
+    backward_steps: int | None = None  # optimizer steps for the backward model (None: train.max_steps)
     max_new_tokens: int = 128
     temperature: float = 0.0
-    gold_tag: str = "gold"  # the system prompt / tag marking each source, as in the paper
-    generated_tag: str = "generated"
-    backward_steps: int | None = None  # optimizer steps for the backward model
+    top_p: float = 1.0
+    min_instruction_chars: int = 8
+    max_instruction_chars: int = 400
+    # the seed model M0 that rewrites and curates: "model" = model.name as is (already instruction
+    # tuned), "train" = fine-tune model.name on the gold pairs first (the paper's M0), else a name/path
+    seed_model: str = "model"
+    seed_steps: int | None = None
+    # rewrite (seed 003: by the seed model itself, before curation)
+    rewrite: bool = True
+    rewrite_prompt: str = "ctrltok:backtranslate_rewrite.txt"
+    rewrite_max_new_tokens: int = 384
+    rewrite_temperature: float = 0.0
+    # curate + select
+    curation_prompt: str = "ctrltok:curation_prompt.txt"
+    curation_samples: int = 1
+    curation_max_new_tokens: int = 192
+    curation_temperature: float = 0.0  # set > 0 when curation_samples > 1, or the samples agree
+    score_aggregate: str = "median"  # median | mean over the samples that parsed
+    keep_score: int = 4
+    # finetune + iterate
+    iterations: int = 1
+    finetune_steps: int | None = None  # None: train.max_steps
+    gold_tag: str = "Answer in the style of an AI Assistant."  # system prompt marking gold pairs
+    generated_tag: str = "Answer with knowledge from web search."  # system prompt marking generated pairs
+    batch_size: int = 8  # prompts per backend call
+    report_samples: int = 3  # kept and dropped pairs shown side by side in the report
 
 
 @dataclass
