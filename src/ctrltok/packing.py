@@ -1,0 +1,293 @@
+"""Best-fit packing of encoded Examples into rows, and the one place where labels are shifted.
+
+Use::
+
+    result = pack(examples, max_length=2048, overlong="truncate")
+    print(result.stats)                       # nothing is dropped without being counted here
+    batch = collate(result.rows[:8], pad_id=tokenizer.pad_token_id)
+    mask = attention.build_mask(batch, "sdpa")  # the mask is built from structure, at the last moment
+
+A packed row holds several documents side by side. Each document restarts its positions at 0 and
+sees only itself (``doc_ids`` + ``blocked`` describe this; ``attention.build_mask`` turns it into
+the backend's mask). Two documents ``a`` (3 tokens) and ``b`` (2 tokens) packed into a row of 6,
+one pad token ``_`` (``1`` = the query row may attend to the key column)::
+
+    tokens     a0 a1 a2 b0 b1  _
+    positions   0  1  2  0  1  0
+    doc_ids     0  0  0  1  1 -1
+    targets    a1 a2  . b1  .  .
+
+    mask       a0 a1 a2 b0 b1  _
+      a0        1  .  .  .  .  .
+      a1        1  1  .  .  .  .
+      a2        1  1  1  .  .  .
+      b0        .  .  .  1  .  .
+      b1        .  .  .  1  1  .
+      _         .  .  .  .  .  1
+
+Targets are already shifted ("." = -100: document ends and padding). The picture is the output of
+``attention.draw``; ``tests/test_packing.py`` builds this row and asserts it.
+
+The pad token attends to itself so that no softmax row is empty (no NaN); its target is -100.
+
+Over-long examples (longer than ``max_length``) follow the ``overlong`` policy:
+
+* ``"truncate"``: keep the first ``max_length`` tokens; the cut tokens are counted in
+  ``stats.truncated_tokens`` and the example in ``stats.truncated_examples``.
+* ``"split"``: cut into consecutive pieces of at most ``max_length`` tokens, each packed as its own
+  document. Pieces after the first keep their labels but **cannot see the earlier pieces** (they
+  are separate documents in the mask), and the first token of each piece is never a target (the
+  shift never crosses a document boundary), so one target per cut is lost; ``stats.split_pieces``
+  counts the pieces.
+* ``"error"``: raise ``ValueError`` naming the example's source and length.
+
+Slicing an example clips its ``blocked`` spans to the slice (dropping spans that become empty),
+keeps only the head positions that fall inside it, and re-bases its positions to start at 0.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ctrltok.example import IGNORE, Example
+
+Overlong = Literal["truncate", "split", "error"]
+
+
+@dataclass
+class PackStats:
+    """Counts that account for every input token: ``tokens + truncated_tokens`` == tokens given."""
+
+    examples: int = 0  # examples given to pack()
+    rows: int = 0
+    tokens: int = 0  # tokens placed in rows
+    padding: int = 0  # rows * max_length - tokens
+    truncated_examples: int = 0
+    truncated_tokens: int = 0
+    split_examples: int = 0  # over-long examples that were split
+    split_pieces: int = 0  # pieces those examples became
+
+    @property
+    def fill(self) -> float:
+        """Share of row capacity holding real tokens."""
+        total = self.tokens + self.padding
+        return self.tokens / total if total else 0.0
+
+
+@dataclass
+class PackResult:
+    rows: list[list[Example]]
+    stats: PackStats
+
+
+@dataclass
+class Batch:
+    """Tensors for one step; see ARCHITECTURE.md ("The batch") and the picture in this module."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long
+    targets: torch.Tensor  # [B, T] long, already shifted
+    weights: torch.Tensor | None  # [B, T] float (weight of each target) or None
+    doc_ids: torch.Tensor  # [B, T] long, -1 on padding
+    blocked: list[list[tuple[int, int, int, int]]]  # per row, in row coordinates
+    head_index: torch.Tensor  # [K, 2] long: (row, col)
+    head_targets: torch.Tensor  # [K, C] float
+    n_targets: int
+    examples: list[list[Example]] = field(default_factory=list, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """A copy with every tensor on ``device`` (the structure lists stay on the host)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(
+            input_ids=move(self.input_ids),
+            position_ids=move(self.position_ids),
+            targets=move(self.targets),
+            weights=move(self.weights),
+            doc_ids=move(self.doc_ids),
+            blocked=self.blocked,
+            head_index=move(self.head_index),
+            head_targets=move(self.head_targets),
+            n_targets=self.n_targets,
+            examples=self.examples,
+        )
+
+
+def slice_example(example: Example, start: int, end: int) -> Example:
+    """Tokens ``[start, end)`` of ``example`` as an Example of their own.
+
+    Blocked spans are clipped to the slice (a span whose query or key range becomes empty is
+    dropped), head positions outside the slice are dropped, and positions are re-based so the
+    smallest one is 0 (RoPE only sees differences, and aliased positions may not start the slice).
+    """
+    n = len(example)
+    if not 0 <= start < end <= n:
+        raise ValueError(f"{example.source or 'example'}: slice [{start}, {end}) outside 0..{n}")
+    positions = example.positions[start:end]
+    base = min(positions)
+    blocked = []
+    for q0, q1, k0, k1 in example.blocked:
+        nq0, nq1 = max(q0, start) - start, min(q1, end) - start
+        nk0, nk1 = max(k0, start) - start, min(k1, end) - start
+        if nq0 < nq1 and nk0 < nk1:
+            blocked.append((nq0, nq1, nk0, nk1))
+    heads = [(p - start, t) for p, t in zip(example.head_positions, example.head_targets) if start <= p < end]
+    return Example(
+        input_ids=example.input_ids[start:end],
+        labels=example.labels[start:end],
+        position_ids=[p - base for p in positions],
+        blocked=blocked,
+        loss_weights=None if example.loss_weights is None else example.loss_weights[start:end],
+        head_positions=[p for p, _ in heads],
+        head_targets=[t for _, t in heads],
+        source=f"{example.source}[{start}:{end}]" if example.source else f"[{start}:{end}]",
+    )
+
+
+def _fit(examples: list[Example], max_length: int, overlong: Overlong, stats: PackStats) -> list[Example]:
+    """Apply the over-long policy; every cut token is counted in ``stats``."""
+    if overlong not in ("truncate", "split", "error"):
+        raise ValueError(f"overlong must be 'truncate', 'split' or 'error', got {overlong!r}")
+    out: list[Example] = []
+    for i, ex in enumerate(examples):
+        n = len(ex)
+        if n == 0:
+            raise ValueError(f"{ex.source or f'example {i}'}: empty example (0 tokens) cannot be packed")
+        if n <= max_length:
+            out.append(ex)
+        elif overlong == "error":
+            raise ValueError(
+                f"{ex.source or f'example {i}'}: {n} tokens > max_length {max_length}; "
+                "raise max_length or use overlong='truncate' or 'split'"
+            )
+        elif overlong == "truncate":
+            out.append(slice_example(ex, 0, max_length))
+            stats.truncated_examples += 1
+            stats.truncated_tokens += n - max_length
+        else:
+            pieces = [slice_example(ex, s, min(s + max_length, n)) for s in range(0, n, max_length)]
+            out.extend(pieces)
+            stats.split_examples += 1
+            stats.split_pieces += len(pieces)
+    return out
+
+
+def pack(examples: list[Example], max_length: int, overlong: Overlong = "truncate") -> PackResult:
+    """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing.
+
+    Longest first (ties keep input order); each goes into the open row with the least room that
+    still fits it, or opens a new row. Deterministic for a given input order. Rows keep their
+    examples in placement order. Over-long examples follow ``overlong`` (see the module docstring).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    stats = PackStats(examples=len(examples))
+    items = _fit(examples, max_length, overlong, stats)
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i]), i))
+    rows: list[list[Example]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), kept sorted: best fit = first with room >= n
+    for i in order:
+        n = len(items[i])
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            room, r = free.pop(j)
+        else:
+            room, r = max_length, len(rows)
+            rows.append([])
+        rows[r].append(items[i])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    stats.rows = len(rows)
+    stats.tokens = sum(len(ex) for ex in items)
+    stats.padding = stats.rows * max_length - stats.tokens
+    return PackResult(rows=rows, stats=stats)
+
+
+def _check_blocked(ex: Example) -> None:
+    n = len(ex)
+    for q0, q1, k0, k1 in ex.blocked:
+        if not (0 <= q0 <= q1 <= n and 0 <= k0 <= k1 <= n):
+            raise ValueError(f"{ex.source or 'example'}: blocked span {(q0, q1, k0, k1)} outside 0..{n}")
+        if max(q0, k0) < min(q1, k1):
+            # A token blocked from itself could end with nothing to attend to (NaN).
+            raise ValueError(f"{ex.source or 'example'}: blocked span {(q0, q1, k0, k1)} blocks tokens from themselves")
+
+
+def collate(rows: list[list[Example]], pad_id: int, pad_to: int | None = None) -> Batch:
+    """Turn packed rows into a right-padded :class:`Batch`; the label shift happens here, once.
+
+    ``targets[b, t]`` is the label of the next token of the same document, ``-100`` at each
+    document's last token, on padding and where that next token is unsupervised. ``weights`` (when
+    any example has ``loss_weights``) is the weight of each target's token, 0 where there is no
+    target. ``pad_to`` fixes ``T`` (it must fit the longest row); by default ``T`` is that length.
+    """
+    if not rows:
+        raise ValueError("collate: no rows")
+    longest = max(sum(len(ex) for ex in row) for row in rows)
+    T = longest if pad_to is None else pad_to
+    if T < longest:
+        raise ValueError(f"collate: pad_to={pad_to} is shorter than the longest row ({longest} tokens)")
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)
+    any_weights = any(ex.loss_weights is not None for row in rows for ex in row)
+    weights = torch.zeros((B, T), dtype=torch.float32) if any_weights else None
+    blocked: list[list[tuple[int, int, int, int]]] = []
+    head_index: list[tuple[int, int]] = []
+    head_targets: list[list[float]] = []
+    for b, row in enumerate(rows):
+        offset = 0
+        row_blocked = []
+        for d, ex in enumerate(row):
+            _check_blocked(ex)
+            n = len(ex)
+            sl = slice(offset, offset + n)
+            input_ids[b, sl] = torch.tensor(ex.input_ids, dtype=torch.long)
+            position_ids[b, sl] = torch.tensor(ex.positions, dtype=torch.long)
+            doc_ids[b, sl] = d
+            if n > 1:
+                targets[b, offset : offset + n - 1] = torch.tensor(ex.labels[1:], dtype=torch.long)
+                if weights is not None:
+                    w = ex.loss_weights[1:] if ex.loss_weights is not None else [1.0] * (n - 1)
+                    weights[b, offset : offset + n - 1] = torch.tensor(w, dtype=torch.float32)
+            row_blocked.extend((q0 + offset, q1 + offset, k0 + offset, k1 + offset) for q0, q1, k0, k1 in ex.blocked)
+            for p, t in zip(ex.head_positions, ex.head_targets):
+                head_index.append((b, offset + p))
+                head_targets.append(list(t))
+            offset += n
+        blocked.append(row_blocked)
+    if weights is not None:
+        weights = torch.where(targets == IGNORE, torch.zeros_like(weights), weights)
+    widths = {len(t) for t in head_targets}
+    if len(widths) > 1:
+        raise ValueError(f"collate: head targets of different widths {sorted(widths)} in one batch")
+    C = widths.pop() if widths else 0
+    return Batch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        targets=targets,
+        weights=weights,
+        doc_ids=doc_ids,
+        blocked=blocked,
+        head_index=torch.tensor(head_index, dtype=torch.long).reshape(len(head_index), 2),
+        head_targets=torch.tensor(head_targets, dtype=torch.float32).reshape(len(head_targets), C),
+        n_targets=int((targets != IGNORE).sum()),
+        examples=rows,
+    )
+
+
+def pad_batch(examples: list[Example], pad_id: int, pad_to: int | None = None) -> Batch:
+    """One example per row, right-padded: the padded-batch mode, for comparison and benchmarks."""
+    return collate([[ex] for ex in examples], pad_id, pad_to=pad_to)
