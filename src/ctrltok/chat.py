@@ -33,8 +33,10 @@ from ctrltok.templates import Template, get_template
 
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all", "last")
-_SENTINEL = "\ue000{}\ue001"
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+# Spaces and a letter around the number: a template that trims, re-cases or rewrites content
+# breaks the placeholder and is refused, instead of silently mislabelling.
+_SENTINEL = " \ue000c{}\ue001 "
+_SENTINEL_RE = re.compile(" \ue000c(\\d+)\ue001 ")
 
 
 class ChatError(ValueError):
