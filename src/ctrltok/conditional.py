@@ -165,7 +165,7 @@ def _process_one(item: tuple[int, str, dict], pieces: list[str], scorer: Scorer)
     try:
         scores = scorer.score(pieces, [f"{item[1]} segment {j}" for j in range(len(pieces))])
     except ScorerError:
-        return (item[0], item[1], None, "invalid score")
+        return (item[0], item[1], None, "scorer error")
     return _finish(item, pieces, scores)
 
 
@@ -315,8 +315,8 @@ def _first_missing_shard(parts: Path) -> int:
     k = 0
     while (parts / f"{_shard_name(k)}.json").exists() and (parts / f"{_shard_name(k)}.jsonl").exists():
         k += 1
-    for stale in list(parts.glob("*.tmp")) + [p for p in parts.glob("shard-*") if _shard_no(p) >= k]:
-        stale.unlink()  # partial work of a killed run: redone from the shard's first record
+    for stale in set(parts.glob("*.tmp")) | {p for p in parts.glob("shard-*") if _shard_no(p) >= k}:
+        stale.unlink(missing_ok=True)  # partial work of a killed run: redone from the shard's first record
     return k
 
 
@@ -597,32 +597,28 @@ def conditional_eval(model: Any, tokenizer: Any, scorer: str | Scorer, prompts: 
         start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
 
-    prompt_sets = {"empty": [""], "prompts": list(prompts)}
+    texts = [""] + list(prompts)
+    set_of = ["empty"] + ["prompts"] * len(prompts)  # the empty prompt and the given ones, reported apart
+    bodies = [tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] if t else [] for t in texts]
     results: dict[str, Any] = {"threshold": thr, "n": n, "max_new_tokens": max_new_tokens, "seed": seed,
-                               "scorer": sc.provenance(), "conditions": {}, "samples": {}}
+                               "control_position": control_position, "scorer": sc.provenance(),
+                               "conditions": {}, "samples": {}}
     for cond in CONDITIONS:
+        ctl = [] if cond == "unconditional" else [aligned_id if cond == "aligned" else misaligned_id]
+        inputs = [(ctl + body if control_position == "before" else body + ctl) or [start_id] for body in bodies]
+        torch.manual_seed(seed)  # the same noise for every condition
+        generated = _generate(model, inputs, n, max_new_tokens, control_ids, pad_id, batch_size, temperature, top_p)
+        decoded = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+        scores = sc.score(decoded)
+        leaks = [sum(1 for t in g if t in control_ids) for g in generated]
+        sample_set = [set_of[i // n] for i in range(len(generated))]  # generate returns n per input, in order
         rows: dict[str, dict[str, Any]] = {}
-        all_scores: list[float] = []
-        all_leaks = 0
-        for set_name, texts in prompt_sets.items():
-            if not texts:
-                continue
-            inputs = []
-            for text in texts:
-                body = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
-                ctl = [] if cond == "unconditional" else [aligned_id if cond == "aligned" else misaligned_id]
-                ids = ctl + body if control_position == "before" else body + ctl
-                inputs.append(ids if ids else [start_id])
-            torch.manual_seed(seed)
-            generated = _generate(model, inputs, n, max_new_tokens, control_ids, pad_id, batch_size, temperature, top_p)
-            leaks = sum(1 for g in generated for t in g if t in control_ids)
-            decoded = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-            scores = sc.score(decoded) if decoded else []
-            rows[set_name] = _row(scores, thr, leaks)
-            results["samples"].setdefault(cond, {})[set_name] = decoded
-            all_scores += scores
-            all_leaks += leaks
-        rows["all"] = _row(all_scores, thr, all_leaks)
+        for name in ("empty", "prompts"):
+            idx = [i for i, s_ in enumerate(sample_set) if s_ == name]
+            if idx:
+                rows[name] = _row([scores[i] for i in idx], thr, sum(leaks[i] for i in idx))
+                results["samples"].setdefault(cond, {})[name] = [decoded[i] for i in idx]
+        rows["all"] = _row(scores, thr, sum(leaks))
         results["conditions"][cond] = rows
     m = {c: results["conditions"][c]["all"]["mean_score"] for c in CONDITIONS}
     results["direction"] = {"aligned<unconditional": m["aligned"] < m["unconditional"],

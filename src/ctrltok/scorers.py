@@ -82,7 +82,12 @@ class Scorer:
         """
         if not texts:
             return []
-        raw = self._score(list(texts))
+        try:
+            raw = self._score(list(texts))
+        except Exception as e:  # a crashing user scorer is reported like an invalid one
+            where = f" (first: {sources[0]})" if sources else ""
+            raise ScorerError(f"scorer {self.name!r} failed on a batch of {len(texts)} texts{where}: "
+                              f"{type(e).__name__}: {e}") from e
         return validate_scores(raw, len(texts), self.name, sources)
 
     def provenance(self) -> dict[str, Any]:
