@@ -456,3 +456,35 @@ def test_shipped_prompts_have_their_placeholders():
         assert "{instruction}" in text and "{response}" in text
     assert 'Score: N' in load_text(cfg.curation_prompt, "curation_prompt")
     assert Sampling(n=2, temperature=0.5).n == 2
+
+
+@pytest.mark.slow
+def test_end_to_end_with_the_real_trainer_and_backend_on_a_tiny_model(tmp_path, tiny_llama, smol_tokenizer, gold):
+    """The default backend factory and ctrltok.train on a random 2-layer Llama: every stage runs,
+    M_yx and M1 are real checkpoints, and a second run resumes with nothing left to do."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "tiny"
+    model = tiny_llama(len(smol_tokenizer))
+    model.config.eos_token_id = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(base)
+    smol_tokenizer.save_pretrained(base)
+    recipe = recipe_from_mapping({
+        "model": {"name": str(base)},
+        "data": {"max_length": 256, "eval_fraction": 0.0},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-3},
+        "backtranslate": {"corpus": "python:pydoc_topics", "gold": str(gold), "max_documents": 4,
+                          "max_candidates": 4, "max_new_tokens": 12, "rewrite_max_new_tokens": 12,
+                          "curation_max_new_tokens": 8, "min_instruction_chars": 1, "batch_size": 4},
+    }, "<slow test>")
+    out = tmp_path / "run"
+    console = Console(file=io.StringIO(), width=120)
+    report = run_backtranslation(recipe, out, console=console)
+    assert all(s["complete"] for s in report["stages"])
+    assert [s["stage"] for s in report["stages"]] == ["segments", "augmented", "rewritten", "curated-1", "selected-1"]
+    assert report["stages"][1]["in"] == 4
+    assert report["curation"].get("curated-1", {"samples": 0})["samples"] == report["stages"][3]["in"]
+    for name in ("backward", "model-1"):
+        assert AutoModelForCausalLM.from_pretrained(out / name).config.vocab_size >= len(smol_tokenizer)
+    again = run_backtranslation(recipe, out, console=console)
+    assert again["stages"] == report["stages"]

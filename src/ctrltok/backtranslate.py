@@ -93,20 +93,22 @@ class ChatModel:
 
 
 def load_chat_model(name: str, recipe: Recipe) -> ChatModel:
-    """The default backend factory: a transformers model rendered with the recipe's chat template."""
-    from ctrltok.completion import TransformersBackend
-    from ctrltok.models import load_model
+    """The default backend factory: vLLM when installed with a GPU, else batched transformers
+    (``completion.make_backend``), rendering with the recipe's chat template (``data.template``),
+    the same one the trainer used, so M_yx is prompted exactly as it was trained."""
+    from ctrltok.completion import make_backend
     from ctrltok.templates import get_template
 
-    model, tokenizer = load_model(name, dtype=recipe.model.dtype, attn=recipe.model.attn)
+    batch = (recipe.backtranslate or BacktranslateConfig()).batch_size
+    backend = make_backend(name, kind="auto", batch_size=batch, dtype=recipe.model.dtype, attn=recipe.model.attn)
+    tokenizer = backend.tokenizer
     source = get_template(recipe.data.template, tokenizer).source
 
     def render(messages: list[Message]) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
                                              add_generation_prompt=True)
 
-    batch = (recipe.backtranslate or BacktranslateConfig()).batch_size
-    return ChatModel(TransformersBackend(model, tokenizer, batch_size=batch), render)
+    return ChatModel(backend, render)
 
 
 # --------------------------------------------------------------------------- prompts
