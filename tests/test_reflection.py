@@ -1,0 +1,280 @@
+"""EPE reflections: the sidecar, the layout picture, and THE PROOF (post-reflection logits unchanged).
+
+Tolerance of the proof: 1e-5 absolute on a tiny fp32 Llama and 1e-4 on SmolLM2-135M (30 layers).
+The masked positions contribute exact zeros after the softmax, so the only differences left are
+summation-order effects of attention over a longer row (DESIGN.md saw 0.0 on a single document).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import ctrltok.reflection
+from ctrltok.attention import draw, forward
+from ctrltok.example import IGNORE
+from ctrltok.packing import collate, pack
+from ctrltok.records import RecordError, Skips, resource_path
+from ctrltok.reflection import (
+    Annotation,
+    Insert,
+    charter_ids,
+    insert_reflection,
+    layout,
+    read_annotated,
+    read_documents,
+    read_sidecar,
+)
+
+PICTURE = """\
+tokens     p0 p1  A r0 r1 c0 c1
+positions   0  1  2  3  4  2  3
+doc_ids     0  0  0  0  0  0  0
+targets    p1  . r0 r1 c0 c1  .
+
+mask       p0 p1  A r0 r1 c0 c1
+  p0        1  .  .  .  .  .  .
+  p1        1  1  .  .  .  .  .
+  A         1  1  1  .  .  .  .
+  r0        1  1  1  1  .  .  .
+  r1        1  1  1  1  1  .  .
+  c0        1  1  .  .  .  1  .
+  c1        1  1  .  .  .  1  1"""
+
+ATOL = 1e-5
+
+
+def test_picture_matches_docstring():
+    ex = layout([10, 11, 20, 21], [Insert(2, [30, 31], [1.0, 0.0])], assistant_id=99)
+    batch = collate([[ex]], pad_id=0)
+    names = {10: "p0", 11: "p1", 20: "c0", 21: "c1", 30: "r0", 31: "r1", 99: "A"}
+    assert draw(batch, 0, names) == PICTURE
+    assert textwrap.indent(PICTURE, "    ") in ctrltok.reflection.__doc__
+    assert ex.blocked == [(5, 7, 2, 5)]
+    assert ex.head_positions == [2] and ex.head_targets == [[1.0, 0.0]]
+
+
+def test_layout_weights_marker_and_resume_options():
+    ex = layout([1, 2, 3, 4], [Insert(2, [7, 8], [])], 9, reflection_weight=2.0, context_weight=0.5, resume_target=False)
+    assert ex.labels == [1, 2, IGNORE, 7, 8, IGNORE, 4]
+    assert ex.loss_weights == [0.5, 0.5, 0.0, 2.0, 2.0, 0.0, 0.5]
+    marked = layout([1, 2, 3], [Insert(1, [7], [])], 9, supervise_marker=True)
+    assert marked.labels == [1, 9, 7, 2, 3]
+    # Two reflections: the second cannot see the first; the end one has no post-context, so no hole.
+    two = layout([1, 2, 3], [Insert(1, [7], []), Insert(3, [8], [])], 9)
+    assert two.input_ids == [1, 9, 7, 2, 3, 9, 8]
+    assert two.position_ids == [0, 1, 2, 1, 2, 3, 4]
+    assert two.blocked == [(3, 7, 1, 3)]
+    with pytest.raises(ValueError, match="outside"):
+        layout([1, 2], [Insert(2, [7], []), Insert(1, [8], [])], 9)
+
+
+@pytest.fixture
+def epe_tokenizer(smol_tokenizer):
+    tokens = ["<assistant>"] + [f"<charter_{cid}>" for cid in charter_ids()]
+    smol_tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    return smol_tokenizer
+
+
+def _corpus(n_docs=4):
+    docs = list(read_annotated(resource_path("epe_corpus"), resource_path("epe_sidecar")))[:n_docs]
+    # A second reflection in one document, to cover several holes in a document.
+    first = docs[0]
+    extra = Annotation(first.doc_id, len(first.text) // 4, "A second, earlier reflection.", ("1.1",), "test")
+    first.annotations = sorted(first.annotations + [extra], key=lambda a: a.offset)
+    return docs
+
+
+def _plain_ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _context_index(example):
+    """Index in the plain document of each token of ``example``; None inside reflection regions.
+
+    A region starts at a head position (the marker) and runs while positions stay above the
+    marker's (the reflection); the post-context restarts at the marker's position.
+    """
+    pos, heads = example.positions, set(example.head_positions)
+    inside: set[int] = set()
+    for h in example.head_positions:
+        i = h + 1
+        while i < len(example) and i not in heads and pos[i] > pos[h]:
+            i += 1
+        inside.update(range(h, i))
+    out, count = [], 0
+    for i in range(len(example)):
+        out.append(None if i in inside else count)
+        count += i not in inside
+    return out
+
+
+def _check_proof(model, tokenizer, docs, impl, atol, max_length=1024):
+    order = charter_ids()
+    examples = [insert_reflection(d.text, d.annotations, tokenizer, order, source=d.doc_id) for d in docs]
+    plain = {d.doc_id: _plain_ids(tokenizer, d.text) for d in docs}
+    result = pack(examples, max_length=max_length, overlong="error")
+    assert any(len(row) > 1 for row in result.rows), "the proof must cover packed rows"
+    batch = collate(result.rows, pad_id=tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        logits = forward(model, batch, impl).logits
+    worst_post, worst_pre, checked = 0.0, 0.0, 0
+    for b, row in enumerate(result.rows):
+        offset = 0
+        for ex in row:
+            ids = plain[ex.source]
+            with torch.no_grad():
+                ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            index = _context_index(ex)
+            first_head = ex.head_positions[0] if ex.head_positions else len(ex)
+            assert [ex.input_ids[i] for i, j in enumerate(index) if j is not None] == ids
+            for part in ("pre", "post"):
+                cols = [i for i, j in enumerate(index) if j is not None and (i < first_head) == (part == "pre")]
+                if not cols:
+                    continue
+                got = logits[b, [offset + i for i in cols]]
+                diff = (got - ref[[index[i] for i in cols]]).abs().max().item()
+                if part == "pre":
+                    worst_pre = max(worst_pre, diff)
+                else:
+                    worst_post = max(worst_post, diff)
+                    checked += len(cols)
+            offset += len(ex)
+    assert checked > 100
+    assert worst_post <= atol, f"post-reflection logits differ by {worst_post}"
+    assert worst_pre <= atol, f"pre-reflection logits differ by {worst_pre}"
+    return batch, logits
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_proof_post_reflection_logits_equal_plain_document(tiny_llama, epe_tokenizer, impl):
+    model = tiny_llama(len(epe_tokenizer), attn=impl)
+    _check_proof(model, epe_tokenizer, _corpus(3), impl, ATOL)
+
+
+def test_proof_fails_without_the_hole_or_the_aliasing(tiny_llama, epe_tokenizer):
+    """The invariant is not vacuous: remove either ingredient and the logits move."""
+    model = tiny_llama(len(epe_tokenizer))
+    doc = _corpus(1)[0]
+    ex = insert_reflection(doc.text, doc.annotations, epe_tokenizer, charter_ids())
+    ids = _plain_ids(epe_tokenizer, doc.text)
+    index = _context_index(ex)
+    post = [i for i, j in enumerate(index) if j is not None and i > ex.head_positions[-1]]
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        ref_post = ref[[index[i] for i in post]]
+        for variant in ("no hole", "no aliasing", "no mask at all"):
+            v = ex
+            if variant == "no hole":
+                v = type(ex)(**{**ex.__dict__, "blocked": []})
+            elif variant == "no aliasing":
+                v = type(ex)(**{**ex.__dict__, "position_ids": None})
+            batch = collate([[v]], pad_id=0)
+            if variant == "no mask at all":
+                out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+            else:
+                out = forward(model, batch).logits[0]
+            assert (out[post] - ref_post).abs().max().item() > 1e-3, variant
+
+
+@pytest.mark.slow
+def test_proof_flex_attention(tiny_llama, epe_tokenizer):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = tiny_llama(len(epe_tokenizer), attn="flex_attention", layers=1)
+    _check_proof(model, epe_tokenizer, _corpus(3), "flex_attention", ATOL)
+
+
+@pytest.mark.slow
+def test_proof_on_smollm2_135m():
+    from ctrltok.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    tokens = ["<assistant>"] + [f"<charter_{cid}>" for cid in charter_ids()]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    assert tokenizer.convert_tokens_to_ids("<assistant>") == 49152
+    _check_proof(model, tokenizer, _corpus(3), model.config._attn_implementation, 1e-4)
+
+
+def test_snapping_rule_moves_back_to_the_token_start(epe_tokenizer):
+    text = "Hello wonderful world. Next sentence."
+    inside = text.index("wonderful") + 3  # inside the word: snaps back before " wonderful"
+    ex = insert_reflection(text, [Annotation("d", inside, "Hm.", ())], epe_tokenizer, charter_ids())
+    at = ex.head_positions[0]
+    assert epe_tokenizer.decode(ex.input_ids[:at]) == "Hello"
+    boundary = text.index(" Next")  # right after the full stop: nothing moves
+    ex = insert_reflection(text, [Annotation("d", boundary, "Hm.", ())], epe_tokenizer, charter_ids())
+    at = ex.head_positions[0]
+    assert epe_tokenizer.decode(ex.input_ids[:at]) == text[:boundary]
+    # Special-token spellings in the document stay text: only the inserted marker is a control id.
+    ex = insert_reflection("Say <assistant> now.", [Annotation("d", 3, "Hm.", ("2.1",))], epe_tokenizer, charter_ids())
+    assistant = epe_tokenizer.convert_tokens_to_ids("<assistant>")
+    assert ex.input_ids.count(assistant) == 1
+    assert ex.head_targets[0][charter_ids().index("2.1")] == 1.0 and sum(ex.head_targets[0]) == 1.0
+
+
+def test_insert_refuses_a_tokenizer_without_the_marker(smol_tokenizer):
+    with pytest.raises(ValueError, match="<assistant>"):
+        insert_reflection("Some text.", [Annotation("d", 4, "Hm.", ())], smol_tokenizer, charter_ids())
+
+
+def test_shipped_corpus_and_sidecar_read_cleanly():
+    skips = Skips()
+    docs = list(read_annotated(resource_path("epe_corpus"), resource_path("epe_sidecar"), skips=skips))
+    assert len(docs) == 40 and not skips
+    assert all(len(d.annotations) == 1 for d in docs)
+    assert docs[0].annotations[0].where.endswith("epe_sidecar.jsonl:1")
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+BAD_LINES = [
+    ({"doc_id": "nope", "offset": 1, "reflection_3p": "r", "charter": []}, "unknown document", "unknown document"),
+    ({"doc_id": "a", "offset": 99, "reflection_3p": "r", "charter": []}, "outside document 'a'", "offset out of range"),
+    ({"doc_id": "a", "offset": -1, "reflection_3p": "r", "charter": []}, "outside document", "offset out of range"),
+    ({"doc_id": "a", "offset": "3", "reflection_3p": "r", "charter": []}, "must be an integer", "offset not an integer"),
+    ({"doc_id": "a", "offset": 2, "reflection_3p": "  ", "charter": []}, "empty reflection", "empty reflection"),
+    ({"doc_id": "a", "offset": 2, "reflection_3p": "r", "charter": ["9.9"]}, "unknown charter id", "unknown charter id"),
+    ({"doc_id": "a", "offset": 2, "charter": []}, "missing field", "missing field"),
+    ("{not json", "malformed JSON", "malformed JSON"),
+]
+
+
+@pytest.mark.parametrize("line,message,reason", BAD_LINES, ids=[b[2] + str(i) for i, b in enumerate(BAD_LINES)])
+def test_sidecar_errors_name_file_and_line(tmp_path, line, message, reason):
+    corpus = _write(tmp_path / "corpus.jsonl", [{"id": "a", "text": "Some text."}])
+    good = {"doc_id": "a", "offset": 4, "reflection_3p": "Fine.", "charter": ["1.1"]}
+    sidecar = _write(tmp_path / "side.jsonl", [good, line])
+    docs = read_documents(corpus)
+    with pytest.raises(RecordError, match=rf"side\.jsonl:2: .*{message}"):
+        read_sidecar(sidecar, docs)
+    skips = Skips()
+    kept = read_sidecar(sidecar, docs, on_error="skip", skips=skips)
+    assert skips.summary() == {reason: 1}
+    assert [a.offset for a in kept["a"]] == [4]
+
+
+def test_sidecar_reflection_column_is_configurable(tmp_path):
+    corpus = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "Some text."}])
+    sidecar = _write(tmp_path / "s.jsonl", [{"doc_id": "a", "offset": 4, "reflection_1p": "I see.", "charter": []}])
+    docs = read_documents(corpus)
+    with pytest.raises(RecordError, match="reflection_3p"):
+        read_sidecar(sidecar, docs)
+    assert read_sidecar(sidecar, docs, reflection_field="reflection_1p")["a"][0].reflection == "I see."
+
+
+def test_parquet_sidecar(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    corpus = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "Some text."}])
+    table = pa.table({"doc_id": ["a", "a"], "offset": [4, 40], "reflection_3p": ["Ok.", "Bad."], "charter": [["1.1"], []]})
+    pq.write_table(table, tmp_path / "s.parquet")
+    with pytest.raises(RecordError, match=r"s\.parquet:row 2: offset 40"):
+        read_sidecar(tmp_path / "s.parquet", read_documents(corpus))
