@@ -314,3 +314,17 @@ def test_generation_suppresses_control_tokens(tiny_llama, tok) -> None:
 def test_eval_needs_control_tokens(smol_tokenizer) -> None:
     with pytest.raises(LabelError, match="has no"):
         conditional_eval(None, smol_tokenizer, "profanity", [], n=1, max_new_tokens=2)
+
+
+def test_parquet_and_dataset_inputs_match_jsonl(tmp_path, scorers) -> None:
+    import datasets
+
+    docs = corpus(20, 3)
+    kw = dict(scorer="cond_scorers:leading_number", threshold=SEED_T, drop_fraction=0.2, seed=5, quiet=True)
+    label_file(write_jsonl(tmp_path / "d.jsonl", docs), tmp_path / "a.jsonl", **kw)
+    ds = datasets.Dataset.from_list(docs)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    label_file(tmp_path / "d.parquet", tmp_path / "b.jsonl", **kw)
+    label_file(ds, tmp_path / "c.jsonl", **kw)
+    a = (tmp_path / "a.jsonl").read_text()
+    assert a == (tmp_path / "b.jsonl").read_text() == (tmp_path / "c.jsonl").read_text()
