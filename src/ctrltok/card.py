@@ -1,0 +1,454 @@
+"""The model card (``README.md``) and the loss-curve PNG written beside a saved checkpoint.
+
+``train.save_final`` calls both after the model, tokenizer and ``ctrltok.json`` manifest are on
+disk::
+
+    plot_curves(out / "metrics.jsonl", out / "loss_curves.png")
+    write_card(out, manifest)              # -> out / "README.md"
+
+The card follows the layout of the seed model cards (seed 000 above all): YAML front matter, a
+title, Details, the tokens added with their ids, the named chat templates and how to select one,
+the data, the hyper-parameters, evaluation results and notes for users. Its text lives in the
+package template ``templates/model_card.md.jinja``; this module only gathers facts into a plain
+context dict (:func:`card_context`) from the manifest and from the files in the checkpoint
+(``config.json``, ``generation_config.json``, ``tokenizer.json``, the safetensors header, the saved
+chat templates). Every fact is optional: a key missing from the manifest or a file missing from the
+folder drops the line that needed it, never the card.
+
+A run of four or more tokens that differ only in their digits and share their roles (EPE's 35
+``<charter_X.Y>`` tokens) is shown as one row with its id range, as is the filler padding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+CARD = "README.md"
+CARD_TEMPLATE = "model_card.md.jinja"
+GROUP_MIN = 4  # runs at least this long collapse into one table row
+# The embedded default is a converted copy of this hub model (see models.py).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TEMPLATE_DOC = re.compile(r"\{#-?\s*ctrltok template:\s*[\w-]+\.\s*(.*?)\s*-?#\}", re.S)
+
+
+# -- reading what is on disk ---------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def count_parameters(out_dir: Path) -> int | None:
+    """Parameters stored in the checkpoint's safetensors files, read from their headers only."""
+    total, found = 0, False
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            numel = 1
+            for d in info.get("shape", []):
+                numel *= int(d)
+            total += numel
+            found = True
+    return total if found else None
+
+
+def _human(n: int | None) -> str | None:
+    if n is None:
+        return None
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0" + unit, unit)
+    return str(n)
+
+
+def saved_templates(out_dir: Path) -> dict[str, str]:
+    """Named chat templates saved with the tokenizer: name -> Jinja source."""
+    out_dir = Path(out_dir)
+    found: dict[str, str] = {}
+    main = out_dir / "chat_template.jinja"
+    if main.exists():
+        found["default"] = main.read_text(encoding="utf-8")
+    for path in sorted((out_dir / "additional_chat_templates").glob("*.jinja")):
+        found[path.stem] = path.read_text(encoding="utf-8")
+    if not found:  # older layouts keep the templates inside tokenizer_config.json
+        saved = _read_json(out_dir / "tokenizer_config.json").get("chat_template")
+        if isinstance(saved, str):
+            found["default"] = saved
+        elif isinstance(saved, list):
+            found.update({t["name"]: t["template"] for t in saved if isinstance(t, dict) and "name" in t})
+    return found
+
+
+def _template_use(name: str, source: str) -> str:
+    m = _TEMPLATE_DOC.search(source or "")
+    if m:
+        return m.group(1)
+    if name == "model":
+        return "the base model's own chat template"
+    return "custom template"
+
+
+def _token_names(out_dir: Path, manifest: dict) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for tok in _as_list(_read_json(Path(out_dir) / "tokenizer.json").get("added_tokens")):
+        if isinstance(tok, dict) and "id" in tok and "content" in tok:
+            names[int(tok["id"])] = tok["content"]
+    for tok in _tokens(manifest):
+        if tok.get("id") is not None:
+            names[int(tok["id"])] = tok.get("text", "?")
+    return names
+
+
+# -- the tokens table ----------------------------------------------------------------------
+def _tokens(manifest: dict) -> list[dict]:
+    return [t for t in _as_list(manifest.get("tokens")) if isinstance(t, dict) and "text" in t]
+
+
+def _roles(tok: dict) -> str:
+    roles = [r for r in ("supervised", "stop", "blocked") if tok.get(r)]
+    return ", ".join(roles) if roles else "marker (input only)"
+
+
+def _family(text: str) -> str:
+    return re.sub(r"\d+(?:\.\d+)*", "#", text)
+
+
+def token_rows(manifest: dict, default_init: str | None = None) -> list[dict]:
+    """Rows of the tokens table: one per token, runs of same-shaped tokens and the fillers collapsed."""
+    rows: list[dict] = []
+    toks = _tokens(manifest)
+    i = 0
+    while i < len(toks):
+        tok = toks[i]
+        j = i + 1
+        fam = _family(tok["text"])
+        if fam != tok["text"]:
+            while (j < len(toks) and _family(toks[j]["text"]) == fam and _roles(toks[j]) == _roles(tok)
+                   and toks[j].get("id") is not None and tok.get("id") is not None
+                   and toks[j]["id"] == toks[j - 1]["id"] + 1):
+                j += 1
+        run = toks[i:j]
+        if len(run) >= GROUP_MIN:
+            first, last = run[0], run[-1]
+            rows.append({
+                "token": f"{first['text']} … {last['text']}",
+                "id": f"{first['id']}–{last['id']}",
+                "purpose": f"{len(run)} tokens, e.g. {first.get('purpose', '')}",
+                "roles": _roles(first),
+                "init": first.get("init") or default_init or "",
+                "count": len(run),
+            })
+        else:
+            run = [tok]
+            j = i + 1
+            purpose = tok.get("purpose", "")
+            if tok.get("reuse"):
+                purpose += " (the tokenizer's existing token, reused)"
+            rows.append({"token": tok["text"], "id": str(tok.get("id", "?")), "purpose": purpose,
+                         "roles": _roles(tok), "init": "existing row" if tok.get("reuse") else
+                         (tok.get("init") or default_init or ""), "count": 1})
+        i = j
+    fillers = _as_list(manifest.get("filler_ids"))
+    if len(fillers) == 2:
+        n = int(fillers[1]) - int(fillers[0]) + 1
+        rows.append({"token": "<|ctrltok_filler_0|> …", "id": f"{fillers[0]}–{fillers[1]}",
+                     "purpose": f"{n} filler tokens padding the vocabulary to {manifest.get('vocab_rows', '?')} rows",
+                     "roles": "blocked", "init": "mean", "count": n})
+    return rows
+
+
+# -- the context ---------------------------------------------------------------------------
+def base_model_id(name: str | None) -> str | None:
+    """A hub id for the front matter's ``base_model``, or None for a local path."""
+    if not name:
+        return None
+    try:
+        from ctrltok.models import ALIASES
+    except ImportError:  # pragma: no cover - models.py is part of the package
+        ALIASES = {}
+    if str(name).lower() in ALIASES:
+        return EMBEDDED_HUB_ID
+    if _HUB_ID.match(str(name)) and not Path(str(name)).exists():
+        return str(name)
+    return None
+
+
+def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.extend(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value) if value else "none"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def _evaluation(manifest: dict) -> dict:
+    """{"columns": [...], "rows": [[metric, value per column], ...]} from summary + evaluation."""
+    summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+    final = {k: v for k, v in summary.items() if k.startswith("eval_") and not isinstance(v, (dict, list))}
+    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else {}
+    nested = {k: v for k, v in evaluation.items() if isinstance(v, dict)}
+    if nested:  # {"before": {...}, "after": {...}}: one column per run
+        columns = list(nested)
+        metrics = []
+        for run in nested.values():
+            metrics += [k for k, v in run.items() if not isinstance(v, (dict, list)) and k not in metrics]
+        rows = [[m, *[_fmt(nested[c].get(m, "")) if m in nested[c] else "" for c in columns]] for m in metrics]
+        flat_rest = {k: v for k, v in evaluation.items() if not isinstance(v, (dict, list))}
+        rows += [[k, _fmt(v), *[""] * (len(columns) - 1)] for k, v in flat_rest.items()]
+        final_rows = [[k, _fmt(v)] for k, v in final.items()]
+        return {"columns": columns, "rows": rows, "final": final_rows}
+    values = {**final, **{k: v for k, v in evaluation.items() if not isinstance(v, list)}}
+    return {"columns": ["value"], "rows": [[k, _fmt(v)] for k, v in values.items()], "final": []}
+
+
+def card_context(out_dir: Path, manifest: dict) -> dict:
+    """Every fact the card template prints, gathered from the manifest and the checkpoint's files."""
+    out_dir = Path(out_dir)
+    manifest = manifest if isinstance(manifest, dict) else {}
+    values = manifest.get("recipe_values") if isinstance(manifest.get("recipe_values"), dict) else {}
+    model_v = values.get("model") if isinstance(values.get("model"), dict) else {}
+    tokens_v = values.get("tokens") if isinstance(values.get("tokens"), dict) else {}
+    data_v = values.get("data") if isinstance(values.get("data"), dict) else {}
+    train_v = values.get("train") if isinstance(values.get("train"), dict) else {}
+    lora_v = values.get("lora") if isinstance(values.get("lora"), dict) else {}
+    summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+    config = _read_json(out_dir / "config.json")
+    gen = _read_json(out_dir / "generation_config.json")
+    names = _token_names(out_dir, manifest)
+    toks = _tokens(manifest)
+
+    vocab_rows = manifest.get("vocab_rows") or config.get("vocab_size")
+    new_ids = [int(t["id"]) for t in toks if not t.get("reuse") and t.get("id") is not None]
+    fillers = [int(x) for x in _as_list(manifest.get("filler_ids"))]
+    firsts = new_ids + fillers[:1]
+    base_vocab = min(firsts) if firsts else None
+    precision = config.get("dtype") or config.get("torch_dtype") or model_v.get("dtype")
+    architecture = (_as_list(config.get("architectures")) or [None])[0]
+    tied = config.get("tie_word_embeddings")
+    params = count_parameters(out_dir)
+
+    eos = [int(i) for i in _as_list(gen.get("eos_token_id"))]
+    suppressed = [int(i) for i in _as_list(gen.get("suppress_tokens"))]
+    if not gen:  # no generation_config.json: say what the manifest implies
+        eos = [int(t["id"]) for t in toks if t.get("stop") and t.get("id") is not None]
+        suppressed = [int(t["id"]) for t in toks if t.get("blocked") and t.get("id") is not None]
+        if len(fillers) == 2:
+            suppressed += list(range(fillers[0], fillers[1] + 1))
+    filler_range = None
+    if len(fillers) == 2 and fillers[0] in set(suppressed) and fillers[1] in set(suppressed):
+        filler_range = {"first": fillers[0], "last": fillers[1], "n": fillers[1] - fillers[0] + 1}
+    blocked = [{"name": names.get(i, str(i)), "id": i} for i in suppressed
+               if not (len(fillers) == 2 and fillers[0] <= i <= fillers[1])]
+
+    templates = saved_templates(out_dir)
+    trained = manifest.get("template")
+    if trained and trained not in templates:
+        try:
+            from ctrltok.templates import get_template
+
+            templates[trained] = get_template(trained).source
+        except (ImportError, ValueError, OSError):
+            templates[trained] = ""
+    template_rows = [{"name": n, "use": _template_use(n, s), "trained": n == trained} for n, s in templates.items()]
+
+    pack = summary.get("pack") if isinstance(summary.get("pack"), dict) else {}
+    if pack and "fill" not in pack and pack.get("tokens") is not None and pack.get("padding") is not None:
+        total = pack["tokens"] + pack["padding"]
+        pack = {**pack, "fill": pack["tokens"] / total if total else 0.0}
+    skips = summary.get("skips") if isinstance(summary.get("skips"), dict) else {}
+
+    hyper = [(k, _fmt(v)) for k, v in train_v.items() if k not in ("report_to",) and v not in (None, [], "")]
+    processes = summary.get("processes")
+    if train_v.get("micro_batch_size") and train_v.get("grad_accum"):
+        eff = int(train_v["micro_batch_size"]) * int(train_v["grad_accum"]) * int(processes or 1)
+        hyper.append(("effective batch (rows per optimizer step)", str(eff)))
+    if summary.get("steps") is not None:
+        hyper.append(("optimizer steps run", str(summary["steps"])))
+    if processes is not None:
+        hyper.append(("processes", str(processes)))
+    lora = [(k, _fmt(v)) for k, v in lora_v.items() if k != "enabled"] if lora_v.get("enabled") else []
+
+    base_name = model_v.get("name")
+    tags = ["ctrltok", "control-tokens"]
+    for tag in (manifest.get("recipe"), *_as_list(tokens_v.get("presets")),
+                (architecture or "").replace("ForCausalLM", "").lower() or None, precision):
+        if tag and str(tag) not in tags:
+            tags.append(str(tag))
+    return {
+        "title": Path(out_dir).resolve().name,
+        "tags": tags,
+        "base_model": base_model_id(base_name),
+        "base_name": base_name,
+        "recipe": manifest.get("recipe"),
+        "recipe_source": values.get("source"),
+        "architecture": architecture,
+        "parameters": _human(params),
+        "precision": precision,
+        "vocab_rows": vocab_rows,
+        "base_vocab": base_vocab,
+        "n_new": len(new_ids),
+        "tied": tied,
+        "token_rows": token_rows(manifest, tokens_v.get("init")),
+        "pad_to_multiple_of": tokens_v.get("pad_to_multiple_of"),
+        "templates": template_rows,
+        "trained_template": trained,
+        "end_of_turn": manifest.get("end_of_turn"),
+        "data": {k: _fmt(data_v[k]) for k in ("kind", "train", "eval", "eval_fraction", "template", "loss_on",
+                                               "max_length", "packing", "overlong", "on_error", "limit")
+                 if data_v.get(k) is not None},
+        "records": summary.get("records"),
+        "skips": skips,
+        "pack": {k: _fmt(v) for k, v in pack.items()},
+        "hyper": hyper,
+        "lora": lora,
+        "evaluation": _evaluation(manifest),
+        "stops": [{"name": names.get(i, str(i)), "id": i} for i in eos],
+        "blocked": blocked,
+        "filler_range": filler_range,
+        "curves": (out_dir / "loss_curves.png").exists(),
+        "metrics": (out_dir / "metrics.jsonl").exists(),
+        "head": (out_dir / "head.safetensors").exists() or any(out_dir.glob("*head*.safetensors")),
+    }
+
+
+# -- rendering -----------------------------------------------------------------------------
+def _code(value: Any) -> str:
+    """Inline code (outside tables)."""
+    return "`" + str(value).replace("`", "'") + "`"
+
+
+def _tcode(value: Any) -> str:
+    """Inline code that is safe inside a Markdown table cell (pipes escaped)."""
+    return _code(value).replace("|", "\\|")
+
+
+_TOKENISH = re.compile(r"(?<!`)(<\|[^|<>\s`]+\|>|<[A-Za-z_][\w.]*>)(?!`)")
+
+
+def _cell(value: Any) -> str:
+    """Prose for a table cell: token spellings as code (Markdown would swallow ``<assistant>`` as
+    HTML), pipes escaped, one line."""
+    text = _TOKENISH.sub(lambda m: "`" + m.group(1) + "`", str(value).replace("\n", " "))
+    return text.replace("|", "\\|")
+
+
+def _prose(value: Any) -> str:
+    """Like :func:`_cell` outside tables: token spellings as code, pipes left alone."""
+    return _TOKENISH.sub(lambda m: "`" + m.group(1) + "`", str(value))
+
+
+def _yaml_str(value: Any) -> str:
+    return json.dumps(str(value))  # a JSON string is a valid YAML scalar
+
+
+def render_card(out_dir: Path, manifest: dict) -> str:
+    """The card's Markdown text for the checkpoint in ``out_dir``."""
+    from jinja2 import Environment, StrictUndefined
+
+    env = Environment(undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                      autoescape=False)
+    env.filters.update(code=_code, tcode=_tcode, cell=_cell, prose=_prose, yaml=_yaml_str)
+    source = (resources.files("ctrltok") / "templates" / CARD_TEMPLATE).read_text(encoding="utf-8")
+    text = env.from_string(source).render(**card_context(out_dir, manifest))
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def write_card(out_dir: Path, manifest: dict) -> Path:
+    """Write ``out_dir/README.md`` from the manifest (the ``ctrltok.json`` dict) and the saved files."""
+    path = Path(out_dir) / CARD
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(render_card(out_dir, manifest), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# -- curves --------------------------------------------------------------------------------
+def read_metrics(metrics_jsonl: Path) -> list[dict]:
+    """The metric records of a run; a torn last line (a killed run) is ignored."""
+    out = []
+    try:
+        lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("step"), (int, float)):
+            out.append(rec)
+    return out
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(metrics_jsonl: Path, png: Path) -> Path | None:
+    """Training loss (line) and eval loss (points) against the optimizer step; a second panel for the
+    constitution head's BCE when the run has one. None when the metrics hold nothing to plot."""
+    records = read_metrics(metrics_jsonl)
+    loss = _series(records, "loss")
+    eval_loss = _series(records, "eval_loss")
+    head = _series(records, "head_bce")
+    eval_head = _series(records, "eval_head_bce")
+    if not loss[0] and not eval_loss[0]:
+        return None
+    from matplotlib.figure import Figure  # the object API renders with Agg and touches no global state
+
+    panels = 2 if head[0] or eval_head[0] else 1
+    fig = Figure(figsize=(6.4 * panels, 4.0), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
+    if loss[0]:
+        ax.plot(*loss, label="train loss", color="tab:blue", linewidth=1.2)
+    if eval_loss[0]:
+        ax.plot(*eval_loss, "o-", label="eval loss", color="tab:orange", markersize=5)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per supervised token", title="language-model loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if panels == 2:
+        bx = axes[1]
+        if head[0]:
+            bx.plot(*head, label="train head BCE", color="tab:green", linewidth=1.2)
+        if eval_head[0]:
+            bx.plot(*eval_head, "o-", label="eval head BCE", color="tab:red", markersize=5)
+        bx.set(xlabel="optimizer step", ylabel="BCE per head position", title="constitution head")
+        bx.grid(alpha=0.3)
+        bx.legend()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100, format="png")
+    return png
