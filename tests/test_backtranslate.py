@@ -364,7 +364,7 @@ def test_resume_after_a_backend_kill_at_every_point(corpus, gold, tmp_path):
     reference = stage_files(tmp_path / "ref")
     total = len(ref_fake.calls)
     assert total > 10
-    for budget in range(0, total, 2):
+    for budget in range(0, total, 3):
         out = tmp_path / f"k{budget}"
         with pytest.raises(Killed):
             run(recipe, out, budget=budget)
@@ -488,3 +488,13 @@ def test_end_to_end_with_the_real_trainer_and_backend_on_a_tiny_model(tmp_path, 
         assert AutoModelForCausalLM.from_pretrained(out / name).config.vocab_size >= len(smol_tokenizer)
     again = run_backtranslation(recipe, out, console=console)
     assert again["stages"] == report["stages"]
+
+
+def test_resuming_with_changed_settings_says_so(corpus, gold, tmp_path):
+    run(make_recipe(corpus, gold), tmp_path / "o")
+    quiet = Console(file=io.StringIO(), width=200)
+    run_backtranslation(make_recipe(corpus, gold, iterations=2), tmp_path / "o",
+                        backend_factory=lambda n, r: ChatModel(FakeBackend(fake_llm), render),
+                        trainer=FakeTrainer(), console=quiet)
+    text = quiet.file.getvalue()
+    assert "changed settings ['iterations']" in text and "curated-2" in text

@@ -549,6 +549,25 @@ def check_config(cfg: BacktranslateConfig, source: str = "<recipe>") -> None:
                   "set a temperature (e.g. 0.7) or curation_samples: 1")
 
 
+def _note_settings(out_dir: Path, recipe: Recipe, console: Any) -> None:
+    """Record the settings of the first run; on a resume, say which ones changed, since the stages
+    already done keep what the earlier settings produced (raising ``iterations`` is the usual,
+    intended case)."""
+    path = out_dir / "backtranslate.settings.json"
+    now = {"model": recipe.model.name, **dataclasses.asdict(recipe.backtranslate or BacktranslateConfig())}
+    if not path.exists():
+        _atomic_write(path, json.dumps(now, indent=1))
+        return
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if changed:
+        from rich.console import Console
+
+        (console or Console(stderr=True)).print(
+            f"[yellow]{out_dir}: resuming with changed settings {changed}; stages already done keep "
+            f"their earlier results (delete their <stage>.done and .jsonl files to redo them)[/yellow]")
+
+
 class _Models:
     """Loads one model at a time: consecutive stages on the same model share it."""
 
@@ -561,6 +580,20 @@ class _Models:
             self.model, self.name = self.factory(name, self.recipe), name
         return self.model
 
+    def release(self) -> None:
+        """Drop the loaded model before training, which needs the memory (a GPU at scale)."""
+        self.model = self.name = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
 
 def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable[[str, Recipe], ChatModel] = load_chat_model,
                         trainer: Callable[[Recipe, Path], Path] | None = None, console: Any = None) -> dict:
@@ -572,6 +605,7 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = recipe.train.seed
+    _note_settings(out_dir, recipe, console)
     models = _Models(backend_factory, recipe)
     gold = read_gold(cfg.gold)
 
@@ -595,6 +629,8 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
         curated = _run_stage(out_dir, f"curated-{i}", lambda it, c=curator: curate(it, models.get(c), cfg, seed),
                              kept(last))
         selected = _run_stage(out_dir, f"selected-{i}", lambda it: select(it, cfg.keep_score), kept(curated))
+        if not (out_dir / f"model-{i}.done").exists():
+            models.release()
         final = finetune(recipe, gold, kept(selected), out_dir, i, trainer)
         curator = str(final)
     report = build_report(out_dir, cfg, {"backward": str(m_yx), "seed": seed_model, "final": str(final)},
