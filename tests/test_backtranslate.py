@@ -206,6 +206,10 @@ def test_pydoc_corpus_gives_stable_unique_ids_and_respects_caps():
     assert len({p.id for p in first}) == len(first)
     assert sum(p.drop is None for p in first) == 7
     assert all(cfg.min_chars <= len(p.response) <= cfg.max_chars for p in first if p.drop is None)
+    capped = list(segment(read_documents("python:pydoc_topics", limit=6), BacktranslateConfig(max_per_document=1)))
+    kept_per_doc = Counter(p.source for p in capped if p.drop is None)
+    assert set(kept_per_doc.values()) == {1} and len(kept_per_doc) >= 5
+    assert Counter(p.drop for p in capped)["document_cap"] > 0
 
 
 # ---------------------------------------------------------------- augment cleanup, parser

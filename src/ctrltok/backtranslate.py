@@ -236,14 +236,15 @@ def quality_issue(text: str, cfg: BacktranslateConfig) -> str | None:
 def segment(documents: Iterable[tuple[str, str]], cfg: BacktranslateConfig,
             stats: Counter | None = None) -> Iterator[Pair]:
     """Documents -> candidate responses: whole paragraphs packed greedily up to ``max_chars``
-    within one section, filtered by :func:`quality_issue` and deduplicated by normalised hash.
+    within one section, filtered by :func:`quality_issue`, deduplicated by normalised hash, at
+    most ``max_per_document`` kept per document and ``max_candidates`` in all.
     Ids are ``<document id>#<k>``, stable for the same corpus and settings."""
     stats = stats if stats is not None else Counter()
     seen: set[str] = set()
     kept = 0
     for doc_id, text in documents:
         stats["documents"] += 1
-        k = 0
+        k = kept_here = 0
         for section in _sections(text):
             chunks: list[str] = []
             for unit in _units(section):
@@ -255,6 +256,8 @@ def segment(documents: Iterable[tuple[str, str]], cfg: BacktranslateConfig,
                 pair = Pair(id=f"{doc_id}#{k}", source=doc_id, response=chunk)
                 k += 1
                 pair.drop = quality_issue(chunk, cfg)
+                if pair.drop is None and cfg.max_per_document is not None and kept_here >= cfg.max_per_document:
+                    pair.drop = "document_cap"  # spread a small budget over more documents
                 if pair.drop is None:
                     digest = hashlib.sha1(normalise(chunk).encode()).hexdigest()
                     if digest in seen:
@@ -263,6 +266,7 @@ def segment(documents: Iterable[tuple[str, str]], cfg: BacktranslateConfig,
                 yield pair
                 if pair.drop is None:
                     kept += 1
+                    kept_here += 1
                     if cfg.max_candidates is not None and kept >= cfg.max_candidates:
                         return
 

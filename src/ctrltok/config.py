@@ -130,6 +130,7 @@ class BacktranslateConfig:
     gold: str = "ctrltok:instructions"  # gold (instruction, response) pairs, chat or instruction/response records
     max_documents: int = 40
     max_candidates: int | None = None  # stop segmenting after this many kept candidates
+    max_per_document: int | None = None  # keep at most this many candidates from one document
     min_chars: int = 200
     max_chars: int = 1500
     # augment: the backward model M_yx writes instructions
