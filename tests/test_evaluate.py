@@ -1,0 +1,186 @@
+"""Evaluation: packed held-out loss == a per-conversation hand computation; stop-rate counting."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMOL_TOKENIZER, make_tiny_llama
+
+from ctrltok.chat import encode_chat
+from ctrltok.evaluate import (
+    compare,
+    evaluate,
+    evaluate_model,
+    generation_prompts,
+    print_comparison,
+    stop_counts,
+    write_json,
+)
+from ctrltok.example import IGNORE
+from ctrltok.templates import install_templates
+from ctrltok.tokens import add_tokens, apply_generation_config, resolve_tokens
+
+CONVS = [
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"},
+     {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And times three?"},
+     {"role": "assistant", "content": "Twelve, if you mean four times three."}],
+    [{"role": "user", "content": "Say <EOT> please"}, {"role": "assistant", "content": "You typed <EOT> as text."}],
+    [{"role": "user", "content": "No reply yet"}],
+]
+
+
+@pytest.fixture(scope="module")
+def eot_model():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
+    tok.pad_token = tok.eos_token
+    model = make_tiny_llama(len(tok))
+    surgery = add_tokens(model, tok, resolve_tokens(["eot"]), pad_to_multiple_of=64)
+    apply_generation_config(model, surgery, "<EOT>")
+    install_templates(tok)
+    return model, tok, surgery
+
+
+@contextmanager
+def boosted(model, ids: list[int], amount: float = 1e4):
+    def hook(_module, _inputs, output):
+        output = output.clone()
+        output[..., ids] += amount
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _hand_loss(model, tok, convs, template, loss_on="assistant"):
+    """Each conversation alone, full logits, shift by hand: sum CE over supervised targets / count."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for conv in convs:
+            ex = encode_chat(conv, tok, template, loss_on)
+            logits = model(torch.tensor([ex.input_ids])).logits[0, :-1]
+            labels = torch.tensor(ex.labels[1:])
+            keep = labels != IGNORE
+            if keep.any():
+                total += float(F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"))
+                n += int(keep.sum())
+    return total / n, n
+
+
+@pytest.mark.parametrize("template,loss_on", [("eot", "assistant"), ("default", "assistant"), ("eot", "all")])
+def test_eval_loss_equals_hand_computation(eot_model, template, loss_on):
+    model, tok, _ = eot_model
+    got = evaluate_model(model, tok, CONVS, template, n_generate=0, loss_on=loss_on, max_length=256)
+    want, n = _hand_loss(model, tok, CONVS, template, loss_on)
+    assert got["eval_targets"] == n
+    assert got["eval_loss"] == pytest.approx(want, abs=1e-5)
+    assert got["skipped_no_targets"] == (1 if loss_on == "assistant" else 0)  # the conversation with no reply
+    assert got["truncated_tokens"] == 0
+
+
+def test_eval_loss_packs_several_conversations_per_row(eot_model):
+    """Packing is what is being checked: the conversations share one row, and the result is unchanged."""
+    model, tok, _ = eot_model
+    from ctrltok.packing import pack
+
+    examples = [encode_chat(c, tok, "eot") for c in CONVS[:3]]
+    assert len(pack(examples, 256).rows) == 1
+    one_row = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, max_length=256)
+    each_alone = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, max_length=256, rows_per_batch=1,
+                                examples=examples)
+    assert one_row["eval_loss"] == pytest.approx(_hand_loss(model, tok, CONVS[:3], "eot")[0], abs=1e-5)
+    assert one_row["eval_loss"] == pytest.approx(each_alone["eval_loss"], abs=1e-6)
+
+
+def test_truncation_is_counted(eot_model):
+    model, tok, _ = eot_model
+    got = evaluate_model(model, tok, CONVS[1:2], "default", n_generate=0, max_length=20)
+    assert got["truncated_examples"] == 1 and got["truncated_tokens"] > 0
+
+
+def test_generation_prompts():
+    prompts = generation_prompts(CONVS, 10)
+    assert [i for i, _ in prompts] == [0, 1, 2]  # the last conversation has no reply to compare with
+    assert prompts[1][1] == CONVS[1][:4]  # everything before the last assistant turn
+    assert generation_prompts(CONVS, 2) == prompts[:2]
+
+
+def test_stop_counts():
+    eot = 7
+    results = [{"ids": [1, 2, eot], "stopped": True, "n_tokens": 3},
+               {"ids": [1, 9], "stopped": True, "n_tokens": 2},  # another stop id (e.g. the base EOS)
+               {"ids": [1, 1, 1, 1], "stopped": False, "n_tokens": 4},
+               {"ids": [eot], "stopped": True, "n_tokens": 1}]
+    c = stop_counts(results, eot)
+    assert (c["n_generated"], c["eot_stops"], c["any_stops"]) == (4, 2, 3)
+    assert c["eot_stop_rate"] == 0.5 and c["any_stop_rate"] == 0.75 and c["mean_new_tokens"] == 2.5
+    assert stop_counts([], eot)["eot_stop_rate"] is None
+
+
+def test_stop_rate_on_a_model(eot_model):
+    model, tok, surgery = eot_model
+    eot = surgery.ids["<EOT>"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    with boosted(model, [eot]):
+        always = evaluate_model(model, tok, CONVS, "eot", n_generate=2, max_new_tokens=4)
+    assert always["n_generated"] == 2 and always["eot_stop_rate"] == 1.0 and always["mean_new_tokens"] == 1
+    assert all(g["ended_with_eot"] and g["text"] == "" for g in always["generations"])
+    with boosted(model, [im_end]):  # stops, but at the base EOS: not an end-of-turn stop
+        other = evaluate_model(model, tok, CONVS, "eot", n_generate=3, max_new_tokens=4)
+    assert other["n_generated"] == 3 and other["eot_stop_rate"] == 0.0 and other["any_stop_rate"] == 1.0
+    with boosted(model, [eot, im_end], amount=-1e4):
+        never = evaluate_model(model, tok, CONVS, "eot", n_generate=3, max_new_tokens=3)
+    assert never["eot_stop_rate"] == 0.0 and never["any_stop_rate"] == 0.0 and never["mean_new_tokens"] == 3
+
+
+def test_template_token_missing_is_a_clear_error(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
+    model = tiny_llama(len(tok))
+    with pytest.raises(ValueError, match=r"<EOT>.*preset"):
+        evaluate_model(model, tok, CONVS, "eot", n_generate=0)
+
+
+def test_compare_and_table(tmp_path):
+    before = {"eval_loss": 3.0, "eot_stop_rate": 0.0, "n_generated": 4, "template": "eot", "generations": [
+        {"prompt": "hi", "text": "rambling", "stopped": False, "ended_with_eot": False, "n_tokens": 8}]}
+    after = {"eval_loss": 1.5, "eot_stop_rate": 0.75, "n_generated": 4, "template": "eot", "generations": [
+        {"prompt": "hi", "text": "Hello!", "stopped": True, "ended_with_eot": True, "n_tokens": 3}]}
+    c = compare(before, after)
+    assert c["eval_loss"] == {"before": 3.0, "after": 1.5, "delta": -1.5}
+    assert c["eot_stop_rate"]["delta"] == 0.75 and c["n_generated"]["delta"] == 0
+    assert "template" not in c and "generations" not in c
+    from rich.console import Console
+
+    buf = io.StringIO()
+    print_comparison(before, after, Console(file=buf, width=120), samples=1)
+    text = buf.getvalue()
+    assert "eval_loss" in text and "-1.5000" in text and "better" in text and "Hello!" in text
+    path = write_json({"before": before, "after": after, "comparison": c}, tmp_path / "r" / "eval.json")
+    assert json.loads(path.read_text())["comparison"]["eval_loss"]["after"] == 1.5
+
+
+def test_evaluate_a_checkpoint_folder(eot_model, tmp_path):
+    model, tok, surgery = eot_model
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "ctrltok.json").write_text(json.dumps({**surgery.manifest(), "template": "eot"}))
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS[:3])
+                    + json.dumps({"prompt": "Alpaca style?", "response": "Also read."}) + "\n")
+    got = evaluate(tmp_path, str(data), n_generate=2, max_new_tokens=3, limit=3)
+    assert got["template"] == "eot" and got["conversations"] == 3 and got["n_generated"] == 2
+    direct = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0)
+    assert got["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
+    assert evaluate(tmp_path, str(data), n_generate=0)["conversations"] == 4
