@@ -184,3 +184,76 @@ def test_evaluate_a_checkpoint_folder(eot_model, tmp_path):
     direct = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0)
     assert got["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
     assert evaluate(tmp_path, str(data), n_generate=0)["conversations"] == 4
+
+
+def test_heldout_split_is_the_trainers(smol_tokenizer, tmp_path):
+    """Without --data, eval uses exactly the records dataset.build_examples held out of training."""
+    from dataclasses import asdict
+
+    from ctrltok.config import Recipe
+    from ctrltok.dataset import build_examples
+    from ctrltok.evaluate import heldout_conversations
+
+    recipe = Recipe(name="split")
+    recipe.train.seed = 7
+    recipe.data.eval_fraction = 0.2
+    recipe.data.limit = 60
+    (tmp_path / "ctrltok.json").write_text(json.dumps({"recipe_values": asdict(recipe)}))
+    convs, wheres, described = heldout_conversations(tmp_path)
+    encoded = build_examples(recipe, smol_tokenizer)
+    assert sorted(wheres) == sorted(ex.source for ex in encoded.eval) and len(convs) == 12
+    assert "held-out 0.2" in described
+    assert len(heldout_conversations(tmp_path, limit=5)[0]) == 5
+
+
+def _checkpoint(model, tok, surgery, path, recipe_values=None):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "ctrltok.json").write_text(json.dumps({**surgery.manifest(), "template": "eot",
+                                                   **({"recipe_values": recipe_values} if recipe_values else {})}))
+    return path
+
+
+def test_evaluate_cli_prints_a_table_and_returns_json(eot_model, tmp_path):
+    from rich.console import Console
+
+    from ctrltok.evaluate import evaluate_cli
+
+    model, tok, surgery = eot_model
+    ckpt = _checkpoint(model, tok, surgery, tmp_path / "ckpt")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    buf = io.StringIO()
+    got = evaluate_cli(ckpt, str(data), n_generate=1, max_new_tokens=2, console=Console(file=buf, width=150))
+    assert got["template"] == "eot" and got["n_generated"] == 1
+    assert "eval_loss" in buf.getvalue() and "eot_stop_rate" in buf.getvalue()
+    json.dumps(got)  # serialisable as it is
+
+
+@pytest.mark.slow
+def test_evaluate_cli_before_and_after(eot_model, tmp_path):
+    """--before: a base checkpoint without <EOT> is given the run's tokens by train.prepare_model."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from ctrltok.config import Recipe
+    from ctrltok.evaluate import evaluate_cli
+
+    model, tok, surgery = eot_model
+    recipe = Recipe(name="eot-test")
+    recipe.tokens.presets = ["eot"]
+    recipe.data.template = "eot"
+    ckpt = _checkpoint(model, tok, surgery, tmp_path / "ckpt", asdict(recipe))
+    base_tok = type(tok).from_pretrained(SMOL_TOKENIZER)
+    make_tiny_llama(len(base_tok), seed=1).save_pretrained(tmp_path / "base")
+    base_tok.save_pretrained(tmp_path / "base")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    buf = io.StringIO()
+    got = evaluate_cli(ckpt, str(data), before=tmp_path / "base", n_generate=2, max_new_tokens=2,
+                       console=Console(file=buf, width=150))
+    assert set(got) == {"before", "after", "comparison"}
+    assert got["before"]["eval_targets"] == got["after"]["eval_targets"] > 0  # same tokens, same targets
+    assert got["before"]["eval_loss"] != got["after"]["eval_loss"]  # different weights
+    assert "before vs after" in buf.getvalue()

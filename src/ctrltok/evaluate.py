@@ -190,6 +190,115 @@ def evaluate(model_dir_or_name: str | os.PathLike, data: str, template: str | No
     return {"model": str(model_dir_or_name), "data": str(data), **result}
 
 
+def _manifest(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / "ctrltok.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def heldout_conversations(model_dir: str | os.PathLike, limit: int | None = None) -> tuple[list[list[dict]], list[str], str]:
+    """The held-out conversations of the run that wrote ``model_dir``: its ``data.eval`` set, or the
+    same ``eval_fraction`` split of ``data.train`` that ``dataset.build_examples`` held out (same
+    seed, same ``limit``). Without a manifest: the shipped set's split with the default recipe.
+    Returns ``(conversations, sources, description)``."""
+    import random
+
+    from ctrltok.config import Recipe
+
+    values = _manifest(model_dir).get("recipe_values") or {}
+    default = Recipe()
+    data = {**vars(default.data), **(values.get("data") or {})}
+    seed = (values.get("train") or {}).get("seed", default.train.seed)
+    if data.get("eval"):
+        convs, wheres = load_conversations(data["eval"], limit)
+        return convs, wheres, str(data["eval"])
+    from ctrltok.chat import ChatError, validate_messages
+    from ctrltok.dataset import to_messages
+    from ctrltok.records import read_records
+
+    # The same records and the same draw as dataset.build_examples: the split is over records as
+    # read (after `limit`), shuffled with the training seed; records that fail to become a
+    # conversation are dropped after the split, as the encoder does under on_error = skip.
+    on_error = data.get("on_error") or "raise"
+    pairs = list(read_records(data["train"], on_error))
+    if data.get("limit"):
+        pairs = pairs[: data["limit"]]
+    fraction = float(data.get("eval_fraction") or 0.0)
+    if fraction <= 0 or len(pairs) < 2:
+        raise ValueError(f"{model_dir}: the run held out no data (data.eval unset, data.eval_fraction = {fraction}); "
+                         "pass --data with held-out chats")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, int(round(len(order) * fraction)))])
+    convs, wheres = [], []
+    for i, (where, rec) in enumerate(pairs):
+        if i not in held:
+            continue
+        try:
+            convs.append(validate_messages(to_messages(rec, where), where))
+        except ChatError:
+            if on_error != "skip":
+                raise
+            continue
+        wheres.append(where)
+    if limit is not None:
+        convs, wheres = convs[:limit], wheres[:limit]
+    return convs, wheres, f"{data['train']} (held-out {fraction:g})"
+
+
+def prepare_base(name: str | os.PathLike, model_dir: str | os.PathLike, template: str):
+    """A base model with the same control tokens as the checkpoint in ``model_dir`` (the "before"),
+    made by ``train.prepare_model`` from the run's own recipe values."""
+    from ctrltok.config import Recipe, recipe_from_mapping
+    from ctrltok.train import prepare_model
+
+    values = {k: v for k, v in (_manifest(model_dir).get("recipe_values") or {}).items()
+              if k != "source" and v is not None}
+    recipe = recipe_from_mapping(values, "<ctrltok.json>") if values else Recipe()
+    recipe.model.name = str(name)
+    recipe.data.template = template
+    model, tokenizer, _ = prepare_model(recipe)
+    return model.eval(), tokenizer
+
+
+def evaluate_cli(model: str | os.PathLike, data: str | None = None, template: str | None = None,
+                 before: str | os.PathLike | None = None, n_generate: int = 16, max_new_tokens: int = 64,
+                 loss_on: str = "assistant", max_length: int = 512, limit: int | None = None,
+                 batch_size: int = 8, console=None) -> dict:
+    """``ctrltok eval``: evaluate a checkpoint (and, with ``before``, a base model given the same
+    tokens) on ``data`` or on the run's own held-out split. Prints a table to stderr (stdout stays
+    free for ``--json``) and returns the result, or ``{"before", "after", "comparison"}``."""
+    from rich.console import Console
+
+    from ctrltok.generate import load_for_generation
+
+    console = console or Console(stderr=True)
+    after_model, tokenizer, saved = load_for_generation(model)
+    template = template or saved
+    if data:
+        convs, wheres = load_conversations(data, limit)
+        described = str(data)
+    else:
+        convs, wheres, described = heldout_conversations(model, limit)
+    kwargs = dict(n_generate=n_generate, max_new_tokens=max_new_tokens, loss_on=loss_on, max_length=max_length,
+                  batch_size=batch_size, sources=wheres)
+    after = {"model": str(model), "data": described,
+             **evaluate_model(after_model, tokenizer, convs, template, **kwargs)}
+    if before is None:
+        console.print(result_table(after, title=f"{model} on {described}"))
+        return after
+    del after_model
+    base_model, base_tokenizer = prepare_base(before, model, template)
+    base = {"model": str(before), "data": described,
+            **evaluate_model(base_model, base_tokenizer, convs, template, **kwargs)}
+    print_comparison(base, after, console, samples=3)
+    return {"before": base, "after": after, "comparison": compare(base, after)}
+
+
 # -- reporting -----------------------------------------------------------------------------
 def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
