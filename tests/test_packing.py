@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctrltok.packing
-from ctrltok.attention import build_mask, dense_mask, draw, forward, reflection_regions
+from ctrltok.attention import VARLEN, build_mask, dense_mask, draw, forward, reflection_regions
 from ctrltok.example import IGNORE, Example
 from ctrltok.packing import collate, pack, pad_batch, slice_example
 
@@ -60,7 +60,7 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor |
     return ce.sum()
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", VARLEN])
 def test_packed_logits_and_loss_equal_unpacked(tiny_llama, impl):
     model = tiny_llama(VOCAB, attn=impl)
     examples = _examples([9, 4, 13, 7, 3, 11], supervised_from=2)
@@ -137,6 +137,28 @@ def test_flex_block_mask_equals_dense_mask():
             got = block.mask_mod(torch.tensor(b), torch.tensor(0), q, k)
             assert torch.equal(got, allowed[b, 0]), (b, region_form)
         assert dense.shape[-1] == T // 4
+
+
+def test_varlen_gradients_equal_dense_mask_gradients(tiny_llama):
+    """The per-document path is a training path: same loss and gradients as the dense SDPA mask."""
+    from ctrltok.reflection import Insert, layout
+
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (14, 6, 11)]
+    examples = [layout(d, [Insert(len(d) // 2, [120, 121, 122], [])] if len(d) > 8 else [], 127) for d in docs]
+    batch = collate(pack(examples, max_length=24).rows, pad_id=0, pad_to=25)
+    grads = {}
+    for impl in ("sdpa", VARLEN):
+        model = tiny_llama(VOCAB, attn=impl).train()
+        loss = _ce_sum(forward(model, batch).logits, batch.targets, batch.weights)
+        loss.backward()
+        grads[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(grads["sdpa"][0], grads[VARLEN][0], atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads["sdpa"][1], grads[VARLEN][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    odd = collate([[Example(input_ids=[1, 2, 3], labels=[1, 2, 3], blocked=[(2, 3, 0, 1)])]], pad_id=0)
+    with pytest.raises(ValueError, match="EPE-shaped"):
+        build_mask(odd, VARLEN)
 
 
 def test_eager_mask_is_additive_and_sdpa_mask_is_bool():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ctrltok.reflection
-from ctrltok.attention import draw, forward
+from ctrltok.attention import VARLEN, draw, forward
 from ctrltok.example import IGNORE
 from ctrltok.packing import collate, pack
 from ctrltok.records import RecordError, Skips, resource_path
@@ -149,7 +149,7 @@ def _check_proof(model, tokenizer, docs, impl, atol, max_length=1024):
     return batch, logits
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", VARLEN])
 def test_proof_post_reflection_logits_equal_plain_document(tiny_llama, epe_tokenizer, impl):
     model = tiny_llama(len(epe_tokenizer), attn=impl)
     _check_proof(model, epe_tokenizer, _corpus(3), impl, ATOL)

@@ -18,6 +18,15 @@ at the last moment:
   expressed as a per-token *reflection region id*: a key inside a region is visible only to
   queries of the same region. Any other spans go through a general rectangle test.
 
+* ``"ctrltok_varlen"`` (registered with transformers' ``AttentionInterface`` when this module is
+  imported): attention run per document, like varlen flash attention. The "mask" is the structure
+  itself, a small ``[B, 1, 2, T]`` long tensor (doc ids; reflection region ids) that transformers
+  passes through untouched as a 4D mask; the attention function cuts each row into documents and
+  runs SDPA on each, causal (``is_causal``, no mask) for documents without a hole and with a
+  ``L x L`` mask of that document only for documents with one. No ``T x T`` tensor, no cross-
+  document work, and it has a backward on CPU (FlexAttention has none in torch 2.13). It supports
+  EPE-shaped holes; other blocked spans are an error naming the other implementations.
+
 Never pass a packed batch without this mask: transformers infers documents from restarting
 ``position_ids`` only when no KV cache is in use, and reads EPE's aliased positions as a new
 document (see DESIGN.md). Padding tokens (doc id -1) attend to themselves (and earlier padding),
@@ -33,11 +42,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 
 from ctrltok.packing import Batch
 
-IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+VARLEN = "ctrltok_varlen"
+IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", VARLEN)
 
 
 def dense_mask(batch: Batch) -> torch.Tensor:
@@ -142,7 +155,98 @@ def build_mask(
         return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     if impl == "flex_attention":
         return _flex_block_mask(batch, block_size, compile_mask)
+    if impl == VARLEN:
+        return varlen_structure(batch)
     raise ValueError(f"attention implementation {impl!r} is not supported; expected one of {IMPLEMENTATIONS}")
+
+
+def varlen_structure(batch: Batch) -> torch.Tensor:
+    """``[B, 1, 2, T]`` long: row 0 the doc ids, row 1 the reflection region ids (-1 outside)."""
+    region = reflection_regions(batch)
+    if region is None:
+        raise ValueError(
+            f"{VARLEN} supports EPE-shaped holes only (each span blocks the rest of its document from a key "
+            "range that ends where its queries start); use 'sdpa', 'eager' or 'flex_attention' for other spans"
+        )
+    return torch.stack([batch.doc_ids, region], dim=1)[:, None]
+
+
+# Segment plans, computed once per structure tensor and reused by every layer of one forward.
+# Keyed by id() and checked through a weak reference (tensors compare element-wise, so they cannot
+# be dictionary keys); a few recent entries are enough.
+_PLANS: dict[int, tuple[weakref.ref, list]] = {}
+
+
+def _plan(structure: torch.Tensor) -> list[list[tuple[int, int, torch.Tensor | None]]]:
+    hit = _PLANS.get(id(structure))
+    if hit is not None and hit[0]() is structure:
+        return hit[1]
+    doc = structure[:, 0, 0].tolist()
+    region = structure[:, 0, 1].cpu()
+    plan = []
+    for b, row in enumerate(doc):
+        segments, s, T = [], 0, len(row)
+        while s < T:
+            e = s + 1
+            while e < T and row[e] == row[s]:
+                e += 1
+            r = region[b, s:e]
+            mask = None
+            if bool((r >= 0).any()):
+                idx = torch.arange(e - s)
+                mask = (idx[:, None] >= idx[None, :]) & ((r[None, :] < 0) | (r[:, None] == r[None, :]))
+                mask = mask.to(structure.device)
+            segments.append((s, e, mask))
+            s = e
+        plan.append(segments)
+    if len(_PLANS) >= 8:
+        _PLANS.clear()
+    _PLANS[id(structure)] = (weakref.ref(structure), plan)
+    return plan
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for :data:`VARLEN`: SDPA per document (module docstring)."""
+    B, H, T, _ = query.shape
+    rep = H // key.shape[1]
+    if rep > 1:  # GQA: query head h reads key/value head h // rep, as transformers' repeat_kv
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    p = dropout if module.training else 0.0
+    if attention_mask is None:  # a single unpacked document
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=T > 1, dropout_p=p, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    if attention_mask.dim() != 4 or attention_mask.shape[2] != 2 or attention_mask.shape[-1] != T:
+        raise ValueError(f"{VARLEN} expects the [B, 1, 2, T] structure from build_mask, got {tuple(attention_mask.shape)}")
+    rows = []
+    for b, segments in enumerate(_plan(attention_mask)):
+        parts = []
+        for s, e, mask in segments:
+            q, k, v = query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]
+            if mask is None:
+                parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=e - s > 1, dropout_p=p, scale=scaling))
+            else:
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+
+
+_register()
 
 
 def forward(model: torch.nn.Module, batch: Batch, impl: str | None = None, **kwargs: Any) -> Any:
