@@ -21,6 +21,7 @@ from ctrltok.records import RecordError, Skips, resource_path
 from ctrltok.reflection import (
     Annotation,
     Insert,
+    build_epe_examples,
     charter_ids,
     insert_reflection,
     layout,
@@ -278,3 +279,21 @@ def test_parquet_sidecar(tmp_path):
     pq.write_table(table, tmp_path / "s.parquet")
     with pytest.raises(RecordError, match=r"s\.parquet:row 2: offset 40"):
         read_sidecar(tmp_path / "s.parquet", read_documents(corpus))
+
+
+def test_build_epe_examples_from_a_recipe(epe_tokenizer):
+    from ctrltok.config import DataConfig, EpeConfig, Recipe
+
+    recipe = Recipe(
+        data=DataConfig(kind="epe", train="ctrltok:epe_corpus", eval_fraction=0.25),
+        epe=EpeConfig(sidecar=str(resource_path("epe_sidecar")), reflection_weight=2.0, context_weight=0.5),
+    )
+    encoded = build_epe_examples(recipe, epe_tokenizer)
+    assert (len(encoded.train), len(encoded.eval), encoded.records) == (30, 10, 40)
+    assistant = epe_tokenizer.convert_tokens_to_ids("<assistant>")
+    for ex in encoded.train + encoded.eval:
+        assert ex.input_ids.count(assistant) == 1 and len(ex.head_targets[0]) == 35
+        assert set(ex.loss_weights) == {0.0, 0.5, 2.0}
+    # The eval split is a seeded, fixed choice.
+    again = build_epe_examples(recipe, epe_tokenizer)
+    assert [ex.source for ex in again.eval] == [ex.source for ex in encoded.eval]
