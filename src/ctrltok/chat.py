@@ -240,3 +240,37 @@ def show(example: Example, tokenizer, color: bool = True) -> str:
             piece = piece.replace("\n", "\\n\n")
             parts.append(f"[{piece}]" if lab != IGNORE else piece)
     return "".join(parts)
+
+
+def render_file(model: str, template: str, input: str, out: str, loss_on: str = "assistant") -> int:
+    """`ctrltok render`: chats JSONL -> `{"input_ids", "labels"}` JSONL, in input order."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from ctrltok.models import resolve_model
+    from ctrltok.records import read_records
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    encoder = ChatEncoder(tokenizer, template, loss_on)
+    n = 0
+    with open(out, "w", encoding="utf-8") as fh:
+        chunk: list[tuple[str, dict]] = []
+
+        def flush() -> None:
+            convs = []
+            for where, rec in chunk:
+                if "messages" not in rec:
+                    raise ChatError(f"{where}: missing field `messages`")
+                convs.append(rec["messages"])
+            for ex in encoder.encode_many(convs, [w for w, _ in chunk]):
+                fh.write(json.dumps({"input_ids": ex.input_ids, "labels": ex.labels}) + "\n")
+            chunk.clear()
+
+        for where, rec in read_records(input):
+            chunk.append((where, rec))
+            n += 1
+            if len(chunk) == 512:
+                flush()
+        flush()
+    return n

@@ -35,6 +35,10 @@ class Encoded:
 def to_messages(rec: dict, where: str) -> list[dict]:
     if "messages" in rec:
         return rec["messages"]
+    if isinstance(rec.get("conversations"), list) and all(isinstance(c, str) for c in rec["conversations"]):
+        # LIMA's layout: utterances alternating user / assistant.
+        roles = ("user", "assistant")
+        return [{"role": roles[i % 2], "content": c} for i, c in enumerate(rec["conversations"])]
     if "instruction" in rec and ("output" in rec or "response" in rec):
         prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec.get("output", rec.get("response"))}]

@@ -287,3 +287,24 @@ def apply_generation_config(model, surgery: Surgery, end_of_turn: str | None = N
     gc.suppress_tokens = suppressed or None
     if gc.pad_token_id is None and surgery.tokenizer.pad_token_id is not None:
         gc.pad_token_id = surgery.tokenizer.pad_token_id
+
+
+def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", pad_to_multiple_of: int | None = None,
+                     out: str | Path = "out", template: str | None = None) -> Path:
+    """`ctrltok add-tokens`: load a model, add preset tokens, install templates, save a plain checkpoint."""
+    from ctrltok.models import load_model
+    from ctrltok.templates import get_template, install_templates
+
+    m, tok = load_model(model)
+    surgery = add_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)
+    install_templates(tok)
+    if template is None:  # the first preset that has a template of its own names the end of turn
+        template = next((p for p in presets if p in ("eot", "oasst", "epe")), "default")
+    end_of_turn = get_template(template, tok).end_of_turn
+    apply_generation_config(m, surgery, end_of_turn if end_of_turn in tok.get_vocab() else None)
+    out = Path(out)
+    m.save_pretrained(out)
+    tok.save_pretrained(out)
+    manifest = {**surgery.manifest(), "template": template, "end_of_turn": end_of_turn, "recipe": None, "complete": True}
+    (out / "ctrltok.json").write_text(json.dumps(manifest, indent=1))
+    return out

@@ -20,8 +20,11 @@ What it guarantees:
 * The final model in ``DIR`` is a plain Hugging Face checkpoint (LoRA merged), with its tokenizer,
   named templates, generation config, model card, loss curves and metrics.
 
-Multi-process: ``accelerate launch --cpu --num_processes 2 -m ctrltok train RECIPE.yaml``; on GPUs
-a DeepSpeed config comes from ``accelerate launch --config_file`` (see the recipes).
+Multi-process: on GPUs ``accelerate launch --num_processes N -m ctrltok train RECIPE.yaml`` (a
+DeepSpeed or FSDP config comes from ``accelerate launch --config_file``, see the recipes); on CPU
+``torchrun --nproc_per_node 2 -m ctrltok train RECIPE.yaml`` (``accelerate launch --cpu`` starts
+several CPU processes only through MPI). Either way the same Accelerator drives DDP, and every
+process computes the same global row order and takes its own share of each step.
 """
 
 from __future__ import annotations
@@ -191,6 +194,29 @@ def run_batch(loss_model, batch: Batch, impl: str, device, n_targets: float, n_h
                       batch.head_index, batch.head_targets, n_targets, n_head)
 
 
+def accumulate(loss_model, accelerator, batches: list[Batch], impl: str, device, n_targets: float,
+               n_head: float) -> tuple[float, float, int, int]:
+    """Forward + backward every micro-batch of one optimizer step (gradients sum; sync on the last).
+
+    Each micro-batch's loss is its CE sum divided by the step's total target count, so the
+    accumulated gradient is the per-target mean over the whole step however it is split.
+    Returns (CE sum, head BCE sum, input tokens, supervised targets).
+    """
+    ce_step = head_step = 0.0
+    n_in = n_sup = 0
+    for k, batch in enumerate(batches):
+        ctx = accelerator.no_sync(loss_model) if k < len(batches) - 1 else _null()
+        with ctx:
+            with accelerator.autocast():
+                loss, ce_sum, head_sum = run_batch(loss_model, batch, impl, device, n_targets, n_head)
+            accelerator.backward(loss)
+        ce_step += float(ce_sum)
+        head_step += float(head_sum)
+        n_in += int((batch.doc_ids >= 0).sum())
+        n_sup += batch.n_targets
+    return ce_step, head_step, n_in, n_sup
+
+
 @torch.no_grad()
 def evaluate_loss(loss_model, rows: list[list[Example]], recipe: Recipe, pad_id: int, impl: str, device) -> dict:
     """Mean CE per supervised target (and head BCE) over the eval rows."""
@@ -302,6 +328,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
         if encoded.skips:
             print(f"skipped records: {encoded.skips.summary()} (first places: {encoded.skips.examples})")
 
+    progress = progress and os.environ.get("CTRLTOK_PROGRESS", "1") != "0"
     bar = _progress(progress and main, total_steps, start, recipe.name)
     tokens_in = tokens_sup = 0
     t0 = time.perf_counter()
@@ -314,17 +341,10 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
         n_head = sum(len(ex.head_positions) for r in global_rows for ex in r)
         # DDP averages gradients over processes; scale back so the loss is a per-target mean overall.
         n_targets, n_head_div = max(n_step, 1) / world, max(n_head, 1) / world
-        ce_step = head_step = 0.0
-        for k, batch in enumerate(batches):
-            ctx = accelerator.no_sync(loss_model) if k < len(batches) - 1 else _null()
-            with ctx:
-                with accelerator.autocast():
-                    loss, ce_sum, head_sum = run_batch(loss_model, batch, impl, device, n_targets, n_head_div)
-                accelerator.backward(loss)
-            ce_step += float(ce_sum)
-            head_step += float(head_sum)
-            tokens_in += int((batch.doc_ids >= 0).sum())
-            tokens_sup += batch.n_targets
+        ce_step, head_step, n_in, n_sup = accumulate(loss_model, accelerator, batches, impl, device, n_targets,
+                                                     n_head_div)
+        tokens_in += n_in
+        tokens_sup += n_sup
         grad_norm = accelerator.clip_grad_norm_(loss_model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         optimizer.step()
         scheduler.step()
@@ -348,6 +368,9 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
             if main:
                 ckpt.save_checkpoint(out_dir, done, accelerator.unwrap_model(loss_model), optimizer, scheduler,
                                      {"recipe": recipe.name})
+        if os.environ.get("CTRLTOK_FAULT_KILL_AFTER_STEP") == str(done):
+            # Fault injection for the resume test: a real SIGKILL, no cleanup, at a known step.
+            os.kill(os.getpid(), 9)
     if bar is not None:
         bar[0].stop()
 

@@ -1,0 +1,7 @@
+"""`python -m ctrltok` (also what `accelerate launch -m ctrltok train ...` runs)."""
+
+import sys
+
+from ctrltok.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""`ctrltok inspect`: a doctor for checkpoints.
+
+Reports what a checkpoint holds (embedding rows, tokenizer length, added tokens with ids, named
+templates, tied or not, stop and suppressed ids) and what is wrong with it: a tokenizer shorter or
+longer than the embedding (seed 000 warns about pairing its 49,280-row model with the original
+49,152-token tokenizer), control tokens that are not atomic, templates that write tokens the
+tokenizer lacks, stop tokens missing from the generation config, suppressed ids out of range.
+It reads config and tokenizer files only, so it is fast even for large models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ctrltok.templates import Template, missing_tokens
+
+
+@dataclass
+class Report:
+    path: str
+    model_rows: int | None
+    tokenizer_length: int
+    tied: bool | None
+    added_tokens: list[dict]
+    templates: list[str]
+    stop_ids: list[int]
+    suppressed: int
+    suppressed_sample: list[int]
+    recipe: str | None
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def inspect_checkpoint(path: str | Path) -> Report:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    problems: list[str] = []
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = tied = None
+    try:
+        config = AutoConfig.from_pretrained(path)
+        rows = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+    except (OSError, ValueError) as exc:
+        problems.append(f"no readable config.json ({exc}); only the tokenizer was checked")
+    n = len(tok)
+    if rows is not None and rows != n:
+        problems.append(
+            f"tokenizer has {n:,} tokens but the model has {rows:,} embedding rows: "
+            + ("ids past the last row would crash" if n > rows else
+               f"ids {n:,}-{rows - 1:,} have no token; is this the tokenizer saved with the model?")
+        )
+    added = []
+    for i, t in sorted(tok.added_tokens_decoder.items()):
+        if t.content.startswith("<|ctrltok_filler_"):
+            continue
+        ids = tok(t.content, add_special_tokens=False).input_ids
+        atomic = ids == [i]
+        added.append({"id": i, "token": t.content, "special": t.special, "atomic": atomic})
+        if not atomic:
+            problems.append(f"token {t.content!r} (id {i}) is not atomic: it encodes as {ids}")
+    fillers = sum(1 for t in tok.added_tokens_decoder.values() if t.content.startswith("<|ctrltok_filler_"))
+    templates = tok.chat_template
+    names = sorted(templates) if isinstance(templates, dict) else (["(unnamed)"] if templates else [])
+    if isinstance(templates, dict):
+        for name, source in templates.items():
+            miss = missing_tokens(Template(name, source, ""), tok)
+            if miss:
+                problems.append(f"template {name!r} writes {miss}, which the tokenizer lacks")
+    stop_ids: list[int] = []
+    suppressed: list[int] = []
+    try:
+        gc = GenerationConfig.from_pretrained(path)
+        eos = gc.eos_token_id
+        stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        suppressed = list(gc.suppress_tokens or [])
+    except OSError:
+        problems.append("no generation_config.json: generation will not stop at the end-of-turn token")
+    manifest_path = path / "ctrltok.json"
+    recipe = None
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        recipe = manifest.get("recipe")
+        eot = manifest.get("end_of_turn")
+        if eot and tok.convert_tokens_to_ids(eot) not in stop_ids:
+            problems.append(f"the template's end-of-turn token {eot!r} is not a stop id of the generation config")
+        for t in manifest.get("tokens", []):
+            if t.get("blocked") and t["id"] not in suppressed:
+                problems.append(f"blocked token {t['text']!r} (id {t['id']}) is not suppressed at generation")
+    if fillers and rows is not None:
+        filler_ids = [i for i, t in tok.added_tokens_decoder.items() if t.content.startswith("<|ctrltok_filler_")]
+        free = sorted(set(filler_ids) - set(suppressed))
+        if free:
+            problems.append(f"{len(free)} filler ids are not suppressed (e.g. {free[:3]}): they could be generated")
+    if rows is not None:
+        bad = [i for i in suppressed + stop_ids if i >= rows]
+        if bad:
+            problems.append(f"generation config names ids past the embedding: {bad[:5]}")
+    return Report(str(path), rows, n, tied, added, names, stop_ids, len(suppressed), suppressed[:8], recipe, problems)
+
+
+def print_report(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{report.path}[/]")
+    console.print(f"  embedding rows   {report.model_rows if report.model_rows is None else f'{report.model_rows:,}'}")
+    console.print(f"  tokenizer length {report.tokenizer_length:,}")
+    console.print(f"  tied embeddings  {report.tied}")
+    console.print(f"  named templates  {', '.join(report.templates) or '(none)'}")
+    console.print(f"  stop ids         {report.stop_ids}")
+    console.print(f"  suppressed ids   {report.suppressed} (e.g. {report.suppressed_sample})")
+    table = Table("id", "token", "special", "atomic", title="added tokens")
+    shown = [t for t in report.added_tokens if t["id"] >= 17 or not t["token"].startswith("<")] or report.added_tokens
+    for t in shown[:60]:
+        table.add_row(str(t["id"]), t["token"], str(t["special"]), "yes" if t["atomic"] else "[red]NO[/]")
+    if len(shown) > 60:
+        table.add_row("...", f"{len(shown) - 60} more", "", "")
+    console.print(table)
+    if report.problems:
+        console.print("[bold red]problems[/]")
+        for p in report.problems:
+            console.print(f"  - {p}")
+    else:
+        console.print("[bold green]no problems found[/]")

@@ -1,0 +1,62 @@
+"""The command table stays in sync with the library; every recipe validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctrltok.cli import COMMANDS, _resolve, build_parser
+from ctrltok.config import ConfigError, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_calls_a_real_function(name):
+    target = COMMANDS[name][0]
+    assert callable(_resolve(target)), f"{name} -> {target} is not importable"
+
+
+def test_parser_builds_every_command():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    for required in ("eot", "eot-cpu", "oasst", "oasst-cpu", "conditional", "conditional-cpu", "epe", "epe-cpu",
+                     "backtranslate", "backtranslate-cpu"):
+        assert required in names, f"recipes/{required}.yaml is missing"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates_and_says_how_to_run(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path.name} must open with a comment saying how to run it"
+    assert "ctrltok" in "".join(path.read_text().splitlines()[:6])
+    recipe = load_recipe(path, ["train.max_steps=3"])
+    assert recipe.train.max_steps == 3
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("# x\ntrain:\n  lrr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.*'lrr'"):
+        load_recipe(p)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("# x\ntrain:\n  max_steps: many\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps"):
+        load_recipe(p)
+
+
+def test_set_overrides_are_validated(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("# x\n")
+    assert load_recipe(p, ["train.max_steps=7", "lora.enabled=true"]).lora.enabled
+    with pytest.raises(ConfigError, match="nosuch"):
+        load_recipe(p, ["train.nosuch=1"])

@@ -1,0 +1,163 @@
+"""The training loop: accumulation invariance, every parameter trained, LoRA with new rows,
+resume after SIGKILL == uninterrupted, 2 processes == 1, plain-transformers reload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ctrltok.config import recipe_from_mapping
+from ctrltok.train import LossModel, accumulate, make_rows, prepare_model, to_batch, train
+
+from conftest import SMOL_TOKENIZER, make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
+    make_tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def recipe(tiny_dir, **train):
+    mapping = {
+        "model": {"name": str(tiny_dir)},
+        "tokens": {"presets": ["eot"], "pad_to_multiple_of": 64},
+        "data": {"train": "ctrltok:instructions", "template": "eot", "max_length": 128, "limit": 48,
+                 "eval_fraction": 0.1},
+        "train": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 0,
+                  **train},
+    }
+    return mapping
+
+
+def test_accumulation_1x8_equals_8x1(tiny_dir):
+    from accelerate import Accelerator
+
+    r = recipe_from_mapping(recipe(tiny_dir))
+    model, tok, _ = prepare_model(r)
+    from ctrltok.dataset import build_examples
+
+    rows, _ = make_rows(build_examples(r, tok).train, r)
+    rows = rows[:8]
+    n = sum(ex.n_supervised for row in rows for ex in row)
+    lm = LossModel(model).train()
+    acc = Accelerator(cpu=True)
+    impl = model.config._attn_implementation
+
+    def grads(batches):
+        lm.zero_grad(set_to_none=True)
+        accumulate(lm, acc, batches, impl, torch.device("cpu"), float(n), 1.0)
+        return {k: p.grad.clone() for k, p in lm.named_parameters() if p.grad is not None}
+
+    one = grads([to_batch(rows, tok.pad_token_id, True)])
+    eight = grads([to_batch([row], tok.pad_token_id, True) for row in rows])
+    assert one.keys() == eight.keys() and len(one) > 0
+    for k in one:
+        torch.testing.assert_close(one[k], eight[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(d) / "model.safetensors")
+
+
+def test_full_finetune_trains_every_parameter_and_reloads(tiny_dir, tmp_path):
+    r = recipe_from_mapping(recipe(tiny_dir))
+    out = train(r, tmp_path / "run", progress=False)
+    before = _weights(tiny_dir)
+    after = _weights(out)
+    unchanged = [k for k in before if k in after and before[k].shape == after[k].shape and torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not change: {unchanged}"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    eot = tok.convert_tokens_to_ids("<EOT>")
+    assert eot == 49152 and len(tok) == model.get_input_embeddings().weight.shape[0]
+    assert eot in model.generation_config.eos_token_id
+    assert "eot" in tok.chat_template
+    for name in ("README.md", "metrics.jsonl", "ctrltok.json", "loss_curves.png"):
+        assert (out / name).exists(), name
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template="eot", return_tensors="pt",
+                                  return_dict=True)
+    model.generate(**ids, max_new_tokens=3)
+
+
+def test_lora_trains_new_rows_and_merges(tiny_dir, tmp_path):
+    r = recipe_from_mapping(recipe(tiny_dir, lr=1e-2), overrides=["lora.enabled=true", "lora.r=4"])
+    out = train(r, tmp_path / "lora", progress=False)
+    base = _weights(tiny_dir)
+    after = _weights(out)
+    emb = "model.embed_tokens.weight"
+    rows = base[emb].shape[0]
+    assert torch.equal(after[emb][:rows], base[emb])  # old rows frozen under LoRA
+    # The new EOT row moved away from its initial value (init is mean + noise: compare to the mean).
+    init_mean = base[emb].mean(0)
+    assert (after[emb][49152] - init_mean).abs().max() > 1e-3
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not any("lora" in k for k in after), "LoRA was not merged into a plain checkpoint"
+
+
+def _cli(args, env_extra=None, check=True):
+    env = {**os.environ, "CTRLTOK_PROGRESS": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ctrltok", *args], env=env, capture_output=True, text=True,
+                          check=check, timeout=600)
+
+
+def _write_recipe(tmp_path, tiny_dir, **train):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("# test recipe: ctrltok train r.yaml\n" + yaml.safe_dump(recipe(tiny_dir, **train)))
+    return path
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
+    path = _write_recipe(tmp_path, tiny_dir, max_steps=6, save_every=2, micro_batch_size=1, grad_accum=2)
+    _cli(["train", str(path), "--out", str(tmp_path / "straight")])
+    killed = _cli(["train", str(path), "--out", str(tmp_path / "resumed")],
+                  env_extra={"CTRLTOK_FAULT_KILL_AFTER_STEP": "5"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "ctrltok.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000004").exists()
+    _cli(["train", str(path), "--out", str(tmp_path / "resumed")])
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for k in a:  # stated tolerance: exact up to float reassociation (CPU, same thread count)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    steps = [line for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 6, "metrics lost or duplicated across the resume"
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    from ctrltok.checkpoint import clean_partial, latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "step-000002").mkdir(parents=True)
+    (root / "step-000002" / "state.json").write_text("{}")
+    (root / "step-000004.tmp-123").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    clean_partial(tmp_path)
+    assert not (root / "step-000004.tmp-123").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_dir, tmp_path):
+    path = _write_recipe(tmp_path, tiny_dir, max_steps=2, micro_batch_size=1)
+    _cli(["train", str(path), "--out", str(tmp_path / "one"), "--set", "train.grad_accum=2"])
+    env = {**os.environ, "CTRLTOK_PROGRESS": "0"}
+    # On CPU, `accelerate launch --cpu` starts one process unless given an MPI hostfile; torchrun
+    # starts the two gloo processes that accelerate's Accelerator then drives.
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "ctrltok", "train", str(path), "--out", str(tmp_path / "two"),
+                          "--set", "train.grad_accum=1"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
