@@ -22,6 +22,7 @@ from ctrltok.backtranslate import (
     curate,
     load_text,
     parse_score,
+    rewrite_issue,
     read_documents,
     run_backtranslation,
     segment,
@@ -502,3 +503,13 @@ def test_resuming_with_changed_settings_says_so(corpus, gold, tmp_path):
                         trainer=FakeTrainer(), console=quiet)
     text = quiet.file.getvalue()
     assert "changed settings ['iterations']" in text and "curated-2" in text
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("The assert statement checks a condition and raises AssertionError when it is false.", None),
+    ("Ok.", "rewrite_empty"),
+    ("Assert statements help debugging.\n\nDraft answer:\nAssert statements help debugging.", "rewrite_echoes_prompt"),
+    ("The syntax is x = 1. " * 12, "rewrite_repetitive"),
+])
+def test_rewrite_issue(text, reason):
+    assert rewrite_issue(text) == reason

@@ -327,9 +327,34 @@ def clean_rewrite(raw: str) -> str:
     return _PREFACE.sub("", raw.strip(), count=1).strip()
 
 
+def distinct_ngrams(text: str, n: int = 4) -> float:
+    """Share of distinct word n-grams; 1.0 for text that never repeats itself."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+# Whole pydoc topics score >= 0.76 and segments about 0.9; a small model stuck in a loop scores
+# 0.15-0.5 (measured on SmolLM2-135M rewrites). Curation should catch those too, but a small
+# curator rarely does, and a loop is never a good answer.
+MIN_DISTINCT_NGRAMS = 0.7
+
+
+def rewrite_issue(text: str) -> str | None:
+    """Why a cleaned rewrite is unusable, or None."""
+    if sum(c.isalpha() for c in text) < 20:
+        return "rewrite_empty"
+    if "Draft answer:" in text or "Instruction:\n" in text:
+        return "rewrite_echoes_prompt"  # the model copied the prompt's scaffolding
+    if distinct_ngrams(text) < MIN_DISTINCT_NGRAMS:
+        return "rewrite_repetitive"
+    return None
+
+
 def rewrite(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, seed: int = 0) -> Iterator[Pair]:
     """The seed model rewrites each response for its instruction; the segment stays in
-    ``original_response``. An empty or stub rewrite is dropped, not silently replaced."""
+    ``original_response``. An unusable rewrite (:func:`rewrite_issue`) is dropped with its reason,
+    not silently replaced by the original."""
     prompt = load_text(cfg.rewrite_prompt, "rewrite_prompt")
     sampling = Sampling(max_new_tokens=cfg.rewrite_max_new_tokens, temperature=cfg.rewrite_temperature,
                         top_p=cfg.top_p, n=1, seed=seed)
@@ -338,7 +363,7 @@ def rewrite(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, s
                                                    response=p.response)}] for p in batch]
         for pair, raw in zip(batch, model.chat(convs, sampling)):
             text = clean_rewrite(raw)
-            reason = "rewrite_empty" if sum(c.isalpha() for c in text) < 20 else None
+            reason = rewrite_issue(text)
             yield replace(pair, response=text if reason is None else pair.response,
                           original_response=pair.response, drop=reason)
 
