@@ -32,7 +32,7 @@ def recipe(tiny_dir, **train):
     mapping = {
         "model": {"name": str(tiny_dir)},
         "tokens": {"presets": ["eot"], "pad_to_multiple_of": 64},
-        "data": {"train": "ctrltok:instructions", "template": "eot", "max_length": 128, "limit": 48,
+        "data": {"train": "ctrltok:instructions", "template": "eot", "max_length": 96, "limit": 32,
                  "eval_fraction": 0.1},
         "train": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 0,
                   **train},

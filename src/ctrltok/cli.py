@@ -58,7 +58,8 @@ def _default_out(a, recipe) -> Path:
 def _train(a):
     recipe = _recipe(a)
     out = _resolve("ctrltok.train:train")(recipe, _default_out(a, recipe))
-    print(f"model saved in {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model saved in {out}")
 
 
 def _generate(a):

@@ -219,7 +219,11 @@ def accumulate(loss_model, accelerator, batches: list[Batch], impl: str, device,
 
 @torch.no_grad()
 def evaluate_loss(loss_model, rows: list[list[Example]], recipe: Recipe, pad_id: int, impl: str, device) -> dict:
-    """Mean CE per supervised target (and head BCE) over the eval rows."""
+    """Mean CE per supervised target (and head BCE) over the eval rows.
+
+    Called on the main process only, with the *unwrapped* module: a DDP forward on one rank alone
+    would wait forever for the others at its buffer broadcast.
+    """
     was = loss_model.training
     loss_model.eval()
     ce_total, n_total, head_total, n_head = 0.0, 0, 0.0, 0
@@ -324,7 +328,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
         if start == 0:
             _log(metrics_path, summary)
             if eval_rows:
-                _log(metrics_path, {"step": 0, **evaluate_loss(loss_model, eval_rows, recipe, pad_id, impl, device)})
+                _log(metrics_path, {"step": 0, **evaluate_loss(accelerator.unwrap_model(loss_model), eval_rows, recipe, pad_id, impl, device)})
         if encoded.skips:
             print(f"skipped records: {encoded.skips.summary()} (first places: {encoded.skips.examples})")
 
@@ -362,7 +366,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=record["loss"], tps=record["supervised_tokens_per_s"])
         if t.eval_every and done % t.eval_every == 0 and eval_rows and done < total_steps and main:
-            _log(metrics_path, {"step": done, **evaluate_loss(loss_model, eval_rows, recipe, pad_id, impl, device)})
+            _log(metrics_path, {"step": done, **evaluate_loss(accelerator.unwrap_model(loss_model), eval_rows, recipe, pad_id, impl, device)})
         if t.save_every and done % t.save_every == 0 and done < total_steps:
             accelerator.wait_for_everyone()
             if main:
@@ -376,7 +380,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
 
     accelerator.wait_for_everyone()
     if main:
-        final_eval = evaluate_loss(loss_model, eval_rows, recipe, pad_id, impl, device) if eval_rows else {}
+        final_eval = evaluate_loss(accelerator.unwrap_model(loss_model), eval_rows, recipe, pad_id, impl, device) if eval_rows else {}
         if final_eval:
             _log(metrics_path, {"step": total_steps, **final_eval})
         save_final(out_dir, accelerator.unwrap_model(loss_model), tokenizer, surgery, recipe,
