@@ -65,20 +65,19 @@ def test_batched_greedy_equals_one_at_a_time(model_and_tokenizer):
     prompts = [render(tok, q) for q in QUESTIONS]
     lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
     assert len(set(lengths)) > 3, "prompts must differ in length so batches are really padded"
-    sampling = Sampling(max_new_tokens=12)
-    assert len({tuple(reference(model, tok, p, 4)) for p in prompts}) >= 4, "outputs must depend on the prompt"
-    batched = TransformersBackend(model, tok, batch_size=4).generate(prompts, sampling)
-    for prompt, got in zip(prompts, batched):
-        want = reference(model, tok, prompt, 12)
-        # The template's markup is read as control tokens, not split into text.
-        assert tok(prompt, add_special_tokens=False, split_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
-        assert got.token_ids == want[: len(got.token_ids)]
-        assert got.finish_reason == "length" and len(got.token_ids) == 12
+    refs = [reference(model, tok, p, 8) for p in prompts]
+    assert len({tuple(r) for r in refs}) >= 4, "outputs must depend on the prompt"
+    # The template's markup is read as control tokens, not split into text.
+    assert tok(prompts[0], add_special_tokens=False, split_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    batched = TransformersBackend(model, tok, batch_size=4).generate(prompts, Sampling(max_new_tokens=8))
+    for want, got in zip(refs, batched):
+        assert got.token_ids == want
+        assert got.finish_reason == "length"
         assert got.text == tok.decode(want, skip_special_tokens=True)
 
 
 @settings(max_examples=8, deadline=None)
-@given(picks=st.lists(st.integers(0, len(QUESTIONS) - 1), min_size=1, max_size=7), batch_size=st.integers(1, 5))
+@given(picks=st.lists(st.integers(0, len(QUESTIONS) - 1), min_size=1, max_size=5), batch_size=st.integers(1, 4))
 def test_order_is_preserved_whatever_the_batching(model_and_tokenizer, singles, picks, batch_size):
     model, tok = model_and_tokenizer
     assert len(set(singles)) >= 4, "the tiny model's answers must depend on the question"

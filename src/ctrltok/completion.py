@@ -209,7 +209,7 @@ class TransformersBackend:
                 per_prompt = 1 if sampling.greedy else sampling.n
                 for j, i in enumerate(chunk):
                     got = outs[j * per_prompt:(j + 1) * per_prompt]
-                    results[i] = got * sampling.n if sampling.greedy else got
+                    results[i] = [copy.copy(got[0]) for _ in range(sampling.n)] if sampling.greedy else got
         return [c for group in results for c in group]
 
     def _rng_devices(self) -> list[Any]:
