@@ -216,26 +216,25 @@ def varlen_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function for :data:`VARLEN`: SDPA per document (module docstring)."""
-    B, H, T, _ = query.shape
-    rep = H // key.shape[1]
-    if rep > 1:  # GQA: query head h reads key/value head h // rep, as transformers' repeat_kv
-        key = key.repeat_interleave(rep, dim=1)
-        value = value.repeat_interleave(rep, dim=1)
+    T = query.shape[2]
+    gqa = query.shape[1] != key.shape[1]  # query head h reads key/value head h // (H / KVH), as repeat_kv
     p = dropout if module.training else 0.0
     if attention_mask is None:  # a single unpacked document
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=T > 1, dropout_p=p, scale=scaling)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=T > 1, dropout_p=p, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask.dim() != 4 or attention_mask.shape[2] != 2 or attention_mask.shape[-1] != T:
         raise ValueError(f"{VARLEN} expects the [B, 1, 2, T] structure from build_mask, got {tuple(attention_mask.shape)}")
+    # split() rather than slicing: its backward is one concatenation, where each slice's backward
+    # would fill and add a full-size gradient (measured: most of the time on this CPU).
     rows = []
-    for b, segments in enumerate(_plan(attention_mask)):
+    for segments, q_row, k_row, v_row in zip(_plan(attention_mask), query.split(1), key.split(1), value.split(1)):
+        lengths = [e - s for s, e, _ in segments]
         parts = []
-        for s, e, mask in segments:
-            q, k, v = query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]
+        for (s, e, mask), q, k, v in zip(segments, q_row.split(lengths, 2), k_row.split(lengths, 2), v_row.split(lengths, 2)):
             if mask is None:
-                parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=e - s > 1, dropout_p=p, scale=scaling))
+                parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=e - s > 1, dropout_p=p, scale=scaling, enable_gqa=gqa))
             else:
-                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling))
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
