@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="random tiny Llama with the SmolLM2 tokenizer (quick)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="16,32", help="comma-separated TransformersBackend batch sizes")
+    parser.add_argument("--batch-sizes", default="16", help="comma-separated TransformersBackend batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0 = torch's default); 1 is steadier on a busy shared machine")
@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     contenders = {"model.generate, one prompt at a time": lambda: one_at_a_time(model, tokenizer, texts, args.max_new_tokens)}
     for size in sizes:
-        backend = TransformersBackend(model, tokenizer, batch_size=size)
-        contenders[f"TransformersBackend, batch_size={size}"] = (
-            lambda backend=backend: batched(backend, texts, args.max_new_tokens))
+        for share in (False, True):
+            backend = TransformersBackend(model, tokenizer, batch_size=size, share_prefix=share)
+            label = f"TransformersBackend, batch_size={size}, {'shared prefix' if share else 'no prefix sharing'}"
+            contenders[label] = lambda backend=backend: batched(backend, texts, args.max_new_tokens)
 
     # Warm-up (first-call allocations, lazy imports) outside the timings.
     TransformersBackend(model, tokenizer, batch_size=2).generate(texts[:2], Sampling(max_new_tokens=2))

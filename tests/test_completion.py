@@ -76,6 +76,19 @@ def test_batched_greedy_equals_one_at_a_time(model_and_tokenizer):
         assert got.text == tok.decode(want, skip_special_tokens=True)
 
 
+def test_shared_prefix_is_used_and_changes_nothing(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [render(tok, q) for q in QUESTIONS[:4]]
+    backend = TransformersBackend(model, tok, batch_size=4)
+    encoded = tok(prompts, add_special_tokens=False).input_ids
+    cache, shared = backend._shared_prefix_cache(encoded, backend.generation_config(Sampling()), model.device)
+    assert shared >= 10 and cache.get_seq_length() == shared  # the system turn and "<|im_start|>user\n"
+    plain = TransformersBackend(model, tok, batch_size=4, share_prefix=False)
+    sampling = Sampling(max_new_tokens=5, temperature=1.0, n=2, seed=3)
+    assert backend.generate(prompts, Sampling(max_new_tokens=5)) == plain.generate(prompts, Sampling(max_new_tokens=5))
+    assert len(backend.complete(prompts, sampling)) == 8
+
+
 @settings(max_examples=8, deadline=None)
 @given(picks=st.lists(st.integers(0, len(QUESTIONS) - 1), min_size=1, max_size=5), batch_size=st.integers(1, 4))
 def test_order_is_preserved_whatever_the_batching(model_and_tokenizer, singles, picks, batch_size):

@@ -142,17 +142,21 @@ class TransformersBackend:
     prompt a batch holds ``max(1, batch_size // n)`` prompts. Sampling is seeded: the same prompts,
     ``Sampling`` and ``batch_size`` give the same texts (the global torch RNG is left untouched).
     Decoded texts skip special tokens unless ``skip_special_tokens=False``; the stop token itself
-    is never part of the text.
+    is never part of the text. With ``share_prefix`` (default) the prompts' common prefix is
+    encoded once per batch and its KV cache shared by all rows.
     """
 
+    min_shared_prefix = 4  # tokens; below this the extra forward call costs more than it saves
+
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", batch_size: int = 16,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, share_prefix: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.skip_special_tokens = skip_special_tokens
+        self.share_prefix = share_prefix
 
     def complete(self, prompts: list[str], sampling: Sampling) -> list[str]:
         return [c.text for c in self.generate(prompts, sampling)]
@@ -221,28 +225,62 @@ class TransformersBackend:
         from transformers import StoppingCriteriaList
 
         pad = int(config.pad_token_id)
-        width = max(len(ids) for ids in batch)
+        device = self.model.device
+        cache, shared = self._shared_prefix_cache(batch, config, device)
+        width = shared + max(len(ids) - shared for ids in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+            # [shared prefix | left padding | rest of the prompt]; with shared == 0 plain left padding.
+            input_ids[row, :shared] = torch.tensor(ids[:shared], dtype=torch.long)
+            attention_mask[row, :shared] = 1
+            input_ids[row, width - len(ids) + shared:] = torch.tensor(ids[shared:], dtype=torch.long)
+            attention_mask[row, width - len(ids) + shared:] = 1
         device = self.model.device
         criteria = StoppingCriteriaList()
         stopper = None
         if sampling.stop:
             stopper = _StopStrings(self.tokenizer, sampling.stop, width, self.skip_special_tokens)
             criteria.append(stopper)
+        extra = {"past_key_values": cache} if cache is not None else {}
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=config,
             stopping_criteria=criteria,
+            **extra,
         )
         completions = []
         for row, generated in enumerate(out[:, width:].tolist()):
             completions.append(self._finish(generated, eos, stopper.fired_at.get(row) if stopper else None, sampling))
         return completions
+
+    def _shared_prefix_cache(self, batch: list[list[int]], config: Any, device: Any) -> tuple[Any, int]:
+        """KV cache of the prompts' common prefix (the chat template's system turn), computed once.
+
+        Rendered prompts usually start with the same template header; encoding it once and repeating
+        its cache for every row saves that share of the prefill. Positions still come from the
+        attention mask, so the padding that now sits between the prefix and the rest is invisible.
+        Returns ``(None, 0)`` when there is nothing worth sharing.
+        """
+        if not self.share_prefix or len(batch) < 2:
+            return None, 0
+        shared = 0
+        for column in zip(*batch):
+            if any(t != column[0] for t in column):
+                break
+            shared += 1
+        shared = min(shared, min(len(ids) for ids in batch) - 1)  # each row keeps a token to feed
+        if shared < self.min_shared_prefix:
+            return None, 0
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        prefix = torch.tensor([batch[0][:shared]], dtype=torch.long, device=device)
+        self.model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # generate() expands inputs for num_return_sequences but not a given cache: do it here.
+        cache.batch_repeat_interleave(len(batch) * (config.num_return_sequences or 1))
+        return cache, shared
 
     def _finish(self, generated: list[int], eos: set[int], fired_at: int | None, sampling: Sampling) -> Completion:
         end = next((k for k, t in enumerate(generated) if t in eos), None)
