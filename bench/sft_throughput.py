@@ -279,6 +279,9 @@ def worker(conn, name: str, args) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
+        import datasets
+
+        datasets.disable_progress_bars()  # keep the log readable: TRL maps the data set several times
         model, tokenizer = load(args.tiny)
         convs, _ = conversations(args.limit, args.seed)
         convs, examples = encode(tokenizer, convs, args.max_length)
@@ -308,6 +311,43 @@ def _recv(conn, name: str) -> dict:
     if "error" in msg:
         raise SystemExit(f"contender {name!r} failed:\n{msg['error']}")
     return msg
+
+
+def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[float], rss: dict[str, float],
+           params: int, partial: int = 0) -> None:
+    """The table (medians over the rounds so far) and the ratios; peak RSS only at the end."""
+    head = f"after round {partial} of {args.rounds}: " if partial else ""
+    _, data_desc = conversations(args.limit, args.seed)
+    peak = statistics.median(peaks)
+    print(f"\n{head}model: {'tiny random Llama (4 layers, hidden 128)' if args.tiny else 'SmolLM2-135M-Instruct'}, "
+          f"{params / 1e6:.1f}M params, fp32, {args.threads} threads")
+    print(f"data: {data_desc}; conversations cut to {args.max_length} tokens")
+    print(f"steps: {args.warmup} warm-up, then {args.rounds} interleaved rounds x {args.steps} optimizer steps; medians")
+    print(f"matmul 2048x2048 fp32: median {peak:.0f} GFLOP/s (min {min(peaks):.0f}, max {max(peaks):.0f})\n")
+    header = (f"{'contender':<30}{'batch':>12}{'sup tok/s':>11}{'input tok/s':>13}{'sup/input':>11}"
+              f"{'pad waste':>11}{'MFU':>8}{'peak RSS':>11}")
+    print(header)
+    print("-" * len(header))
+    med = {}
+    for name in names:
+        rs = results[name]
+        sup = statistics.median(x["supervised"] / x["seconds"] for x in rs)
+        inp = statistics.median(x["input_tokens"] / x["seconds"] for x in rs)
+        flops = statistics.median(x["flops"] / x["seconds"] for x in rs)
+        waste = 1 - sum(x["input_tokens"] for x in rs) / max(sum(x["slots"] for x in rs), 1)
+        med[name] = sup
+        batch = f"1x{args.row_length}" if name == "ctrltok packed" else f"{args.batch}x<={args.max_length}"
+        print(f"{name:<30}{batch:>12}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
+              f"{flops / (peak * 1e9):>8.1%}{rss.get(name, float('nan')):>9.0f}MB")
+    if "ctrltok packed" in med and "TRL SFTTrainer padded" in med:
+        per_round = [a["supervised"] / a["seconds"] / (b["supervised"] / b["seconds"])
+                     for a, b in zip(results["ctrltok packed"], results["TRL SFTTrainer padded"])]
+        print(f"\nratio ctrltok packed / TRL padded (supervised tok/s): "
+              f"{med['ctrltok packed'] / med['TRL SFTTrainer padded']:.2f}x "
+              f"(per round: {', '.join(f'{x:.2f}' for x in per_round)}); target >= 2x")
+    if "ctrltok packed" in med and "transformers Trainer padded" in med:
+        print(f"ratio ctrltok packed / transformers Trainer padded (supervised tok/s): "
+              f"{med['ctrltok packed'] / med['transformers Trainer padded']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(res)
             print(f"round {r + 1}/{args.rounds} {name}: {res['supervised'] / res['seconds']:.1f} supervised tok/s, "
                   f"{res['input_tokens'] / res['seconds']:.1f} input tok/s, loss {res['loss']:.3f}", flush=True)
+        if r + 1 < args.rounds:  # a long run shows its figures so far
+            report(args, names, results, peaks, {}, setup[names[0]]["params"], partial=r + 1)
     peaks.append(matmul_gflops())
     rss = {}
     for name in names:
@@ -358,38 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         rss[name] = _recv(conns[name], name)["peak_rss_mb"]
         procs[name].join(timeout=60)
 
-    _, data_desc = conversations(args.limit, args.seed)
-    peak = statistics.median(peaks)
-    params = setup[names[0]]["params"]
-    print(f"\nmodel: {'tiny random Llama (4 layers, hidden 128)' if args.tiny else 'SmolLM2-135M-Instruct'}, "
-          f"{params / 1e6:.1f}M params, fp32, {args.threads} threads")
-    print(f"data: {data_desc}; conversations cut to {args.max_length} tokens")
-    print(f"steps: {args.warmup} warm-up, then {args.rounds} interleaved rounds x {args.steps} optimizer steps; medians")
-    print(f"matmul 2048x2048 fp32: median {peak:.0f} GFLOP/s (min {min(peaks):.0f}, max {max(peaks):.0f})\n")
-    header = (f"{'contender':<30}{'batch':>12}{'sup tok/s':>11}{'input tok/s':>13}{'sup/input':>11}"
-              f"{'pad waste':>11}{'MFU':>8}{'peak RSS':>11}")
-    print(header)
-    print("-" * len(header))
-    med = {}
-    for name in names:
-        rs = results[name]
-        sup = statistics.median(x["supervised"] / x["seconds"] for x in rs)
-        inp = statistics.median(x["input_tokens"] / x["seconds"] for x in rs)
-        flops = statistics.median(x["flops"] / x["seconds"] for x in rs)
-        waste = 1 - sum(x["input_tokens"] for x in rs) / max(sum(x["slots"] for x in rs), 1)
-        med[name] = sup
-        batch = f"1x{args.row_length}" if name == "ctrltok packed" else f"{args.batch}x<={args.max_length}"
-        print(f"{name:<30}{batch:>12}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
-              f"{flops / (peak * 1e9):>8.1%}{rss[name]:>9.0f}MB")
-    if "ctrltok packed" in med and "TRL SFTTrainer padded" in med:
-        per_round = [a["supervised"] / a["seconds"] / (b["supervised"] / b["seconds"])
-                     for a, b in zip(results["ctrltok packed"], results["TRL SFTTrainer padded"])]
-        print(f"\nratio ctrltok packed / TRL padded (supervised tok/s): "
-              f"{med['ctrltok packed'] / med['TRL SFTTrainer padded']:.2f}x "
-              f"(per round: {', '.join(f'{x:.2f}' for x in per_round)}); target >= 2x")
-    if "ctrltok packed" in med and "transformers Trainer padded" in med:
-        print(f"ratio ctrltok packed / transformers Trainer padded (supervised tok/s): "
-              f"{med['ctrltok packed'] / med['transformers Trainer padded']:.2f}x")
+    report(args, names, results, peaks, rss, setup[names[0]]["params"])
     return 0
 
 
