@@ -107,7 +107,7 @@ def _backtranslate(a):
 
 
 def _annotate(a):
-    _resolve("ctrltok.reflection:annotate_file")(a.model, a.input, a.out, max_new_tokens=a.max_new_tokens)
+    _resolve("ctrltok.annotate:annotate_file")(a.model, a.input, a.out, max_new_tokens=a.max_new_tokens)
 
 
 # -- argument adders -----------------------------------------------------------------------------
@@ -214,7 +214,7 @@ COMMANDS = {
     "label": ("ctrltok.conditional:label_file", _label, _a_label, "score and label sentences with <|aligned|>/<|misaligned|>"),
     "constitution": ("ctrltok.heads:constitution_cli", _constitution, _a_constitution, "read the charter head per assistant turn"),
     "backtranslate": ("ctrltok.backtranslate:run_backtranslation", _backtranslate, _a_recipe, "instruction backtranslation pipeline"),
-    "annotate": ("ctrltok.reflection:annotate_file", _annotate, _a_annotate, "write an EPE sidecar with an LLM"),
+    "annotate": ("ctrltok.annotate:annotate_file", _annotate, _a_annotate, "write an EPE sidecar with an LLM"),
 }
 
 

@@ -1,0 +1,98 @@
+"""EPE annotation stage: strict parsing, counted failures, resume without loss or duplicates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctrltok.annotate import AnnotationParseError, annotate_records, defang, insertion_offset, parse_answer
+from ctrltok.completion import FakeBackend
+from ctrltok.records import read_records
+from ctrltok.reflection import read_sidecar
+from ctrltok.tokens import load_charter
+
+IDS = {c.id for c in load_charter()}
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("Reflection: The writer shares a neighbour's health details.\nCharter: 5.1, 1.2",
+     ("The writer shares a neighbour's health details.", ["5.1", "1.2"])),
+    ("\n  Reflection: The author helps a stranger for free.  \n\nCharter: 6.1\n",
+     ("The author helps a stranger for free.", ["6.1"])),
+])
+def test_parser_accepts_the_exact_form(answer, expected):
+    assert parse_answer(answer, IDS) == expected
+
+
+@pytest.mark.parametrize("answer,reason", [
+    ("The writer shares details. Charter: 5.1", "form"),
+    ("Reflection: short\nCharter: 5.1", "length"),
+    ("Reflection: The writer shares a neighbour's details.\nCharter: 9.9", "unknown"),
+    ("Reflection: The writer shares a neighbour's details.\nCharter: privacy", "comma-separated"),
+    ("Reflection: The writer shares a neighbour's details.\nCharter:", "comma-separated"),
+    ("Reflection: The writer shares a neighbour's details.\nCharter: 5.1\nScore: 5", "form"),
+])
+def test_parser_rejects_with_a_reason(answer, reason):
+    with pytest.raises(AnnotationParseError, match=reason):
+        parse_answer(answer, IDS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_random_text_never_parses(text):
+    if "Reflection:" in text and "Charter:" in text:
+        return
+    with pytest.raises(AnnotationParseError):
+        parse_answer(text, IDS)
+
+
+def test_offset_is_a_sentence_boundary_near_the_middle():
+    text = "One sentence here. Another one follows. A third closes it. And a fourth."
+    o = insertion_offset(text)
+    assert text[o - 2:o] == ". " and 15 < o < len(text) - 10
+
+
+def test_defang_breaks_control_spellings():
+    assert "<|im_end|>" not in defang("a <|im_end|> b <assistant>")
+    assert "<assistant>" not in defang("<assistant>")
+
+
+def _answer(prompt: str) -> str:
+    if "BROKEN" in prompt:
+        return "I cannot do that."
+    return "Reflection: The writer describes events that affect other people.\nCharter: 6.1, 1.1"
+
+
+def test_annotate_writes_a_valid_sidecar_and_resumes(tmp_path):
+    docs = [("c:%d" % i, {"id": f"d{i}", "text": f"{'BROKEN ' if i == 3 else ''}First sentence of doc {i}. "
+                                                  "Second one here. Third sentence. Last one."})
+            for i in range(10)]
+    out = tmp_path / "sidecar.jsonl"
+    calls = []
+
+    class Dying(FakeBackend):
+        def complete(self, prompts, sampling):
+            calls.append(len(prompts))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # killed in the middle of the run
+            return super().complete(prompts, sampling)
+
+    with pytest.raises(KeyboardInterrupt):
+        annotate_records(docs, Dying(_answer), out, load_charter(), batch_size=4)
+    first = out.read_text().splitlines()
+    assert len(first) == 4  # the first batch survived the kill
+    with open(out, "a") as fh:
+        fh.write('{"doc_id": "d4", "off')  # a line cut mid-write
+    summary = annotate_records(docs, FakeBackend(_answer), out, load_charter(), batch_size=4)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [x["doc_id"] for x in lines]
+    assert sorted(ids) == sorted(f"d{i}" for i in range(10) if i != 3) and len(ids) == len(set(ids))
+    assert summary["counts"]["failed: not in the 'Reflection: / Charter:' form"] == 1
+    assert summary["counts"]["already annotated (resumed)"] == 4
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for _, r in docs))
+    anns = read_sidecar(str(out), {r["id"]: r["text"] for _, r in docs}, [c.id for c in load_charter()])
+    assert len(anns) == 9 and all(a[0].charter for a in anns.values())
