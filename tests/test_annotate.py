@@ -90,7 +90,8 @@ def test_annotate_writes_a_valid_sidecar_and_resumes(tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [x["doc_id"] for x in lines]
     assert sorted(ids) == sorted(f"d{i}" for i in range(10) if i != 3) and len(ids) == len(set(ids))
-    assert summary["counts"]["failed: not in the 'Reflection: / Charter:' form"] == 1
+    failed = [json.loads(x) for x in (tmp_path / "sidecar.failures.jsonl").read_text().splitlines()]
+    assert [f["doc_id"] for f in failed] == ["d3"] and "form" in failed[0]["reason"]
     assert summary["counts"]["already annotated (resumed)"] == 4
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for _, r in docs))
