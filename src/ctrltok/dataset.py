@@ -99,10 +99,10 @@ def encode_records(pairs: list[tuple[str, dict]], tokenizer, recipe: Recipe, ski
         aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
         misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")
         supervise = recipe.conditional.supervise_control if recipe.conditional else True
-        examples = [encode_labelled(rec, tokenizer, aligned, misaligned, data.max_length, supervise_control=supervise)
-                    for _, rec in pairs]
-        for ex, (where, _) in zip(examples, pairs):
-            ex.source = where
+        # No max_length here: over-long documents go to the packer, which applies data.overlong and
+        # counts what it cuts. Each document ends with the EOS so the model learns where text ends.
+        examples = [encode_labelled(rec, tokenizer, aligned, misaligned, None, supervise_control=supervise,
+                                    eos_id=tokenizer.eos_token_id, source=where) for where, rec in pairs]
     else:
         raise ValueError(f"data.kind = {data.kind!r} is encoded by its own module")
     kept = []
