@@ -79,7 +79,10 @@ def _chat(a):
 
 
 def _eval(a):
-    if a.conditional:
+    if a.epe:
+        result = _resolve("ctrltok.epe_evaluation:evaluate_epe")(a.model, corpus=a.data, sidecar=a.sidecar)
+        _resolve("ctrltok.epe_evaluation:print_epe")(result)
+    elif a.conditional:
         result = _resolve("ctrltok.conditional:evaluate_checkpoint")(a.model, scorer=a.scorer, n=a.n,
                                                                      max_new_tokens=a.max_new_tokens,
                                                                      prompts=a.data)
@@ -169,6 +172,8 @@ def _a_eval(p):
     p.add_argument("--template", default=None)
     p.add_argument("--before", default=None, help="a base model to compare with (prepared with the same tokens)")
     p.add_argument("--conditional", action="store_true", help="aligned / unconditional / misaligned sampling")
+    p.add_argument("--epe", action="store_true", help="reflection loss, charter F1, equivalence check")
+    p.add_argument("--sidecar", default=None, help="with --epe and --data: the held-out annotations")
     p.add_argument("--scorer", default="profanity")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
