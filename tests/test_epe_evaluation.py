@@ -118,6 +118,14 @@ def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
     for key in ("reflection_loss", "context_loss", "head_bce"):
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["reflection_targets"] > 0 and result["context_targets"] > 0
+    # Same documents, same truncation, weights 1.0 in epe-cpu: together the two losses are the
+    # eval loss the training loop logged, and the head BCE is its eval_head_bce.
+    summary = manifest["summary"]
+    n = result["reflection_targets"] + result["context_targets"]
+    combined = (result["reflection_loss"] * result["reflection_targets"] + result["context_loss"] * result["context_targets"]) / n
+    assert n == summary["eval_targets"]
+    assert combined == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert result["head_bce"] == pytest.approx(summary["eval_head_bce"], rel=1e-5)
     for key in ("micro_f1", "macro_f1"):
         assert result[key] is None or 0.0 <= result[key] <= 1.0, key
     assert result["positions"] == 2
