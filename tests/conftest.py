@@ -56,6 +56,18 @@ def tiny_llama():
     return make_tiny_llama
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama with the real SmolLM2 tokenizer: a model *name* for recipes."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
+    make_tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def shared_data(*parts: str) -> Path:
     """A file under ../shared/data, or skip the test when it is absent (a user's fresh clone)."""
     path = SHARED_DATA.joinpath(*parts)

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from ctrltok.annotate import AnnotationParseError, annotate_records, defang, insertion_offset, parse_answer
 from ctrltok.completion import FakeBackend
-from ctrltok.records import read_records
 from ctrltok.reflection import read_sidecar
 from ctrltok.tokens import load_charter
 

@@ -26,7 +26,6 @@ from ctrltok.epe_evaluation import (
 )
 from ctrltok.reflection import Insert, layout
 
-from conftest import SMOL_TOKENIZER, make_tiny_llama
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "epe-cpu.yaml"
 
@@ -88,13 +87,10 @@ def test_regions_and_plain_document():
 
 # -- a tiny trained checkpoint ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
     from ctrltok.train import train
 
-    base = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
-    make_tiny_llama(len(tok)).save_pretrained(base)
-    tok.save_pretrained(base)
+    base = tiny_model_dir
     mapping = yaml.safe_load(RECIPE.read_text())
     mapping["model"]["name"] = str(base)
     mapping["data"].update({"train": "ctrltok:epe_corpus", "max_length": 256, "limit": 12})

@@ -16,16 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ctrltok.config import recipe_from_mapping
 from ctrltok.train import LossModel, accumulate, make_rows, prepare_model, to_batch, train
 
-from conftest import SMOL_TOKENIZER, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
-    make_tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def tiny_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def recipe(tiny_dir, **train):
