@@ -191,10 +191,16 @@ class ChatEncoder:
                     continue
                 enc = next(encodings)
                 spans = it[1]
-                for tid, (s, e) in zip(enc.ids, enc.offsets):
-                    ids.append(tid)
-                    hit = any(s < b and e > a for a, b in spans) if spans else False
-                    labels.append(tid if hit else IGNORE)
+                run_ids = enc.ids
+                ids.extend(run_ids)
+                if not spans:  # markup and unsupervised turns: the common case, no per-token work
+                    labels.extend([IGNORE] * len(run_ids))
+                elif len(spans) == 1:
+                    a, b = spans[0]
+                    labels.extend([t if s < b and e > a else IGNORE for t, (s, e) in zip(run_ids, enc.offsets)])
+                else:
+                    labels.extend([t if any(s < b and e > a for a, b in spans) else IGNORE
+                                   for t, (s, e) in zip(run_ids, enc.offsets)])
             out.append(Example(ids, labels, source=src))
         return out
 
