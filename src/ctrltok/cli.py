@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RecordError, ChatError, FileNotFoundError) as exc:
         print(f"ctrltok {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return int(code or 0)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from rich.panel import Panel
 
 DEMO_STEPS = 30
 HELD_OUT_PROMPTS = 4
+MAX_NEW_TOKENS = 200  # the shipped replies are 20-120 words: room to finish a turn
 
 
 def _seed_000(console: Console, model_name: str, out: Path) -> None:
@@ -109,23 +110,23 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     held_convs = [c for c, s in zip(convs, sources) if s in held_sources] or convs[-HELD_OUT_PROMPTS:]
     prompts = [c[:-1] for c in held_convs if c[-1]["role"] == "assistant"][:HELD_OUT_PROMPTS]
     n_gen = len(prompts)
-    before = evaluate_model(base, tok, held_convs, "eot", n_generate=n_gen, max_new_tokens=48, examples=held)
-    before_gen = generate(base, tok, prompts, "eot", max_new_tokens=48)
+    before = evaluate_model(base, tok, held_convs, "eot", n_generate=n_gen, max_new_tokens=MAX_NEW_TOKENS, examples=held)
+    before_gen = generate(base, tok, prompts, "eot", max_new_tokens=MAX_NEW_TOKENS)
     del base
 
     console.rule("[bold]3. Teaching <EOT>: training")
     run_dir = out / "eot-model"
     train(recipe, run_dir)
     trained, tok2 = load_model(str(run_dir))
-    after = evaluate_model(trained, tok2, held_convs, "eot", n_generate=n_gen, max_new_tokens=48, examples=held)
-    after_gen = generate(trained, tok2, prompts, "eot", max_new_tokens=48)
+    after = evaluate_model(trained, tok2, held_convs, "eot", n_generate=n_gen, max_new_tokens=MAX_NEW_TOKENS, examples=held)
+    after_gen = generate(trained, tok2, prompts, "eot", max_new_tokens=MAX_NEW_TOKENS)
 
     console.rule("[bold]3. Teaching <EOT>: before vs after")
     for p, b, a in zip(prompts, before_gen, after_gen):
         console.print(f"[bold]prompt[/] {p[-1]['content'][:100]!r}")
-        console.print(f"  [red]before[/] ({'ends with <EOT>' if b['stopped'] else 'no <EOT> within 48 tokens'}): "
+        console.print(f"  [red]before[/] ({'ends with <EOT>' if b['stopped'] else f'no <EOT> within {MAX_NEW_TOKENS} tokens'}): "
                       f"{b['text'][:160]!r}")
-        console.print(f"  [green]after[/]  ({'ends with <EOT>' if a['stopped'] else 'no <EOT> within 48 tokens'}): "
+        console.print(f"  [green]after[/]  ({'ends with <EOT>' if a['stopped'] else f'no <EOT> within {MAX_NEW_TOKENS} tokens'}): "
                       f"{a['text'][:160]!r}")
     console.print(comparison_table(before, after))
     (run_dir / "demo_evaluation.json").write_text(json.dumps({"before": before, "after": after}, indent=1, default=str))
