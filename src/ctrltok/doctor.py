@@ -120,10 +120,16 @@ def print_report(report: Report) -> None:
     console.print(f"  suppressed ids   {report.suppressed} (e.g. {report.suppressed_sample})")
     table = Table("id", "token", "special", "atomic", title="added tokens")
     shown = [t for t in report.added_tokens if t["id"] >= 17 or not t["token"].startswith("<")] or report.added_tokens
-    for t in shown[:60]:
+    # Long runs (35 charter tokens) are shown by their ends; --json lists every token.
+    visible = shown if len(shown) <= 12 else shown[:6] + [None] + shown[-3:]
+    for t in visible:
+        if t is None:
+            hidden = shown[6:-3]
+            bad = sum(1 for x in hidden if not x["atomic"])
+            table.add_row("...", f"{len(hidden)} more ({hidden[0]['id']}..{hidden[-1]['id']})", "",
+                          "yes" if not bad else f"[red]{bad} NOT[/]")
+            continue
         table.add_row(str(t["id"]), t["token"], str(t["special"]), "yes" if t["atomic"] else "[red]NO[/]")
-    if len(shown) > 60:
-        table.add_row("...", f"{len(shown) - 60} more", "", "")
     console.print(table)
     if report.problems:
         console.print("[bold red]problems[/]")
