@@ -85,7 +85,7 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     out = Path(out)
     console.print(Panel(
         f"ctrltok demo: reproduce seed 000's tokenizer, then teach SmolLM2-135M-Instruct LIMA's <EOT> token with a "
-        f"{steps}-step LoRA fine-tune on the shipped instruction set.\nIt takes about 5-8 minutes on a 2-core CPU "
+        f"{steps}-step LoRA fine-tune on the shipped instruction set.\nIt takes about 6-9 minutes on a 2-core CPU "
         "(the first run also converts the embedded model once, about 30 s). Output goes to " + str(out.resolve()),
         title="ctrltok"))
     t0 = time.perf_counter()
@@ -122,12 +122,19 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     after_gen = generate(trained, tok2, prompts, "eot", max_new_tokens=MAX_NEW_TOKENS)
 
     console.rule("[bold]3. Teaching <EOT>: before vs after")
+    eot_id = tok2.convert_tokens_to_ids("<EOT>")
+
+    def ending(result: dict) -> str:
+        if result["ids"] and result["ids"][-1] == eot_id:
+            return "ends with <EOT>"
+        if result["stopped"]:
+            return f"stopped at {tok2.convert_ids_to_tokens(result['ids'][-1])}, not <EOT>"
+        return f"no stop within {MAX_NEW_TOKENS} tokens"
+
     for p, b, a in zip(prompts, before_gen, after_gen):
         console.print(f"[bold]prompt[/] {p[-1]['content'][:100]!r}")
-        console.print(f"  [red]before[/] ({'ends with <EOT>' if b['stopped'] else f'no <EOT> within {MAX_NEW_TOKENS} tokens'}): "
-                      f"{b['text'][:160]!r}")
-        console.print(f"  [green]after[/]  ({'ends with <EOT>' if a['stopped'] else f'no <EOT> within {MAX_NEW_TOKENS} tokens'}): "
-                      f"{a['text'][:160]!r}")
+        console.print(f"  [red]before[/] ({ending(b)}): {b['text'][:160]!r}")
+        console.print(f"  [green]after[/]  ({ending(a)}): {a['text'][:160]!r}")
     console.print(comparison_table(before, after))
     (run_dir / "demo_evaluation.json").write_text(json.dumps({"before": before, "after": after}, indent=1, default=str))
 
