@@ -86,7 +86,8 @@ def test_full_finetune_trains_every_parameter_and_reloads(tiny_dir, tmp_path):
 
 
 def test_lora_trains_new_rows_and_merges(tiny_dir, tmp_path):
-    r = recipe_from_mapping(recipe(tiny_dir, lr=1e-2), overrides=["lora.enabled=true", "lora.r=4"])
+    r = recipe_from_mapping(recipe(tiny_dir, lr=1e-2), overrides=["lora.enabled=true", "lora.r=4",
+                                                                  "train.new_token_lr=2e-2"])
     out = train(r, tmp_path / "lora", progress=False)
     base = _weights(tiny_dir)
     after = _weights(out)
@@ -98,6 +99,14 @@ def test_lora_trains_new_rows_and_merges(tiny_dir, tmp_path):
     assert (after[emb][49152] - init_mean).abs().max() > 1e-3
     assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert not any("lora" in k for k in after), "LoRA was not merged into a plain checkpoint"
+
+
+def test_new_token_lr_without_lora_is_refused(tiny_dir, tmp_path):
+    from ctrltok.config import ConfigError
+
+    r = recipe_from_mapping(recipe(tiny_dir, new_token_lr=1e-2))
+    with pytest.raises(ConfigError, match="new_token_lr needs lora.enabled"):
+        train(r, tmp_path / "x", progress=False)
 
 
 def _cli(args, env_extra=None, check=True):

@@ -89,7 +89,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb
     deepspeed: str | None = None  # a DeepSpeed JSON for GPU users, used through `accelerate launch`
     gradient_checkpointing: bool = False
-    new_token_lr: float | None = None  # a separate learning rate for the new embedding rows
+    new_token_lr: float | None = None  # LoRA only: a separate learning rate for the new token rows
 
 
 @dataclass

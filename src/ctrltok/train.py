@@ -302,12 +302,23 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     per_step = per_process * world
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / per_step))
     warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
-    decay, no_decay = [], []
+    decay, no_decay, new_rows = [], [], []
+    if t.new_token_lr is not None and not recipe.lora.enabled:
+        from ctrltok.config import ConfigError
+
+        raise ConfigError(f"{recipe.source}: train.new_token_lr needs lora.enabled (under full fine-tuning the "
+                          "new rows live inside the embedding matrix and train at train.lr)")
     for n, p in loss_model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if t.new_token_lr is not None and "trainable_tokens" in n:
+            new_rows.append(p)  # PEFT's delta for the new token rows
+        else:
             (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if new_rows:
+        groups.append({"params": new_rows, "weight_decay": 0.0, "lr": t.new_token_lr})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     device = accelerator.device
