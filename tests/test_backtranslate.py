@@ -295,6 +295,22 @@ def test_curate_several_samples_median_and_separate_failure_counts():
     assert next(curate(pairs[:1], ChatModel(SampleBackend(outs), render), mean_cfg)).score == pytest.approx(11 / 3)
 
 
+def test_curation_answer_prefix_prefills_and_stays_strict():
+    seen = []
+
+    def answer(prompt: str) -> str:
+        seen.append(prompt)
+        return {"a": " 4\nBecause it is clear.", "b": " four", "c": " 4/5"}[prompt.split("|")[1]]
+
+    cfg = BacktranslateConfig(curation_answer_prefix="Score:", curation_max_new_tokens=4)
+    pairs = [Pair(id=k, source="s", response="r", instruction="i") for k in "abc"]
+    models = [ChatModel(FakeBackend(answer), lambda c, k=k: f"chat|{k}|") for k in "abc"]
+    got = [next(curate([p], m, cfg)) for p, m in zip(pairs, models)]
+    assert all(p.endswith("Score:") for p in seen)  # the reply is started for the curator
+    assert [p.score for p in got] == [4.0, None, None]  # "four" and "4/5" still fail the strict form
+    assert got[0].curator_outputs == ["Score: 4"]
+
+
 # ---------------------------------------------------------------- the pipeline
 
 

@@ -84,8 +84,10 @@ class ChatModel:
     backend: Backend
     render: Callable[[list[Message]], str]
 
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
-        outs = self.backend.complete([self.render(c) for c in conversations], sampling)
+    def chat(self, conversations: list[list[Message]], sampling: Sampling, answer_prefix: str = "") -> list[str]:
+        """Completions of each conversation; ``answer_prefix`` is written at the start of the
+        assistant's reply (a prefill) and is not part of the returned text."""
+        outs = self.backend.complete([self.render(c) + answer_prefix for c in conversations], sampling)
         want = len(conversations) * max(1, sampling.n)
         if len(outs) != want:  # a backend bug would otherwise shift every later record
             raise RuntimeError(f"backend returned {len(outs)} completions for {want} requested")
@@ -403,7 +405,11 @@ def curate(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, se
     for batch in _batches(pairs, cfg.batch_size):
         convs = [[{"role": "user", "content": fill(prompt, "curation_prompt", instruction=p.instruction,
                                                    response=p.response)}] for p in batch]
-        outs = model.chat(convs, sampling)
+        prefix = cfg.curation_answer_prefix
+        outs = model.chat(convs, sampling, answer_prefix=prefix)
+        if prefix:
+            # Prefilled: the reply starts with the prefix; its first line must complete the strict form.
+            outs = [prefix + (o.split("\n", 1)[0]) for o in outs]
         for i, pair in enumerate(batch):
             raw = outs[i * n:(i + 1) * n]  # prompt-major
             scores = [parse_score(t) for t in raw]

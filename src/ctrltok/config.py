@@ -155,6 +155,9 @@ class BacktranslateConfig:
     curation_samples: int = 1
     curation_max_new_tokens: int = 192
     curation_temperature: float = 0.0  # set > 0 when curation_samples > 1, or the samples agree
+    # A prefill such as "Score:" for small curators that will not follow the answer format: the
+    # reply is started for them and the first line they write must complete "Score: N".
+    curation_answer_prefix: str = ""
     score_aggregate: str = "median"  # median | mean over the samples that parsed
     keep_score: int = 4
     # finetune + iterate
