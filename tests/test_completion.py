@@ -34,7 +34,12 @@ def render(tokenizer, question: str) -> str:
 
 def reference(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     """Plain transformers: one prompt, no padding, no attention mask games."""
-    ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=False, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=False).input_ids
+    return reference_ids(model, ids, max_new_tokens)
+
+
+def reference_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
@@ -175,12 +180,32 @@ def test_prompts_are_not_given_extra_special_tokens(model_and_tokenizer):
     assert got.token_ids == reference(model, tok, prompt, 5)
 
 
+def test_id_prompts_are_used_verbatim(model_and_tokenizer):
+    """Ids and text give the same completion where they mean the same; ids that hold markup spelled
+    as text keep it text (what a string prompt would have turned into a control token)."""
+    model, tok = model_and_tokenizer
+    rendered = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(rendered, add_special_tokens=False).input_ids
+    backend = TransformersBackend(model, tok)
+    as_text, as_ids = backend.generate([rendered, ids], Sampling(max_new_tokens=6))
+    assert as_text.token_ids == as_ids.token_ids
+    literal = tok("<|im_end|>", add_special_tokens=False, split_special_tokens=True).input_ids
+    assert len(literal) > 1  # spelled out, not the control id
+    mixed = ids[:-3] + literal + ids[-3:]
+    got = backend.generate([mixed, ids], Sampling(max_new_tokens=6))
+    assert got[0].token_ids == reference_ids(model, mixed, 6) and got[1].token_ids == as_ids.token_ids
+
+
 def test_bad_arguments_are_refused(model_and_tokenizer):
     model, tok = model_and_tokenizer
     backend = TransformersBackend(model, tok)
     assert backend.complete([], Sampling()) == []
-    with pytest.raises(TypeError, match="list of strings"):
+    with pytest.raises(TypeError, match="list of prompts"):
         backend.complete("one string", Sampling())
+    with pytest.raises(TypeError, match="prompt 0 is neither"):
+        backend.complete([[1, None]], Sampling(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prompt 0 encodes to no tokens"):
+        backend.complete([[]], Sampling(max_new_tokens=2))
     with pytest.raises(ValueError, match="prompt 1 encodes to no tokens"):
         backend.complete(["hi", ""], Sampling(max_new_tokens=2))
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(n=0), dict(stop=[""])):

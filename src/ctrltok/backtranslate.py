@@ -42,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ctrltok.completion import Backend, Sampling
+from ctrltok.completion import Backend, Prompt, Sampling
 from ctrltok.config import BacktranslateConfig, ConfigError, Recipe
 
 SCORES = (1, 2, 3, 4, 5)
@@ -79,15 +79,32 @@ class Pair:
 
 @dataclass
 class ChatModel:
-    """A backend plus the chat rendering of its model: conversations in, completions out."""
+    """A backend plus the chat rendering of its model: conversations in, completions out.
+
+    ``render`` turns a conversation into a prompt ending in the assistant's generation prompt:
+    token ids (the default factory: injection-safe, so a document that spells ``<|im_end|>`` stays
+    text) or a string (tests' fakes). ``encode_text`` encodes an answer prefix as plain text, for
+    id prompts.
+    """
 
     backend: Backend
-    render: Callable[[list[Message]], str]
+    render: Callable[[list[Message]], Prompt]
+    encode_text: Callable[[str], list[int]] | None = None
+
+    def prompt(self, conversation: list[Message], answer_prefix: str = "") -> Prompt:
+        rendered = self.render(conversation)
+        if not answer_prefix:
+            return rendered
+        if isinstance(rendered, str):
+            return rendered + answer_prefix
+        if self.encode_text is None:
+            raise ValueError("an answer prefix on id prompts needs ChatModel.encode_text")
+        return list(rendered) + self.encode_text(answer_prefix)
 
     def chat(self, conversations: list[list[Message]], sampling: Sampling, answer_prefix: str = "") -> list[str]:
         """Completions of each conversation; ``answer_prefix`` is written at the start of the
         assistant's reply (a prefill) and is not part of the returned text."""
-        outs = self.backend.complete([self.render(c) + answer_prefix for c in conversations], sampling)
+        outs = self.backend.complete([self.prompt(c, answer_prefix) for c in conversations], sampling)
         want = len(conversations) * max(1, sampling.n)
         if len(outs) != want:  # a backend bug would otherwise shift every later record
             raise RuntimeError(f"backend returned {len(outs)} completions for {want} requested")
@@ -96,21 +113,24 @@ class ChatModel:
 
 def load_chat_model(name: str, recipe: Recipe) -> ChatModel:
     """The default backend factory: vLLM when installed with a GPU, else batched transformers
-    (``completion.make_backend``), rendering with the recipe's chat template (``data.template``),
-    the same one the trainer used, so M_yx is prompted exactly as it was trained."""
+    (``completion.make_backend``), prompting with the recipe's chat template (``data.template``),
+    the same one the trainer used, so M_yx is prompted exactly as it was trained. Prompts are ids
+    from the injection-safe encoder: corpus text and model outputs never become control tokens."""
+    from ctrltok.chat import render_prompt
     from ctrltok.completion import make_backend
-    from ctrltok.templates import get_template
 
     batch = (recipe.backtranslate or BacktranslateConfig()).batch_size
     backend = make_backend(name, kind="auto", batch_size=batch, dtype=recipe.model.dtype, attn=recipe.model.attn)
     tokenizer = backend.tokenizer
-    source = get_template(recipe.data.template, tokenizer).source
+    template = recipe.data.template
 
-    def render(messages: list[Message]) -> str:
-        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
-                                             add_generation_prompt=True)
+    def render(messages: list[Message]) -> list[int]:
+        return render_prompt(messages, tokenizer, template)
 
-    return ChatModel(backend, render)
+    def encode_text(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    return ChatModel(backend, render, encode_text)
 
 
 # --------------------------------------------------------------------------- prompts

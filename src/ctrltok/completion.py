@@ -12,9 +12,11 @@ a :class:`FakeBackend` and GPU users get vLLM without the stages changing.
 * :class:`VLLMBackend` - the same contract on vLLM, when it is installed (optional dependency).
 * :class:`FakeBackend` - a deterministic function of the prompt, for tests.
 
-Prompts are *rendered* strings: the chat template has already written its control tokens into them,
-so they are encoded without adding BOS/EOS again, and special-token text in them is read as the
-control token it spells (the template's own markup). Injection safety is the renderer's job.
+A prompt is either token ids or a rendered string. Ids are used as they are: that is how stages
+pass prompts whose text came from outside (documents, model outputs), encoded by the injection-safe
+:func:`ctrltok.chat.render_prompt`, so a corpus line that spells ``<|im_end|>`` stays text. A string
+is encoded without adding BOS/EOS again, and special-token text in it *is* read as the control token
+it spells (the template's own markup): use strings only for text you wrote yourself.
 
 Left padding, for two prompts of 3 and 5 tokens (``.`` = pad, masked out; positions come from the
 mask, so the short prompt's first real token still has position 0)::
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
+Prompt = str | Sequence[int]  # rendered text, or token ids used verbatim (see the module docstring)
 
 
 @dataclass
@@ -87,7 +90,29 @@ class Completion:
 
 @runtime_checkable
 class Backend(Protocol):
-    def complete(self, prompts: list[str], sampling: Sampling) -> list[str]: ...
+    def complete(self, prompts: list[Prompt], sampling: Sampling) -> list[str]: ...
+
+
+def encode_prompts(tokenizer: "PreTrainedTokenizerBase", prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: id lists as given, strings encoded with their markup read as
+    control tokens and no BOS/EOS added. Empty prompts are refused (nothing to continue)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompts, not one string")
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    encoded: list[list[int]] = [[] for _ in prompts]
+    if texts:
+        ids = tokenizer([prompts[i] for i in texts], add_special_tokens=False, split_special_tokens=False)["input_ids"]
+        for i, row in zip(texts, ids):
+            encoded[i] = list(row)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            try:
+                encoded[i] = [int(t) for t in p]
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"prompt {i} is neither a string nor a sequence of token ids") from exc
+        if not encoded[i]:
+            raise ValueError(f"prompt {i} encodes to no tokens; a rendered prompt must not be empty")
+    return encoded
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -158,7 +183,7 @@ class TransformersBackend:
         self.skip_special_tokens = skip_special_tokens
         self.share_prefix = share_prefix
 
-    def complete(self, prompts: list[str], sampling: Sampling) -> list[str]:
+    def complete(self, prompts: list[Prompt], sampling: Sampling) -> list[str]:
         return [c.text for c in self.generate(prompts, sampling)]
 
     def generation_config(self, sampling: Sampling) -> Any:
@@ -189,18 +214,13 @@ class TransformersBackend:
             pad = eos[0]
         return int(pad)
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> list["Completion"]:
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list["Completion"]:
         """Like :meth:`complete`, with token ids and the finish reason of each completion."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
-        if not prompts:
+        encoded = encode_prompts(self.tokenizer, prompts)
+        if not encoded:
             return []
         config = self.generation_config(sampling)
         eos = _eos_ids(config, self.tokenizer)
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=False)["input_ids"]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"prompt {i} encodes to no tokens; a rendered prompt must not be empty")
         # Longest first: similar lengths share a batch (little padding) and memory peaks early.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         per_batch = max(1, self.batch_size // sampling.n) if not sampling.greedy else self.batch_size
@@ -300,8 +320,8 @@ class VLLMBackend:
     """The :class:`Backend` contract on vLLM (GPU). Needs ``pip install vllm``; not used in tests here.
 
     Prompts are tokenised by the model's Hugging Face tokenizer exactly as in
-    :class:`TransformersBackend` (no added special tokens) and passed as token ids, so vLLM does not
-    prepend a second BOS. The model's eos ids stop generation and its ``suppress_tokens`` get a
+    :class:`TransformersBackend` (:func:`encode_prompts`) and passed as token ids, so vLLM neither
+    prepends a second BOS nor reads markup into id prompts. The model's eos ids stop generation and its ``suppress_tokens`` get a
     -100 logit bias.
     """
 
@@ -323,10 +343,10 @@ class VLLMBackend:
         except OSError:
             self.gen_config = GenerationConfig()
 
-    def complete(self, prompts: list[str], sampling: Sampling) -> list[str]:
-        if not prompts:
+    def complete(self, prompts: list[Prompt], sampling: Sampling) -> list[str]:
+        encoded = encode_prompts(self.tokenizer, prompts)
+        if not encoded:
             return []
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=False)["input_ids"]
         suppress = list(self.gen_config.suppress_tokens or [])
         params = self._vllm.SamplingParams(
             n=sampling.n,
@@ -343,7 +363,8 @@ class VLLMBackend:
 
 
 class FakeBackend:
-    """Maps each prompt through ``fn`` (``n`` copies each), honouring stop strings; records calls.
+    """Maps each prompt (as given: text or ids) through ``fn`` (``n`` copies each), honouring stop
+    strings; records calls.
 
     ``calls`` lists every prompt it was asked for, so resume tests can check nothing was asked twice.
     """
@@ -352,9 +373,9 @@ class FakeBackend:
         self.fn = fn
         self.calls: list[str] = []
 
-    def complete(self, prompts: list[str], sampling: Sampling) -> list[str]:
+    def complete(self, prompts: list[Prompt], sampling: Sampling) -> list[str]:
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
+            raise TypeError("prompts must be a list of prompts, not one string")
         out = []
         for prompt in prompts:
             self.calls.append(prompt)
