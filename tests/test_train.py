@@ -3,6 +3,7 @@ resume after SIGKILL == uninterrupted, 2 processes == 1, plain-transformers relo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,16 +153,26 @@ def test_partial_checkpoint_is_ignored(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_processes_match_one(tiny_dir, tmp_path, launcher):
     path = _write_recipe(tmp_path, tiny_dir, max_steps=2, micro_batch_size=1)
     _cli(["train", str(path), "--out", str(tmp_path / "one"), "--set", "train.grad_accum=2"])
     env = {**os.environ, "CTRLTOK_PROGRESS": "0"}
-    # On CPU, `accelerate launch --cpu` starts one process unless given an MPI hostfile; torchrun
-    # starts the two gloo processes that accelerate's Accelerator then drives.
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "-m", "ctrltok", "train", str(path), "--out", str(tmp_path / "two"),
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    # accelerate launch --cpu starts one process (it needs mpirun for more); ctrltok starts the
+    # second itself (ctrltok.launch). torchrun starts both directly.
+    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+              if launcher == "accelerate" else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                 "--master_port", "29518"])
+    run = subprocess.run([*launch, "-m", "ctrltok", "train", str(path), "--out", str(tmp_path / "two"),
                           "--set", "train.grad_accum=1"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    if launcher == "accelerate":
+        assert "starting 2 through torch.distributed.run" in run.stdout + run.stderr
+    assert json.loads((tmp_path / "two" / "ctrltok.json").read_text())["summary"]["processes"] == 2
+    assert json.loads((tmp_path / "one" / "ctrltok.json").read_text())["summary"]["processes"] == 1
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

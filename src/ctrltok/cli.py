@@ -241,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     from ctrltok.records import RecordError
 
     try:
+        if args.command == "train":  # `accelerate launch --cpu --num_processes N` starts one process
+            from ctrltok.launch import relaunch_if_needed
+
+            _recipe(args)  # a bad recipe fails here, once, not in every process
+            code = relaunch_if_needed(sys.argv[1:] if argv is None else list(argv))
+            if code is not None:
+                return code
         code = args.handler(args)
     except (ConfigError, RecordError, ChatError, FileNotFoundError) as exc:
         print(f"ctrltok {args.command}: error: {exc}", file=sys.stderr)
