@@ -22,9 +22,10 @@ What it guarantees:
 
 Multi-process: on GPUs ``accelerate launch --num_processes N -m ctrltok train RECIPE.yaml`` (a
 DeepSpeed or FSDP config comes from ``accelerate launch --config_file``, see the recipes); on CPU
-``torchrun --nproc_per_node 2 -m ctrltok train RECIPE.yaml`` (``accelerate launch --cpu`` starts
-several CPU processes only through MPI). Either way the same Accelerator drives DDP, and every
-process computes the same global row order and takes its own share of each step.
+``accelerate launch --cpu --num_processes 2 -m ctrltok train RECIPE.yaml`` (accelerate starts one
+process without mpirun; :mod:`ctrltok.launch` starts the rest) or ``torchrun --nproc_per_node 2 -m
+ctrltok train RECIPE.yaml``. Either way the same Accelerator drives DDP, and every process
+computes the same global row order and takes its own share of each step.
 """
 
 from __future__ import annotations
