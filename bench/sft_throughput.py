@@ -6,11 +6,13 @@ first ``--max-length`` (512) tokens, loss on assistant turns and their closing `
 and the same model (SmolLM2-135M-Instruct from ``load_model("smollm2-135m")``; ``--tiny``: a random
 4-layer Llama with the real tokenizer). Everything fp32, AdamW (torch), lr 2e-5 constant, weight
 decay 0, gradient clipping at 1.0, no gradient checkpointing, one process, ``--threads`` threads.
+AdamW is each library's default: fused (``torch.optim.AdamW(fused=True)``) for all four.
 
 | contender | one optimizer step |
 |---|---|
-| ctrltok packed | one row of <= 1024 tokens (best-fit decreasing ``pack`` of the whole set, rows in ``train.step_rows`` order), explicit block-diagonal mask, ``LossModel`` (LM head on supervised positions only) |
-| ctrltok padded | 2 conversations padded to the longer one (``pad_batch``), same ``LossModel`` |
+| ctrltok packed | one row of <= 1024 tokens (best-fit decreasing ``pack`` of the whole set, rows in ``train.step_rows`` order), documents isolated by the attention ``train`` uses by default (``model.attn: auto``: per-document SDPA on CPU), ``LossModel`` (LM head on supervised positions only) |
+| ctrltok packed, dense mask | the same rows behind an explicit block-diagonal ``[T, T]`` mask in one SDPA call (``model.attn: sdpa``) |
+| ctrltok padded | 2 conversations padded to the longer one (``pad_batch``), same ``LossModel``, default attention |
 | TRL SFTTrainer | 2 conversations padded to the longer one; ``assistant_only_loss=True`` with our ``default`` template plus ``{% generation %}`` markers (``bench/encode.py``); ``bf16=False`` and ``gradient_checkpointing=False`` (TRL turns both on by default), ``packing=False``, ``padding_free=False`` |
 | transformers Trainer | 2 conversations padded to the longer one (``DataCollatorForSeq2Seq``), labels -100 off the assistant turns (from ctrltok's encoder), the model's own loss |
 
@@ -53,7 +55,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode import DEFAULT_WITH_GENERATION, SHARED, TOKENIZER, lima, shipped  # noqa: E402
 
-CONTENDERS = ("ctrltok packed", "ctrltok padded", "TRL SFTTrainer padded", "transformers Trainer padded")
+CONTENDERS = ("ctrltok packed", "ctrltok packed, dense mask", "ctrltok padded", "TRL SFTTrainer padded",
+              "transformers Trainer padded")
 
 
 # -- data and model (built identically in every worker) -------------------------------------------
@@ -179,11 +182,13 @@ class Gate:
             self._wait()
 
 
-def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool) -> None:
+def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn: str = "auto") -> None:
     from accelerate import Accelerator
 
+    from ctrltok.attention import training_attention
+
     from ctrltok.packing import pack
-    from ctrltok.train import LossModel, run_batch, step_rows, to_batch
+    from ctrltok.train import LossModel, make_optimizer, run_batch, step_rows, to_batch
 
     if packed:
         rows = pack(examples, args.row_length, "error").rows
@@ -192,12 +197,13 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool) -> N
         rows = [[ex] for ex in examples]  # in the shared shuffled order, like the Trainers' sequential sampler
         per_step = args.batch
     pad_id = tokenizer.pad_token_id
-    impl = model.config._attn_implementation
     accelerator = Accelerator(cpu=True)
+    impl = training_attention(attn, accelerator.device)  # what `ctrltok train` picks for model.attn
+    model.set_attn_implementation(impl)
     loss_model = LossModel(model)
     loss_model.train()
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(params, lr=args.lr, weight_decay=0.0)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     for step in range(10**9):
         if packed:
@@ -219,7 +225,7 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool) -> N
 def _training_args(cls, out: str, args, **extra):
     return cls(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                max_steps=args.warmup + args.rounds * args.steps + 1, learning_rate=args.lr,
-               lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0,
+               lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                bf16=False, fp16=False, gradient_checkpointing=False, logging_strategy="no", save_strategy="no",
                eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
                train_sampling_strategy="sequential", seed=args.seed, **extra)
@@ -289,6 +295,8 @@ def worker(conn, name: str, args) -> None:
         try:
             if name == "ctrltok packed":
                 run_ctrltok(gate, model, tokenizer, examples, args, packed=True)
+            elif name == "ctrltok packed, dense mask":
+                run_ctrltok(gate, model, tokenizer, examples, args, packed=True, attn="sdpa")
             elif name == "ctrltok padded":
                 run_ctrltok(gate, model, tokenizer, examples, args, packed=False)
             elif name == "TRL SFTTrainer padded":
@@ -336,7 +344,7 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
         flops = statistics.median(x["flops"] / x["seconds"] for x in rs)
         waste = 1 - sum(x["input_tokens"] for x in rs) / max(sum(x["slots"] for x in rs), 1)
         med[name] = sup
-        batch = f"1x{args.row_length}" if name == "ctrltok packed" else f"{args.batch}x<={args.max_length}"
+        batch = f"1x{args.row_length}" if name.startswith("ctrltok packed") else f"{args.batch}x<={args.max_length}"
         print(f"{name:<30}{batch:>12}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
               f"{flops / (peak * 1e9):>8.1%}{rss.get(name, float('nan')):>9.0f}MB")
     if "ctrltok packed" in med and "TRL SFTTrainer padded" in med:
@@ -345,6 +353,9 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
         print(f"\nratio ctrltok packed / TRL padded (supervised tok/s): "
               f"{med['ctrltok packed'] / med['TRL SFTTrainer padded']:.2f}x "
               f"(per round: {', '.join(f'{x:.2f}' for x in per_round)}); target >= 2x")
+    if "ctrltok packed" in med and "ctrltok packed, dense mask" in med:
+        print(f"ratio ctrltok packed / ctrltok packed, dense mask (supervised tok/s): "
+              f"{med['ctrltok packed'] / med['ctrltok packed, dense mask']:.2f}x")
     if "ctrltok packed" in med and "transformers Trainer padded" in med:
         print(f"ratio ctrltok packed / transformers Trainer padded (supervised tok/s): "
               f"{med['ctrltok packed'] / med['transformers Trainer padded']:.2f}x")

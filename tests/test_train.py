@@ -86,6 +86,19 @@ def test_full_finetune_trains_every_parameter_and_reloads(tiny_dir, tmp_path):
     model.generate(**ids, max_new_tokens=3)
 
 
+def test_default_attention_trains_per_document_and_equals_the_dense_mask(tiny_dir, tmp_path):
+    """model.attn auto = per-document SDPA for packed training on CPU: same weights as one SDPA call
+    behind the dense mask, and the saved model is a standard sdpa checkpoint."""
+    fast = train(recipe_from_mapping(recipe(tiny_dir)), tmp_path / "auto", progress=False)
+    dense = train(recipe_from_mapping(recipe(tiny_dir), overrides=["model.attn=sdpa"]), tmp_path / "sdpa", progress=False)
+    used = [json.loads((d / "ctrltok.json").read_text())["summary"]["attention"] for d in (fast, dense)]
+    assert used == ["ctrltok_varlen", "sdpa"]
+    a, b = _weights(fast), _weights(dense)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert AutoModelForCausalLM.from_pretrained(fast).config._attn_implementation == "sdpa"
+
+
 def test_lora_trains_new_rows_and_merges(tiny_dir, tmp_path):
     r = recipe_from_mapping(recipe(tiny_dir, lr=1e-2), overrides=["lora.enabled=true", "lora.r=4",
                                                                   "train.new_token_lr=2e-2"])

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "smollm2-135m"  # alias of the embedded default, a local path, or a hub name
     dtype: str = "float32"  # float32 | bfloat16 | float16 (bf16 on GPUs; this CPU has no native bf16)
-    attn: str = "sdpa"  # sdpa | eager | flex_attention
+    attn: str = "auto"  # auto (per-document SDPA for packed training on CPU, sdpa elsewhere) | sdpa | eager | flex_attention | ctrltok_varlen
 
 
 @dataclass
@@ -289,7 +289,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attn": ("sdpa", "eager", "flex_attention"),
+    "model.attn": ("auto", "sdpa", "eager", "flex_attention", "ctrltok_varlen"),
     "data.kind": ("chat", "text", "labelled", "epe"),
     "data.loss_on": ("assistant", "all", "last"),
     "data.overlong": ("truncate", "split", "error"),

@@ -310,9 +310,14 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
 
     ``dtype`` is one of ``float32`` (use it on CPU: bf16 is slower here), ``bfloat16``, ``float16``;
     ``attn`` is a transformers attention implementation (``sdpa``, ``eager``, ``flex_attention``,
-    ``flash_attention_2``).
+    ``flash_attention_2``); ``auto`` and ``ctrltok_varlen`` (choices for training, see
+    ``attention.training_attention``) load as ``sdpa``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctrltok.attention import loading_attention
+
+    attn = loading_attention(attn)
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
