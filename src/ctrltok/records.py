@@ -50,7 +50,9 @@ def resource_path(name: str) -> Path:
     raise RecordError(f"ctrltok:{name}: no such shipped resource (see ctrltok/resources/README.md)")
 
 
-def _fail(msg: str, where: str, on_error: str, skips: Skips | None, reason: str) -> None:
+def reject(msg: str, where: str, on_error: str, skips: Skips | None, reason: str) -> None:
+    """A bad record: raise :class:`RecordError` naming ``where`` (``on_error="raise"``), or count it
+    in ``skips`` under ``reason`` and go on (``on_error="skip"``)."""
     if on_error == "skip":
         if skips is not None:
             skips.add(reason, where)
@@ -65,17 +67,17 @@ def _read_jsonl(path: Path, on_error: str, skips: Skips | None) -> Iterator[tupl
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                _fail(f"invalid UTF-8 at byte {exc.start}", where, on_error, skips, "invalid UTF-8")
+                reject(f"invalid UTF-8 at byte {exc.start}", where, on_error, skips, "invalid UTF-8")
                 continue
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                _fail(f"malformed JSON ({exc.msg} at column {exc.colno})", where, on_error, skips, "malformed JSON")
+                reject(f"malformed JSON ({exc.msg} at column {exc.colno})", where, on_error, skips, "malformed JSON")
                 continue
             if not isinstance(rec, dict):
-                _fail(f"expected a JSON object, found {type(rec).__name__}", where, on_error, skips, "not an object")
+                reject(f"expected a JSON object, found {type(rec).__name__}", where, on_error, skips, "not an object")
                 continue
             yield where, rec
 
@@ -108,7 +110,7 @@ def read_records(source: str | Path, on_error: str = "raise", skips: Skips | Non
                 try:
                     yield str(child), {"id": child.stem, text_field: child.read_text(encoding="utf-8")}
                 except UnicodeDecodeError:
-                    _fail("invalid UTF-8", str(child), on_error, skips, "invalid UTF-8")
+                    reject("invalid UTF-8", str(child), on_error, skips, "invalid UTF-8")
             elif child.suffix in (".jsonl", ".parquet"):
                 yield from read_records(child, on_error, skips, text_field)
         return

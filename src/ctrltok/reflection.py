@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrltok.example import IGNORE, Example
-from ctrltok.records import RecordError, Skips, read_records
+from ctrltok.records import Skips, read_records, reject
 from ctrltok.tokens import CharterItem, load_charter
 
 ASSISTANT = "<assistant>"
@@ -137,18 +137,10 @@ def read_documents(
         elif str(rec[id_field]) in docs:
             problem = (f"document id {rec[id_field]!r} appears twice (first at {docs[str(rec[id_field])][1]})", "duplicate document id")
         if problem:
-            _reject(problem[0], where, on_error, skips, problem[1])
+            reject(problem[0], where, on_error, skips, problem[1])
             continue
         docs[str(rec[id_field])] = (rec[text_field], where)
     return docs
-
-
-def _reject(msg: str, where: str, on_error: str, skips: Skips | None, reason: str) -> None:
-    if on_error == "skip":
-        if skips is not None:
-            skips.add(reason, where)
-        return
-    raise RecordError(f"{where}: {msg}")
 
 
 def read_sidecar(
@@ -173,7 +165,7 @@ def read_sidecar(
     for where, rec in read_records(source, on_error, skips):
 
         def bad(msg: str, reason: str) -> None:
-            _reject(msg, where, on_error, skips, reason)
+            reject(msg, where, on_error, skips, reason)
 
         missing = [k for k in ("doc_id", "offset", reflection_field, "charter") if k not in rec]
         if missing:
