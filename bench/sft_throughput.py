@@ -17,15 +17,18 @@ AdamW is each library's default: fused (``torch.optim.AdamW(fused=True)``) for a
 | transformers Trainer | 2 conversations padded to the longer one (``DataCollatorForSeq2Seq``), labels -100 off the assistant turns (from ctrltok's encoder), the model's own loss |
 
 So the global batch is <= 1024 tokens for every contender (packed 1 x 1024 vs padded 2 x 512).
-The three padded contenders see exactly the same pairs in the same order (sequential sampler over
-the shuffled list). The ctrltok contenders run the loop body of ``train.py`` (``to_batch``,
-``run_batch`` with ``build_mask``, ``accelerator.backward``, clipping, ``optimizer.step``).
+The ctrltok contenders run the loop body of ``train.py`` (``to_batch``, ``run_batch`` with
+``build_mask``, ``accelerator.backward``, clipping, ``optimizer.step``).
 
 How it is measured. Each contender lives in its own process (so its peak RSS is its own), sets
-up, runs ``--warmup`` optimizer steps, then waits. The parent then runs ``--rounds`` rounds; in
-each, every contender in turn (rotating the order) runs ``--steps`` optimizer steps while the
-others sleep, and reports its wall time, input tokens (non-padding) and supervised tokens (targets
-after the shift). Tables show medians over the rounds. Before each round the parent measures a
+up, trains on a warm-up share of the data, then waits. The parent then runs ``--rounds`` rounds;
+in each, every contender in turn (rotating the order) trains on *the same* ``--steps x --batch``
+conversations, the next ones in the shared shuffled order, while the others sleep: the padded
+contenders in ``--steps`` optimizer steps of ``--batch``, the packed ones in as many steps as those
+conversations pack into (packed per round, so less tightly than ``ctrltok train`` packs a whole
+set). Each reports its wall time, input tokens (non-padding) and supervised tokens (targets after
+the shift; the same count for every contender, which the report checks). Tables show medians over
+the rounds, and per-round ratios compare identical work. Before each round the parent measures a
 2048 x 2048 fp32 matmul (GFLOP/s, best of 5); model FLOPs utilisation (MFU) is the useful model
 FLOP/s, ``6 * params * input tokens + 6 * layers * d_attn * n^2`` per document of ``n`` tokens
 (causal attention, forward + backward; padding is not useful work), over the median matmul rate.
@@ -136,20 +139,27 @@ class Stop(Exception):
 
 
 class Gate:
-    """Counts work per optimizer step; after warm-up and after every chunk, reports and waits."""
+    """Counts work per optimizer step; after warm-up and after every round, reports and waits.
 
-    def __init__(self, conn, warmup: int, model, setup_t0: float):
-        self.conn, self.warmup, self.step = conn, warmup, 0
+    ``plan`` is the number of optimizer steps of each phase (warm-up, round 1, round 2, ...): the
+    padded contenders take ``--steps`` steps of ``--batch`` conversations per round, the packed ones
+    as many rows as that round's conversations pack into.
+    """
+
+    def __init__(self, conn, plan: list[int], model, setup_t0: float):
+        self.conn, self.step = conn, 0
+        self.bounds = [sum(plan[:i + 1]) for i in range(len(plan))]
         cfg = model.config
         self.n_params = sum(p.numel() for p in model.parameters())
         self.layers = cfg.num_hidden_layers
         self.d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
         self.setup_t0 = setup_t0
-        self.chunk, self.t0 = 0, 0.0
+        self.t0 = 0.0
+        self.steps = 0
         self._reset()
 
     def _reset(self) -> None:
-        self.input_tokens = self.supervised = self.slots = 0
+        self.input_tokens = self.supervised = self.slots = self.steps = 0
         self.flops = 0.0
         self.losses: list[float] = []
 
@@ -166,32 +176,52 @@ class Gate:
         cmd = self.conn.recv()
         if cmd[0] == "stop":
             raise Stop
-        self.chunk = cmd[1]
         self._reset()
         self.t0 = time.perf_counter()
 
     def after_step(self) -> None:
         self.step += 1
-        if self.step == self.warmup:
+        self.steps += 1
+        if self.step == self.bounds[0]:
             self.conn.send({"ready": True, "setup_s": time.perf_counter() - self.setup_t0, "params": self.n_params})
             self._wait()
-        elif self.step > self.warmup and (self.step - self.warmup) % self.chunk == 0:
+        elif self.step in self.bounds[1:]:
             self.conn.send({"seconds": time.perf_counter() - self.t0, "input_tokens": self.input_tokens,
                             "supervised": self.supervised, "slots": self.slots, "flops": self.flops,
-                            "steps": self.chunk, "loss": statistics.fmean(self.losses)})
+                            "steps": self.steps, "loss": statistics.fmean(self.losses)})
             self._wait()
+        elif self.step > self.bounds[-1]:
+            raise RuntimeError("ran past the last round without a stop from the parent")
+
+
+def phases(args) -> list[int]:
+    """Conversations per phase (warm-up, then each round), consumed in the shared shuffled order."""
+    return [args.batch * args.warmup] + [args.batch * args.steps] * args.rounds
+
+
+def packed_rows(examples, args) -> tuple[list[list], list[int]]:
+    """Each phase's conversations packed on their own (best-fit decreasing, rows <= --row-length), so
+    the packed contenders train on exactly the conversations the padded ones see in that round.
+    (``ctrltok train`` packs the whole set, which fills rows better: this is the harder case.)"""
+    from ctrltok.packing import pack
+
+    rows, plan, start = [], [], 0
+    for n in phases(args):
+        chunk = pack(examples[start:start + n], args.row_length, "error").rows
+        rows += chunk
+        plan.append(len(chunk))
+        start += n
+    return rows, plan
 
 
 def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn: str = "auto") -> None:
     from accelerate import Accelerator
 
     from ctrltok.attention import training_attention
-
-    from ctrltok.packing import pack
-    from ctrltok.train import LossModel, make_optimizer, run_batch, step_rows, to_batch
+    from ctrltok.train import LossModel, make_optimizer, run_batch, to_batch
 
     if packed:
-        rows = pack(examples, args.row_length, "error").rows
+        rows, _ = packed_rows(examples, args)
         per_step = 1
     else:
         rows = [[ex] for ex in examples]  # in the shared shuffled order, like the Trainers' sequential sampler
@@ -206,10 +236,7 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn
     optimizer = make_optimizer(params, lr=args.lr, weight_decay=0.0)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     for step in range(10**9):
-        if packed:
-            batch_rows = step_rows(rows, step, per_step, args.seed)
-        else:
-            batch_rows = [rows[(step * per_step + i) % len(rows)] for i in range(per_step)]
+        batch_rows = rows[step * per_step:(step + 1) * per_step]
         batch = to_batch(batch_rows, pad_id, packed)
         n = max(batch.n_targets, 1)
         loss, ce_sum, _ = run_batch(loss_model, batch, impl, accelerator.device, float(n), 1.0)
@@ -291,7 +318,9 @@ def worker(conn, name: str, args) -> None:
         model, tokenizer = load(args.tiny)
         convs, _ = conversations(args.limit, args.seed)
         convs, examples = encode(tokenizer, convs, args.max_length)
-        gate = Gate(conn, args.warmup, model, t0)
+        plan = (packed_rows(examples, args)[1] if name.startswith("ctrltok packed")
+                else [args.warmup] + [args.steps] * args.rounds)
+        gate = Gate(conn, plan, model, t0)
         try:
             if name == "ctrltok packed":
                 run_ctrltok(gate, model, tokenizer, examples, args, packed=True)
@@ -330,9 +359,12 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
     print(f"\n{head}model: {'tiny random Llama (4 layers, hidden 128)' if args.tiny else 'SmolLM2-135M-Instruct'}, "
           f"{params / 1e6:.1f}M params, fp32, {args.threads} threads")
     print(f"data: {data_desc}; conversations cut to {args.max_length} tokens")
-    print(f"steps: {args.warmup} warm-up, then {args.rounds} interleaved rounds x {args.steps} optimizer steps; medians")
+    per_round = args.batch * args.steps
+    print(f"rounds: {args.rounds} interleaved; in each, every contender trains on the same {per_round} conversations "
+          f"(padded: {args.steps} steps of {args.batch}; packed: the rows they pack into); "
+          f"warm-up: the {args.batch * args.warmup} before them; medians over rounds")
     print(f"matmul 2048x2048 fp32: median {peak:.0f} GFLOP/s (min {min(peaks):.0f}, max {max(peaks):.0f})\n")
-    header = (f"{'contender':<30}{'batch':>12}{'sup tok/s':>11}{'input tok/s':>13}{'sup/input':>11}"
+    header = (f"{'contender':<30}{'batch':>12}{'steps/round':>12}{'sup tok/s':>11}{'input tok/s':>13}{'sup/input':>11}"
               f"{'pad waste':>11}{'MFU':>8}{'peak RSS':>11}")
     print(header)
     print("-" * len(header))
@@ -345,8 +377,13 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
         waste = 1 - sum(x["input_tokens"] for x in rs) / max(sum(x["slots"] for x in rs), 1)
         med[name] = sup
         batch = f"1x{args.row_length}" if name.startswith("ctrltok packed") else f"{args.batch}x<={args.max_length}"
-        print(f"{name:<30}{batch:>12}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
+        steps = statistics.median(x["steps"] for x in rs)
+        print(f"{name:<30}{batch:>12}{steps:>12g}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
               f"{flops / (peak * 1e9):>8.1%}{rss.get(name, float('nan')):>9.0f}MB")
+    targets = {name: [x["supervised"] for x in results[name]] for name in names}
+    same = len({tuple(t) for t in targets.values()}) == 1
+    print(f"\nsupervised targets per round: {targets[names[0]]}"
+          + (" (the same for every contender)" if same else f" - NOT the same: {targets}"))
     if "ctrltok packed" in med and "TRL SFTTrainer padded" in med:
         per_round = [a["supervised"] / a["seconds"] / (b["supervised"] / b["seconds"])
                      for a, b in zip(results["ctrltok packed"], results["TRL SFTTrainer padded"])]
@@ -365,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny Llama with the real tokenizer (fast)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per contender per round")
+    ap.add_argument("--steps", type=int, default=8,
+                    help="padded optimizer steps per round (the round's conversations: --steps x --batch)")
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
     ap.add_argument("--max-length", type=int, default=512, help="tokens kept per conversation")
     ap.add_argument("--row-length", type=int, default=1024, help="packed row length (ctrltok packed)")
