@@ -384,19 +384,21 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
     same = len({tuple(t) for t in targets.values()}) == 1
     print(f"\nsupervised targets per round: {targets[names[0]]}"
           + (" (the same for every contender)" if same else f" - NOT the same: {targets}"))
-    if "ctrltok packed" in med and "TRL SFTTrainer padded" in med:
-        per_round = [a["supervised"] / a["seconds"] / (b["supervised"] / b["seconds"])
-                     for a, b in zip(results["ctrltok packed"], results["TRL SFTTrainer padded"])]
-        print(f"\nratio ctrltok packed / TRL padded (supervised tok/s): "
-              f"{med['ctrltok packed'] / med['TRL SFTTrainer padded']:.2f}x "
-              f"(per round: {', '.join(f'{x:.2f}' for x in per_round)}); target >= 2x")
-    if "ctrltok packed" in med and "ctrltok packed, dense mask" in med:
-        print(f"ratio ctrltok packed / ctrltok packed, dense mask (supervised tok/s): "
-              f"{med['ctrltok packed'] / med['ctrltok packed, dense mask']:.2f}x")
-    if "ctrltok packed" in med and "transformers Trainer padded" in med:
-        print(f"ratio ctrltok packed / transformers Trainer padded (supervised tok/s): "
-              f"{med['ctrltok packed'] / med['transformers Trainer padded']:.2f}x")
+    def ratio(a: str, b: str, target: str = "") -> None:
+        """Per round (identical work) and their median, which is the headline figure."""
+        if a not in med or b not in med:
+            return
+        per_round = [x["supervised"] / x["seconds"] / (y["supervised"] / y["seconds"])
+                     for x, y in zip(results[a], results[b])]
+        print(f"ratio {a} / {b} (supervised tok/s): {statistics.median(per_round):.2f}x median of rounds "
+              f"(per round: {', '.join(f'{r:.2f}' for r in per_round)}; ratio of medians {med[a] / med[b]:.2f}x)"
+              + (f"; target {target}" if target else ""))
 
+    print()
+    ratio("ctrltok packed", "TRL SFTTrainer padded", ">= 2x")
+    ratio("ctrltok packed", "transformers Trainer padded")
+    ratio("ctrltok packed", "ctrltok packed, dense mask")
+    ratio("ctrltok packed", "ctrltok padded")
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

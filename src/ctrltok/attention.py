@@ -66,8 +66,9 @@ def training_attention(requested: str, device: torch.device | str) -> str:
 
     ``auto`` picks per-document SDPA (:data:`VARLEN`) on CPU: one causal SDPA call per document,
     which the CPU flash kernel runs block-sparse, where one call over the whole row behind a dense
-    ``[T, T]`` mask computes every block. Measured on SmolLM2-135M, one packed row of 1,024
-    tokens, fp32, 2 threads: forward + backward 7.2 s vs 9.2 s (bench/README.md, sft_throughput).
+    ``[T, T]`` mask computes every block. Measured on SmolLM2-135M, packed rows of <= 1,024 tokens,
+    fp32, 2 threads: 1.18x the supervised tokens/s of the dense mask on the same rows
+    (bench/README.md, sft_throughput), the same weights after training (tests/test_train.py).
     Elsewhere (GPU; not measured here) ``auto`` keeps ``sdpa`` with the dense mask. Any other value
     is used as given.
     """
