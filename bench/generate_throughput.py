@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="random tiny Llama with the SmolLM2 tokenizer (quick)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="16", help="comma-separated TransformersBackend batch sizes")
+    parser.add_argument("--batch-sizes", default="16,32", help="comma-separated TransformersBackend batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0 = torch's default); 1 is steadier on a busy shared machine")

@@ -173,7 +173,7 @@ class TransformersBackend:
 
     min_shared_prefix = 4  # tokens; below this the extra forward call costs more than it saves
 
-    def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", batch_size: int = 16,
+    def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", batch_size: int = 32,
                  skip_special_tokens: bool = True, share_prefix: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -392,7 +392,7 @@ def vllm_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(name_or_model: Any, kind: str = "auto", batch_size: int = 16, dtype: str = "float32",
+def make_backend(name_or_model: Any, kind: str = "auto", batch_size: int = 32, dtype: str = "float32",
                  attn: str = "sdpa") -> Backend:
     """A backend for a model name or path, or for an already loaded ``(model, tokenizer)`` pair.
 
