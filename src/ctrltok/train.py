@@ -35,6 +35,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def apply_lora(model, recipe: Recipe, surgery: Surgery):
         trainable = {"embed_tokens": new} if is_tied(model) else {"embed_tokens": new, "lm_head": new}
     cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                      target_modules=recipe.lora.target_modules, trainable_token_indices=trainable)
-    peft_model = get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # PEFT 0.21 reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, cfg)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     if new and not any("trainable_tokens" in n and "embed_tokens" in n for n in names):
         raise RuntimeError("LoRA would leave the new token rows frozen (no trainable_tokens adapter on embed_tokens); "
