@@ -58,8 +58,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode import DEFAULT_WITH_GENERATION, SHARED, TOKENIZER, lima, shipped  # noqa: E402
 
-CONTENDERS = ("ctrltok packed", "ctrltok packed, dense mask", "ctrltok padded", "TRL SFTTrainer padded",
-              "transformers Trainer padded")
+CONTENDERS = ("ctrltok packed", "ctrltok packed, eager", "ctrltok packed, dense mask", "ctrltok padded",
+              "TRL SFTTrainer padded", "transformers Trainer padded")
+OPTIONAL = ("TRL SFTTrainer padded, compiled",)  # --only it: TRL with torch_compile=True
 
 
 # -- data and model (built identically in every worker) -------------------------------------------
@@ -214,10 +215,12 @@ def packed_rows(examples, args) -> tuple[list[list], list[int]]:
     return rows, plan
 
 
-def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn: str = "auto") -> None:
+def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn: str = "auto",
+                compile: bool = True) -> None:
     from accelerate import Accelerator
 
     from ctrltok.attention import training_attention
+    from ctrltok.compiling import compile_blocks, compile_unavailable
     from ctrltok.train import LossModel, make_optimizer, run_batch, to_batch
 
     if packed:
@@ -230,6 +233,10 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn
     accelerator = Accelerator(cpu=True)
     impl = training_attention(attn, accelerator.device)  # what `ctrltok train` picks for model.attn
     model.set_attn_implementation(impl)
+    if compile:  # train.compile: true, as in recipes/*-cpu.yaml; compiled during the warm-up steps
+        if compile_unavailable():
+            raise RuntimeError(f"torch.compile does not work here: {compile_unavailable()}")
+        compile_blocks(model)
     loss_model = LossModel(model)
     loss_model.train()
     params = [p for p in loss_model.parameters() if p.requires_grad]
@@ -279,7 +286,7 @@ def _counting(trainer_cls, gate: Gate):
     return Counting, Close()
 
 
-def run_trl(gate: Gate, model, tokenizer, convs, args) -> None:
+def run_trl(gate: Gate, model, tokenizer, convs, args, compile: bool = False) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -287,7 +294,8 @@ def run_trl(gate: Gate, model, tokenizer, convs, args) -> None:
     cls, close = _counting(SFTTrainer, gate)
     with tempfile.TemporaryDirectory() as out:
         cfg = _training_args(SFTConfig, out, args, assistant_only_loss=True, completion_only_loss=None, packing=False,
-                             padding_free=False, max_length=args.max_length, dataset_num_proc=None)
+                             padding_free=False, max_length=args.max_length, dataset_num_proc=None,
+                             torch_compile=compile)
         trainer = cls(model=model, args=cfg, train_dataset=Dataset.from_list([{"messages": m} for m in convs]),
                       processing_class=tokenizer, callbacks=[close])
         trainer.train()
@@ -324,12 +332,16 @@ def worker(conn, name: str, args) -> None:
         try:
             if name == "ctrltok packed":
                 run_ctrltok(gate, model, tokenizer, examples, args, packed=True)
+            elif name == "ctrltok packed, eager":
+                run_ctrltok(gate, model, tokenizer, examples, args, packed=True, compile=False)
             elif name == "ctrltok packed, dense mask":
                 run_ctrltok(gate, model, tokenizer, examples, args, packed=True, attn="sdpa")
             elif name == "ctrltok padded":
                 run_ctrltok(gate, model, tokenizer, examples, args, packed=False)
             elif name == "TRL SFTTrainer padded":
                 run_trl(gate, model, tokenizer, convs, args)
+            elif name == "TRL SFTTrainer padded, compiled":
+                run_trl(gate, model, tokenizer, convs, args, compile=True)
             else:
                 run_hf(gate, model, tokenizer, examples, args)
             raise RuntimeError(f"{name}: training ended before the parent said stop (too few max_steps)")
@@ -364,7 +376,7 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
           f"(padded: {args.steps} steps of {args.batch}; packed: the rows they pack into); "
           f"warm-up: the {args.batch * args.warmup} before them; medians over rounds")
     print(f"matmul 2048x2048 fp32: median {peak:.0f} GFLOP/s (min {min(peaks):.0f}, max {max(peaks):.0f})\n")
-    header = (f"{'contender':<30}{'batch':>12}{'steps/round':>12}{'sup tok/s':>11}{'input tok/s':>13}{'sup/input':>11}"
+    header = (f"{'contender':<34}{'batch':>12}{'steps/round':>12}{'sup tok/s':>11}{'input tok/s':>13}{'sup/input':>11}"
               f"{'pad waste':>11}{'MFU':>8}{'peak RSS':>11}")
     print(header)
     print("-" * len(header))
@@ -378,7 +390,7 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
         med[name] = sup
         batch = f"1x{args.row_length}" if name.startswith("ctrltok packed") else f"{args.batch}x<={args.max_length}"
         steps = statistics.median(x["steps"] for x in rs)
-        print(f"{name:<30}{batch:>12}{steps:>12g}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
+        print(f"{name:<34}{batch:>12}{steps:>12g}{sup:>11.1f}{inp:>13.1f}{sup / inp:>11.2f}{waste:>10.0%}"
               f"{flops / (peak * 1e9):>8.1%}{rss.get(name, float('nan')):>9.0f}MB")
     targets = {name: [x["supervised"] for x in results[name]] for name in names}
     same = len({tuple(t) for t in targets.values()}) == 1
@@ -396,7 +408,9 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
 
     print()
     ratio("ctrltok packed", "TRL SFTTrainer padded", ">= 2x")
+    ratio("ctrltok packed", "TRL SFTTrainer padded, compiled")
     ratio("ctrltok packed", "transformers Trainer padded")
+    ratio("ctrltok packed", "ctrltok packed, eager")
     ratio("ctrltok packed", "ctrltok packed, dense mask")
     ratio("ctrltok packed", "ctrltok padded")
 
@@ -414,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
-    ap.add_argument("--only", nargs="*", choices=CONTENDERS, help="run only these contenders")
+    ap.add_argument("--only", nargs="*", choices=CONTENDERS + OPTIONAL,
+                    help="run only these contenders (the optional ones run only when named here)")
     args = ap.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         ap.error("--warmup, --steps and --rounds must be >= 1")

@@ -46,6 +46,7 @@ from transformers import get_scheduler
 
 from ctrltok import checkpoint as ckpt
 from ctrltok.attention import VARLEN, build_mask, loading_attention, training_attention
+from ctrltok.compiling import compile_blocks, compile_unavailable, uncompile_blocks
 from ctrltok.config import Recipe
 from ctrltok.dataset import build_examples
 from ctrltok.example import IGNORE, Example
@@ -110,6 +111,17 @@ def apply_lora(model, recipe: Recipe, surgery: Surgery):
         raise RuntimeError("LoRA would leave the new token rows frozen (no trainable_tokens adapter on embed_tokens); "
                            "the new tokens would never learn their meaning")
     return peft_model
+
+
+def compile_for_training(model, recipe: Recipe) -> str:
+    """``train.compile``: compile the decoder layers' MLPs and norms, or say why not (training goes
+    on uncompiled, with a warning: a missing C++ compiler should not cost the user the run)."""
+    reason = compile_unavailable()
+    if reason is not None:
+        warnings.warn(f"{recipe.source}: train.compile is on but torch.compile does not work here ({reason}); "
+                      "training uncompiled", RuntimeWarning, stacklevel=2)
+        return f"off ({reason})"
+    return f"{compile_blocks(model)} modules (MLPs and norms of the decoder layers)"
 
 
 class LossModel(torch.nn.Module):
@@ -304,6 +316,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
         model.gradient_checkpointing_enable()
     if recipe.lora.enabled:
         model = apply_lora(model, recipe, surgery)
+    compiled = compile_for_training(model, recipe) if recipe.train.compile else "off"
     head = None
     if recipe.data.kind == "epe":
         from ctrltok.heads import ConstitutionHead
@@ -350,7 +363,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     if main:
         summary = {"event": "setup", "step": start, "rows": len(rows), "eval_rows": len(eval_rows),
                    "records": encoded.records, "skips": encoded.skips.summary(), "pack": pack_stats,
-                   "total_steps": total_steps, "processes": world, "attention": impl, "new_ids": surgery.new_ids,
+                   "total_steps": total_steps, "processes": world, "attention": impl, "compile": compiled, "new_ids": surgery.new_ids,
                    "trainable_params": sum(p.numel() for p in loss_model.parameters() if p.requires_grad)}
         if start == 0:
             _log(metrics_path, summary)
@@ -412,7 +425,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
             _log(metrics_path, {"step": total_steps, **final_eval})
         save_final(out_dir, accelerator.unwrap_model(loss_model), tokenizer, surgery, recipe,
                    {"pack": pack_stats, "skips": encoded.skips.summary(), "records": encoded.records,
-                    "steps": total_steps, "processes": world, "attention": impl, **final_eval})
+                    "steps": total_steps, "processes": world, "attention": impl, "compile": compiled,
+                    **final_eval})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -442,6 +456,7 @@ def _progress(enabled: bool, total: int, start: int, name: str):
 def save_final(out_dir: Path, loss_model: LossModel, tokenizer, surgery: Surgery, recipe: Recipe, summary: dict) -> None:
     """The deliverable: a plain HF checkpoint in out_dir (LoRA merged), card, curves, manifest last."""
     model = loss_model.model
+    uncompile_blocks(model)  # the saved model and any later use in this process run eager
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if model.config._attn_implementation == VARLEN:  # a training path (no KV cache): reload-equivalent sdpa
