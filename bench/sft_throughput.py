@@ -10,10 +10,12 @@ AdamW is each library's default: fused (``torch.optim.AdamW(fused=True)``) for a
 
 | contender | one optimizer step |
 |---|---|
-| ctrltok packed | one row of <= 1024 tokens (best-fit decreasing ``pack`` of the whole set, rows in ``train.step_rows`` order), documents isolated by the attention ``train`` uses by default (``model.attn: auto``: per-document SDPA on CPU), ``LossModel`` (LM head on supervised positions only) |
-| ctrltok packed, dense mask | the same rows behind an explicit block-diagonal ``[T, T]`` mask in one SDPA call (``model.attn: sdpa``) |
-| ctrltok padded | 2 conversations padded to the longer one (``pad_batch``), same ``LossModel``, default attention |
+| ctrltok packed | one row of <= 1024 tokens (best-fit decreasing ``pack`` of the round's conversations), documents isolated by the attention ``train`` uses by default (``model.attn: auto``: per-document SDPA on CPU), ``LossModel`` (LM head on supervised positions only), ``train.compile: true`` (the decoder layers' MLPs and norms through inductor, compiled during the warm-up) |
+| ctrltok packed, eager | the same, ``train.compile: false`` (the default) |
+| ctrltok packed, dense mask (optional) | the same rows behind an explicit block-diagonal ``[T, T]`` mask in one SDPA call (``model.attn: sdpa``), compiled |
+| ctrltok padded | 2 conversations padded to the longer one (``pad_batch``), same ``LossModel``, default attention, compiled |
 | TRL SFTTrainer | 2 conversations padded to the longer one; ``assistant_only_loss=True`` with our ``default`` template plus ``{% generation %}`` markers (``bench/encode.py``); ``bf16=False`` and ``gradient_checkpointing=False`` (TRL turns both on by default), ``packing=False``, ``padding_free=False`` |
+| TRL SFTTrainer padded, compiled (optional) | the same with ``torch_compile=True`` (the whole model through inductor) |
 | transformers Trainer | 2 conversations padded to the longer one (``DataCollatorForSeq2Seq``), labels -100 off the assistant turns (from ctrltok's encoder), the model's own loss |
 
 So the global batch is <= 1024 tokens for every contender (packed 1 x 1024 vs padded 2 x 512).
@@ -35,6 +37,7 @@ FLOP/s, ``6 * params * input tokens + 6 * layers * d_attn * n^2`` per document o
 
     python bench/sft_throughput.py --tiny                       # a quick run, random tiny Llama
     nohup python bench/sft_throughput.py > /tmp/sft_bench.log 2>&1 &    # SmolLM2-135M, 10-20 min
+    python bench/sft_throughput.py --only "ctrltok packed" "TRL SFTTrainer padded" "TRL SFTTrainer padded, compiled"
 
 Target (issue 3): ctrltok packed >= 2x TRL padded in supervised tokens/s.
 """
@@ -58,9 +61,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode import DEFAULT_WITH_GENERATION, SHARED, TOKENIZER, lima, shipped  # noqa: E402
 
-CONTENDERS = ("ctrltok packed", "ctrltok packed, eager", "ctrltok packed, dense mask", "ctrltok padded",
-              "TRL SFTTrainer padded", "transformers Trainer padded")
-OPTIONAL = ("TRL SFTTrainer padded, compiled",)  # --only it: TRL with torch_compile=True
+CONTENDERS = ("ctrltok packed", "ctrltok packed, eager", "ctrltok padded", "TRL SFTTrainer padded",
+              "transformers Trainer padded")
+# Run only when named with --only (each process holds ~5 GB: six or more at once exhaust 24 GiB).
+OPTIONAL = ("ctrltok packed, dense mask", "TRL SFTTrainer padded, compiled")
 
 
 # -- data and model (built identically in every worker) -------------------------------------------
@@ -233,7 +237,7 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn
     accelerator = Accelerator(cpu=True)
     impl = training_attention(attn, accelerator.device)  # what `ctrltok train` picks for model.attn
     model.set_attn_implementation(impl)
-    if compile:  # train.compile: true, as in recipes/*-cpu.yaml; compiled during the warm-up steps
+    if compile:  # train.compile: true; compiled during the warm-up steps
         if compile_unavailable():
             raise RuntimeError(f"torch.compile does not work here: {compile_unavailable()}")
         compile_blocks(model)
@@ -417,8 +421,8 @@ def report(args, names: list[str], results: dict[str, list[dict]], peaks: list[f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny Llama with the real tokenizer (fast)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8,
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=16,
                     help="padded optimizer steps per round (the round's conversations: --steps x --batch)")
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
     ap.add_argument("--max-length", type=int, default=512, help="tokens kept per conversation")
