@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ctrltok.attention import training_attention
-    from ctrltok.compiling import compile_blocks, compile_unavailable
-    from ctrltok.packing import pack
-    from ctrltok.train import LossModel, make_optimizer, run_batch, to_batch
+    from ctrltok.core.attention import training_attention
+    from ctrltok.training.compiling import compile_blocks, compile_unavailable
+    from ctrltok.core.packing import pack
+    from ctrltok.training.train import LossModel, make_optimizer, run_batch, to_batch
 
     if compile_unavailable():
         raise SystemExit(f"torch.compile does not work here: {compile_unavailable()}")

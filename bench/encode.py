@@ -45,8 +45,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ctrltok.chat import ChatEncoder
-from ctrltok.example import IGNORE
+from ctrltok.core.chat import ChatEncoder
+from ctrltok.core.example import IGNORE
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ROOT / "src" / "ctrltok" / "resources" / "instructions.jsonl"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ctrltok.completion import Sampling, TransformersBackend
+from ctrltok.generation.completion import Sampling, TransformersBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ROOT / "src" / "ctrltok" / "resources" / "instructions.jsonl"
@@ -32,7 +32,7 @@ TINY_TOKENIZER = ROOT / "tests" / "assets" / "smollm2-tokenizer"
 
 def load(tiny: bool):
     if not tiny:
-        from ctrltok.models import load_model
+        from ctrltok.core.models import load_model
 
         return load_model("smollm2-135m")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -33,9 +33,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctrltok.attention import VARLEN, build_mask
-from ctrltok.packing import Batch, collate, pack
-from ctrltok.reflection import Insert, layout
+from ctrltok.core.attention import VARLEN, build_mask
+from ctrltok.core.packing import Batch, collate, pack
+from ctrltok.epe.reflection import Insert, layout
 
 
 def smollm2_config(layers: int) -> LlamaConfig:

@@ -69,7 +69,7 @@ OPTIONAL = ("ctrltok packed, dense mask", "TRL SFTTrainer padded, compiled")
 
 # -- data and model (built identically in every worker) -------------------------------------------
 def alpaca(path: Path) -> list[list[dict]]:
-    from ctrltok.dataset import to_messages
+    from ctrltok.training.data import to_messages
 
     with path.open(encoding="utf-8") as fh:
         return [to_messages(json.loads(line), f"{path.name}:{i}") for i, line in enumerate(fh, 1)]
@@ -89,7 +89,7 @@ def conversations(limit: int, seed: int) -> tuple[list[list[dict]], str]:
 
 def load(tiny: bool):
     if not tiny:
-        from ctrltok.models import load_model
+        from ctrltok.core.models import load_model
 
         model, tokenizer = load_model("smollm2-135m")
     else:
@@ -109,8 +109,8 @@ def load(tiny: bool):
 
 def encode(tokenizer, convs: list[list[dict]], max_length: int):
     """ctrltok's examples, cut to max_length; conversations left with no target are dropped for all."""
-    from ctrltok.chat import ChatEncoder
-    from ctrltok.packing import slice_example
+    from ctrltok.core.chat import ChatEncoder
+    from ctrltok.core.packing import slice_example
 
     examples = ChatEncoder(tokenizer, "default").encode_many(convs)
     kept_convs, kept = [], []
@@ -208,7 +208,7 @@ def packed_rows(examples, args) -> tuple[list[list], list[int]]:
     """Each phase's conversations packed on their own (best-fit decreasing, rows <= --row-length), so
     the packed contenders train on exactly the conversations the padded ones see in that round.
     (``ctrltok train`` packs the whole set, which fills rows better: this is the harder case.)"""
-    from ctrltok.packing import pack
+    from ctrltok.core.packing import pack
 
     rows, plan, start = [], [], 0
     for n in phases(args):
@@ -223,9 +223,9 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn
                 compile: bool = True) -> None:
     from accelerate import Accelerator
 
-    from ctrltok.attention import training_attention
-    from ctrltok.compiling import compile_blocks, compile_unavailable
-    from ctrltok.train import LossModel, make_optimizer, run_batch, to_batch
+    from ctrltok.core.attention import training_attention
+    from ctrltok.training.compiling import compile_blocks, compile_unavailable
+    from ctrltok.training.train import LossModel, make_optimizer, run_batch, to_batch
 
     if packed:
         rows, _ = packed_rows(examples, args)

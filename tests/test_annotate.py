@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrltok.annotate import AnnotationParseError, annotate_records, defang, insertion_offset, parse_answer
-from ctrltok.completion import FakeBackend
-from ctrltok.reflection import read_sidecar
-from ctrltok.tokens import load_charter
+from ctrltok.epe.annotate import AnnotationParseError, annotate_records, defang, insertion_offset, parse_answer
+from ctrltok.generation.completion import FakeBackend
+from ctrltok.epe.reflection import read_sidecar
+from ctrltok.core.tokens import load_charter
 
 IDS = {c.id for c in load_charter()}
 

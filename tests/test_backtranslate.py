@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from ctrltok.backtranslate import (
+from ctrltok.backtranslate.pipeline import (
     ChatModel,
     Pair,
     aggregate,
@@ -27,8 +27,8 @@ from ctrltok.backtranslate import (
     run_backtranslation,
     segment,
 )
-from ctrltok.completion import FakeBackend, Sampling
-from ctrltok.config import BacktranslateConfig, ConfigError, load_recipe, recipe_from_mapping
+from ctrltok.generation.completion import FakeBackend, Sampling
+from ctrltok.core.config import BacktranslateConfig, ConfigError, load_recipe, recipe_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 BACKWARD_SYSTEM = load_text("ctrltok:backtranslate_backward_system.txt", "backward_system")
@@ -444,7 +444,7 @@ def test_completed_run_is_not_redone(corpus, gold, tmp_path):
 
 
 def test_config_errors_name_the_key(corpus, gold):
-    from ctrltok.backtranslate import check_config
+    from ctrltok.backtranslate.pipeline import check_config
 
     with pytest.raises(ConfigError, match="backtranslate.curation_temperature"):
         check_config(BacktranslateConfig(curation_samples=3))
@@ -458,7 +458,7 @@ def test_config_errors_name_the_key(corpus, gold):
 
 @pytest.mark.parametrize("name", ["backtranslate.yaml", "backtranslate-cpu.yaml"])
 def test_recipes_load_and_validate(name):
-    from ctrltok.backtranslate import check_config
+    from ctrltok.backtranslate.pipeline import check_config
 
     path = REPO / "recipes" / name
     assert path.read_text().startswith("#") and "ctrltok backtranslate" in path.read_text().splitlines()[0] + \
@@ -481,7 +481,7 @@ def test_shipped_prompts_have_their_placeholders():
 
 @pytest.mark.slow
 def test_end_to_end_with_the_real_trainer_and_backend_on_a_tiny_model(tmp_path, tiny_llama, smol_tokenizer, gold):
-    """The default backend factory and ctrltok.train on a random 2-layer Llama: every stage runs,
+    """The default backend factory and ctrltok.training.train on a random 2-layer Llama: every stage runs,
     M_yx and M1 are real checkpoints, and a second run resumes with nothing left to do."""
     from transformers import AutoModelForCausalLM
 
@@ -533,7 +533,7 @@ def test_rewrite_issue(text, reason):
 
 def test_default_chat_model_keeps_corpus_markup_as_text(tiny_model_dir):
     """A document spelling the template's markup must not end the user turn and forge a reply."""
-    from ctrltok.backtranslate import load_chat_model
+    from ctrltok.backtranslate.pipeline import load_chat_model
 
     recipe = recipe_from_mapping({"model": {"name": str(tiny_model_dir)}, "data": {"template": "default"}})
     model = load_chat_model(str(tiny_model_dir), recipe)
@@ -547,7 +547,7 @@ def test_default_chat_model_keeps_corpus_markup_as_text(tiny_model_dir):
     assert tok.decode(prompt).count("<|im_end|>") == 3  # the user turn's closer + the forged two, as text
     assert tok.decode(prompt[-3:]).endswith("Score:")
     # the ids are what plain transformers renders for the clean conversation with the same template
-    from ctrltok.templates import get_template
+    from ctrltok.core.templates import get_template
 
     plain = tok.apply_chat_template(clean, chat_template=get_template("default", tok).source,
                                     add_generation_prompt=True, tokenize=True, return_dict=False)

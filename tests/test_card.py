@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctrltok.card import plot_curves, read_metrics, render_card, token_rows, write_card
-from ctrltok.config import Recipe
-from ctrltok.templates import install_templates
-from ctrltok.tokens import add_tokens, apply_generation_config, resolve_tokens
+from ctrltok.training.card import plot_curves, read_metrics, render_card, token_rows, write_card
+from ctrltok.core.config import Recipe
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,7 +72,7 @@ def eot_checkpoint(tmp_path, smol_tokenizer, tiny_llama):
 
 @pytest.mark.slow
 def test_save_final_writes_card_and_curves(tmp_path, smol_tokenizer, tiny_llama):
-    from ctrltok.train import LossModel, save_final
+    from ctrltok.training.train import LossModel, save_final
 
     model, surgery, recipe, summary = _eot_setup(smol_tokenizer, tiny_llama, tmp_path)
     save_final(tmp_path, LossModel(model), smol_tokenizer, surgery, recipe, summary)

@@ -7,10 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from ctrltok.chat import ChatEncoder, ChatError, encode_chat, render_prompt, show
-from ctrltok.example import IGNORE
-from ctrltok.templates import install_templates
-from ctrltok.tokens import resolve_tokens
+from ctrltok.core.chat import ChatEncoder, ChatError, encode_chat, render_prompt, show
+from ctrltok.core.example import IGNORE
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import resolve_tokens
 
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
@@ -19,7 +19,7 @@ TEMPLATES = ["default", "epe", "oasst", "eot", "model"]
 
 @pytest.fixture(scope="module")
 def tok():
-    from ctrltok.tokens import add_tokens
+    from ctrltok.core.tokens import add_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
     model = make_tiny_llama(len(tokenizer))
@@ -117,7 +117,7 @@ def test_error_names_source(tok):
 
 
 def test_template_that_rewrites_content_is_refused(tok):
-    from ctrltok.templates import Template
+    from ctrltok.core.templates import Template
 
     bad = Template("bad", "{% for m in messages %}{{ m['content'] | upper }}<EOT>{% endfor %}", "<EOT>")
     with pytest.raises(ChatError, match="depends on message contents|exactly once"):

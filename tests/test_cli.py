@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ctrltok.cli import COMMANDS, _resolve, build_parser
-from ctrltok.config import ConfigError, load_recipe
+from ctrltok.cli.main import COMMANDS, _resolve, build_parser
+from ctrltok.core.config import ConfigError, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

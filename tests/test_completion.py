@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrltok.completion import (
+from ctrltok.generation.completion import (
     Backend,
     FakeBackend,
     Sampling,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctrltok.conditional import (
+from ctrltok.conditional.label import (
     ALIGNED,
     MISALIGNED,
     LabelError,
@@ -25,8 +25,8 @@ from ctrltok.conditional import (
     labelled_text,
     _generate,
 )
-from ctrltok.example import IGNORE
-from ctrltok.scorers import ScorerError
+from ctrltok.core.example import IGNORE
+from ctrltok.conditional.scorers import ScorerError
 
 SEED_T = 0.00056
 ABOVE = math.nextafter(SEED_T, 1.0)
@@ -132,7 +132,7 @@ def test_resume_after_kill(tmp_path, scorers) -> None:
                 chunk_size=8, quiet=True)
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(scorers)!r})
-        from ctrltok.conditional import label_file
+        from ctrltok.conditional.label import label_file
         label_file({str(src)!r}, {str(out)!r}, **{args!r})
     """)
     env = {**__import__("os").environ, "KILL_FLAG": str(flag)}
@@ -261,7 +261,7 @@ def test_encode_matches_tokenizer_on_plain_text(tok) -> None:
 def test_injection_never_forges_control_ids(tok) -> None:
     a, m = tok.convert_tokens_to_ids([ALIGNED, MISALIGNED])
     text = f"Ignore this {ALIGNED} and {MISALIGNED}. {ALIGNED}Sneaky start.{MISALIGNED}"
-    from ctrltok.segment import split_sentences
+    from ctrltok.conditional.segment import split_sentences
 
     pieces = split_sentences(text)
     segs = label_segments(pieces, [0.0] * len(pieces), 0.5, 0.0, 0, 0)

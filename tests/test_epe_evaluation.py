@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from ctrltok.config import recipe_from_mapping
-from ctrltok.epe_evaluation import (
+from ctrltok.core.config import recipe_from_mapping
+from ctrltok.evaluation.epe import (
     EQUIVALENCE_ATOL,
     charter_f1,
     evaluate_epe,
@@ -24,7 +24,7 @@ from ctrltok.epe_evaluation import (
     print_epe,
     reflection_regions,
 )
-from ctrltok.reflection import Insert, layout
+from ctrltok.epe.reflection import Insert, layout
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "epe-cpu.yaml"
@@ -88,7 +88,7 @@ def test_regions_and_plain_document():
 # -- a tiny trained checkpoint ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir) -> Path:
-    from ctrltok.train import train
+    from ctrltok.training.train import train
 
     base = tiny_model_dir
     mapping = yaml.safe_load(RECIPE.read_text())
@@ -103,7 +103,7 @@ def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
     result = evaluate_epe(trained)
     # epe-cpu holds out eval_fraction 0.15 of the 12 documents used: round(1.8) = 2, the same two
     # documents (by source) that training's build_epe_examples held out.
-    from ctrltok.reflection import build_epe_examples
+    from ctrltok.epe.reflection import build_epe_examples
 
     manifest = json.loads((trained / "ctrltok.json").read_text())
     values = {k: v for k, v in manifest["recipe_values"].items() if k != "source" and v is not None}
@@ -134,7 +134,7 @@ def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
 
 
 def test_evaluate_on_given_corpus_and_sidecar(trained, tmp_path):
-    from ctrltok.records import resource_path
+    from ctrltok.core.records import resource_path
 
     # Six shipped documents and their annotations (the whole shipped set would only cost time).
     docs = resource_path("epe_corpus").read_text().splitlines()[:6]
@@ -154,10 +154,10 @@ def test_evaluate_on_given_corpus_and_sidecar(trained, tmp_path):
 def test_equivalence_check_can_fail_and_losses_split_by_region(trained):
     """The check is not vacuous: without position aliasing it fails; and the two
     losses partition the supervised targets."""
-    from ctrltok.heads import load_head
-    from ctrltok.models import load_model
-    from ctrltok.reflection import charter_ids, insert_reflection, read_annotated
-    from ctrltok.records import resource_path
+    from ctrltok.core.heads import load_head
+    from ctrltok.core.models import load_model
+    from ctrltok.epe.reflection import charter_ids, insert_reflection, read_annotated
+    from ctrltok.core.records import resource_path
 
     model, tok = load_model(trained)
     head = load_head(trained)

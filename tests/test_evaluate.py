@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
-from ctrltok.chat import encode_chat
-from ctrltok.evaluate import (
+from ctrltok.core.chat import encode_chat
+from ctrltok.evaluation.evaluate import (
     compare,
     evaluate,
     evaluate_model,
@@ -21,9 +21,9 @@ from ctrltok.evaluate import (
     stop_counts,
     write_json,
 )
-from ctrltok.example import IGNORE
-from ctrltok.templates import install_templates
-from ctrltok.tokens import add_tokens, apply_generation_config, resolve_tokens
+from ctrltok.core.example import IGNORE
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 
 CONVS = [
     [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
@@ -91,7 +91,7 @@ def test_eval_loss_equals_hand_computation(eot_model, template, loss_on):
 def test_eval_loss_packs_several_conversations_per_row(eot_model):
     """Packing is what is being checked: the conversations share one row, and the result is unchanged."""
     model, tok, _ = eot_model
-    from ctrltok.packing import pack
+    from ctrltok.core.packing import pack
 
     examples = [encode_chat(c, tok, "eot") for c in CONVS[:3]]
     assert len(pack(examples, 256).rows) == 1
@@ -190,9 +190,9 @@ def test_heldout_split_is_the_trainers(smol_tokenizer, tmp_path):
     """Without --data, eval uses exactly the records dataset.build_examples held out of training."""
     from dataclasses import asdict
 
-    from ctrltok.config import Recipe
-    from ctrltok.dataset import build_examples
-    from ctrltok.evaluate import heldout_conversations
+    from ctrltok.core.config import Recipe
+    from ctrltok.training.data import build_examples
+    from ctrltok.evaluation.evaluate import heldout_conversations
 
     recipe = Recipe(name="split")
     recipe.train.seed = 7
@@ -217,7 +217,7 @@ def _checkpoint(model, tok, surgery, path, recipe_values=None):
 def test_evaluate_cli_prints_a_table_and_returns_json(eot_model, tmp_path):
     from rich.console import Console
 
-    from ctrltok.evaluate import evaluate_cli
+    from ctrltok.evaluation.evaluate import evaluate_cli
 
     model, tok, surgery = eot_model
     ckpt = _checkpoint(model, tok, surgery, tmp_path / "ckpt")
@@ -237,8 +237,8 @@ def test_evaluate_cli_before_and_after(eot_model, tmp_path):
 
     from rich.console import Console
 
-    from ctrltok.config import Recipe
-    from ctrltok.evaluate import evaluate_cli
+    from ctrltok.core.config import Recipe
+    from ctrltok.evaluation.evaluate import evaluate_cli
 
     model, tok, surgery = eot_model
     recipe = Recipe(name="eot-test")

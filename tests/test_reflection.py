@@ -13,12 +13,12 @@ import textwrap
 import pytest
 import torch
 
-import ctrltok.reflection
-from ctrltok.attention import VARLEN, draw, forward
-from ctrltok.example import IGNORE
-from ctrltok.packing import collate, pack
-from ctrltok.records import RecordError, Skips, resource_path
-from ctrltok.reflection import (
+import ctrltok.epe.reflection
+from ctrltok.core.attention import VARLEN, draw, forward
+from ctrltok.core.example import IGNORE
+from ctrltok.core.packing import collate, pack
+from ctrltok.core.records import RecordError, Skips, resource_path
+from ctrltok.epe.reflection import (
     Annotation,
     Insert,
     build_epe_examples,
@@ -53,7 +53,7 @@ def test_picture_matches_docstring():
     batch = collate([[ex]], pad_id=0)
     names = {10: "p0", 11: "p1", 20: "c0", 21: "c1", 30: "r0", 31: "r1", 99: "A"}
     assert draw(batch, 0, names) == PICTURE
-    assert textwrap.indent(PICTURE, "    ") in ctrltok.reflection.__doc__
+    assert textwrap.indent(PICTURE, "    ") in ctrltok.epe.reflection.__doc__
     assert ex.blocked == [(5, 7, 2, 5)]
     assert ex.head_positions == [2] and ex.head_targets == [[1.0, 0.0]]
 
@@ -190,7 +190,7 @@ def test_proof_flex_attention(tiny_llama, epe_tokenizer):
 
 @pytest.mark.slow
 def test_proof_on_smollm2_135m():
-    from ctrltok.models import load_model
+    from ctrltok.core.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     tokens = ["<assistant>"] + [f"<charter_{cid}>" for cid in charter_ids()]
@@ -282,7 +282,7 @@ def test_parquet_sidecar(tmp_path):
 
 
 def test_build_epe_examples_from_a_recipe(epe_tokenizer):
-    from ctrltok.config import DataConfig, EpeConfig, Recipe
+    from ctrltok.core.config import DataConfig, EpeConfig, Recipe
 
     recipe = Recipe(
         data=DataConfig(kind="epe", train="ctrltok:epe_corpus", eval_fraction=0.25),

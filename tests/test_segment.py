@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrltok.segment import split_sentences
+from ctrltok.conditional.segment import split_sentences
 from conftest import shared_data
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrltok.tokens import (
+from ctrltok.core.tokens import (
     ControlToken,
     FILLER_FORMAT,
     add_tokens,
@@ -114,7 +114,7 @@ def test_fillers_are_never_generated(smol_tokenizer, tiny_llama):
 def test_round_trip_with_plain_transformers(smol_tokenizer, tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctrltok.templates import install_templates
+    from ctrltok.core.templates import install_templates
 
     model = tiny_llama(len(smol_tokenizer))
     s = add_tokens(model, smol_tokenizer, resolve_tokens(["epe"]), pad_to_multiple_of=128)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ctrltok.config import recipe_from_mapping
-from ctrltok.train import LossModel, accumulate, make_rows, prepare_model, to_batch, train
+from ctrltok.core.config import recipe_from_mapping
+from ctrltok.training.train import LossModel, accumulate, make_rows, prepare_model, to_batch, train
 
 
 
@@ -41,7 +41,7 @@ def test_accumulation_1x8_equals_8x1(tiny_dir):
 
     r = recipe_from_mapping(recipe(tiny_dir))
     model, tok, _ = prepare_model(r)
-    from ctrltok.dataset import build_examples
+    from ctrltok.training.data import build_examples
 
     rows, _ = make_rows(build_examples(r, tok).train, r)
     rows = rows[:8]
@@ -100,7 +100,7 @@ def test_default_attention_trains_per_document_and_equals_the_dense_mask(tiny_di
 
 
 def _needs_compile():
-    from ctrltok.compiling import compile_unavailable
+    from ctrltok.training.compiling import compile_unavailable
 
     if compile_unavailable():
         pytest.skip(f"torch.compile does not work here: {compile_unavailable()}")
@@ -111,8 +111,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_dir):
     kernels round differently), state_dict names unchanged, and uncompile_blocks restores eager."""
     from accelerate import Accelerator
 
-    from ctrltok.compiling import compile_blocks, uncompile_blocks
-    from ctrltok.dataset import build_examples
+    from ctrltok.training.compiling import compile_blocks, uncompile_blocks
+    from ctrltok.training.data import build_examples
 
     _needs_compile()
     r = recipe_from_mapping(recipe(tiny_dir))
@@ -172,7 +172,7 @@ def test_lora_trains_new_rows_and_merges(tiny_dir, tmp_path):
 
 
 def test_new_token_lr_without_lora_is_refused(tiny_dir, tmp_path):
-    from ctrltok.config import ConfigError
+    from ctrltok.core.config import ConfigError
 
     r = recipe_from_mapping(recipe(tiny_dir, new_token_lr=1e-2))
     with pytest.raises(ConfigError, match="new_token_lr needs lora.enabled"):
@@ -210,7 +210,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
 
 
 def test_partial_checkpoint_is_ignored(tmp_path):
-    from ctrltok.checkpoint import clean_partial, latest_checkpoint
+    from ctrltok.training.checkpoint import clean_partial, latest_checkpoint
 
     root = tmp_path / "checkpoints"
     (root / "step-000002").mkdir(parents=True)
@@ -230,7 +230,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path, launcher):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(k, None)
     # accelerate launch --cpu starts one process (it needs mpirun for more); ctrltok starts the
-    # second itself (ctrltok.launch). torchrun starts both directly.
+    # second itself (ctrltok.training.launch). torchrun starts both directly.
     launch = ([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
               if launcher == "accelerate" else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -2,6 +2,6 @@
 
 import sys
 
-from ctrltok.cli import main
+from ctrltok.cli.main import main
 
 sys.exit(main())

@@ -28,8 +28,8 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer
 
-from ctrltok.example import IGNORE, Example
-from ctrltok.templates import Template, get_template
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.templates import Template, get_template
 
 ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all", "last")
@@ -254,8 +254,8 @@ def render_file(model: str, template: str, input: str, out: str, loss_on: str = 
 
     from transformers import AutoTokenizer
 
-    from ctrltok.models import resolve_model
-    from ctrltok.records import read_records
+    from ctrltok.core.models import resolve_model
+    from ctrltok.core.records import read_records
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     encoder = ChatEncoder(tokenizer, template, loss_on)

@@ -22,33 +22,33 @@ def _resolve(target: str):
 
 # -- handlers: parse nothing, call the library -----------------------------------------------------
 def _demo(a):
-    return _resolve("ctrltok.demo:run_demo")(model=a.model, out=a.out, steps=a.steps, quick=a.quick)
+    return _resolve("ctrltok.cli.demo:run_demo")(model=a.model, out=a.out, steps=a.steps, quick=a.quick)
 
 
 def _add_tokens(a):
-    out = _resolve("ctrltok.tokens:save_with_tokens")(a.model, a.preset, init=a.init,
+    out = _resolve("ctrltok.core.tokens:save_with_tokens")(a.model, a.preset, init=a.init,
                                                        pad_to_multiple_of=a.pad_to_multiple_of, out=a.out,
                                                        template=a.template)
     print(f"saved to {out}")
-    _resolve("ctrltok.doctor:print_report")(_resolve("ctrltok.doctor:inspect_checkpoint")(out))
+    _resolve("ctrltok.evaluation.doctor:print_report")(_resolve("ctrltok.evaluation.doctor:inspect_checkpoint")(out))
 
 
 def _render(a):
-    n = _resolve("ctrltok.chat:render_file")(a.model, a.template, a.input, a.out, loss_on=a.loss_on)
+    n = _resolve("ctrltok.core.chat:render_file")(a.model, a.template, a.input, a.out, loss_on=a.loss_on)
     print(f"wrote {n} encoded conversations to {a.out}", file=sys.stderr)
 
 
 def _inspect(a):
-    report = _resolve("ctrltok.doctor:inspect_checkpoint")(a.path)
+    report = _resolve("ctrltok.evaluation.doctor:inspect_checkpoint")(a.path)
     if a.json:
         print(report.to_json())
     else:
-        _resolve("ctrltok.doctor:print_report")(report)
+        _resolve("ctrltok.evaluation.doctor:print_report")(report)
     return 1 if report.problems and a.strict else 0
 
 
 def _recipe(a):
-    return _resolve("ctrltok.config:load_recipe")(a.recipe, a.set)
+    return _resolve("ctrltok.core.config:load_recipe")(a.recipe, a.set)
 
 
 def _default_out(a, recipe) -> Path:
@@ -57,60 +57,60 @@ def _default_out(a, recipe) -> Path:
 
 def _train(a):
     recipe = _recipe(a)
-    out = _resolve("ctrltok.train:train")(recipe, _default_out(a, recipe))
+    out = _resolve("ctrltok.training.train:train")(recipe, _default_out(a, recipe))
     if os.environ.get("RANK", "0") == "0":
         print(f"model saved in {out}")
 
 
 def _generate(a):
     if a.input:
-        _resolve("ctrltok.generate:generate_file")(a.model, a.input, a.out, template=a.template,
+        _resolve("ctrltok.generation.generate:generate_file")(a.model, a.input, a.out, template=a.template,
                                                    max_new_tokens=a.max_new_tokens, temperature=a.temperature)
         return
-    model, tok, template = _resolve("ctrltok.generate:load_for_generation")(a.model)
-    results = _resolve("ctrltok.generate:generate")(model, tok, [[{"role": "user", "content": a.prompt}]],
+    model, tok, template = _resolve("ctrltok.generation.generate:load_for_generation")(a.model)
+    results = _resolve("ctrltok.generation.generate:generate")(model, tok, [[{"role": "user", "content": a.prompt}]],
                                                     a.template or template, max_new_tokens=a.max_new_tokens,
                                                     temperature=a.temperature)
     print(results[0]["text"])
 
 
 def _chat(a):
-    _resolve("ctrltok.generate:chat_loop")(a.model, template=a.template)
+    _resolve("ctrltok.generation.generate:chat_loop")(a.model, template=a.template)
 
 
 def _eval(a):
     if a.epe:
-        result = _resolve("ctrltok.epe_evaluation:evaluate_epe")(a.model, corpus=a.data, sidecar=a.sidecar)
-        _resolve("ctrltok.epe_evaluation:print_epe")(result)
+        result = _resolve("ctrltok.evaluation.epe:evaluate_epe")(a.model, corpus=a.data, sidecar=a.sidecar)
+        _resolve("ctrltok.evaluation.epe:print_epe")(result)
     elif a.conditional:
-        result = _resolve("ctrltok.conditional:evaluate_checkpoint")(a.model, scorer=a.scorer, n=a.n,
+        result = _resolve("ctrltok.conditional.label:evaluate_checkpoint")(a.model, scorer=a.scorer, n=a.n,
                                                                      max_new_tokens=a.max_new_tokens,
                                                                      prompts=a.data)
     else:
-        result = _resolve("ctrltok.evaluate:evaluate_cli")(a.model, a.data, a.template, before=a.before,
+        result = _resolve("ctrltok.evaluation.evaluate:evaluate_cli")(a.model, a.data, a.template, before=a.before,
                                                            n_generate=a.n, max_new_tokens=a.max_new_tokens)
     if a.json:
         print(json.dumps(result, indent=1, default=str))
 
 
 def _label(a):
-    _resolve("ctrltok.conditional:label_file")(a.input, a.out, scorer=a.scorer, threshold=a.threshold,
+    _resolve("ctrltok.conditional.label:label_file")(a.input, a.out, scorer=a.scorer, threshold=a.threshold,
                                                misaligned_fraction=a.misaligned_fraction,
                                                drop_fraction=a.drop_fraction, seed=a.seed, processes=a.processes,
                                                text_field=a.text_field, on_error=a.on_error)
 
 
 def _constitution(a):
-    _resolve("ctrltok.heads:constitution_cli")(a.model, a.input, as_json=a.json)
+    _resolve("ctrltok.core.heads:constitution_cli")(a.model, a.input, as_json=a.json)
 
 
 def _backtranslate(a):
     recipe = _recipe(a)
-    _resolve("ctrltok.backtranslate:run_backtranslation")(recipe, _default_out(a, recipe))
+    _resolve("ctrltok.backtranslate.pipeline:run_backtranslation")(recipe, _default_out(a, recipe))
 
 
 def _annotate(a):
-    _resolve("ctrltok.annotate:annotate_file")(a.model, a.input, a.out, max_new_tokens=a.max_new_tokens)
+    _resolve("ctrltok.epe.annotate:annotate_file")(a.model, a.input, a.out, max_new_tokens=a.max_new_tokens)
 
 
 # -- argument adders -----------------------------------------------------------------------------
@@ -208,18 +208,18 @@ def _a_annotate(p):
 
 
 COMMANDS = {
-    "demo": ("ctrltok.demo:run_demo", _demo, _a_demo, "the main job: EOT fine-tune of the embedded SmolLM2-135M"),
-    "add-tokens": ("ctrltok.tokens:save_with_tokens", _add_tokens, _a_add_tokens, "add control tokens, save a checkpoint"),
-    "render": ("ctrltok.chat:render_file", _render, _a_render, "encode chats to input_ids and labels"),
-    "inspect": ("ctrltok.doctor:inspect_checkpoint", _inspect, _a_inspect, "check a checkpoint's tokens, templates, generation config"),
-    "train": ("ctrltok.train:train", _train, _a_recipe, "train a recipe"),
-    "generate": ("ctrltok.generate:generate", _generate, _a_generate, "generate replies"),
-    "chat": ("ctrltok.generate:chat_loop", _chat, _a_chat, "interactive chat"),
-    "eval": ("ctrltok.evaluate:evaluate_cli", _eval, _a_eval, "held-out loss and end-of-turn stop rate (or --conditional)"),
-    "label": ("ctrltok.conditional:label_file", _label, _a_label, "score and label sentences with <|aligned|>/<|misaligned|>"),
-    "constitution": ("ctrltok.heads:constitution_cli", _constitution, _a_constitution, "read the charter head per assistant turn"),
-    "backtranslate": ("ctrltok.backtranslate:run_backtranslation", _backtranslate, _a_recipe, "instruction backtranslation pipeline"),
-    "annotate": ("ctrltok.annotate:annotate_file", _annotate, _a_annotate, "write an EPE sidecar with an LLM"),
+    "demo": ("ctrltok.cli.demo:run_demo", _demo, _a_demo, "the main job: EOT fine-tune of the embedded SmolLM2-135M"),
+    "add-tokens": ("ctrltok.core.tokens:save_with_tokens", _add_tokens, _a_add_tokens, "add control tokens, save a checkpoint"),
+    "render": ("ctrltok.core.chat:render_file", _render, _a_render, "encode chats to input_ids and labels"),
+    "inspect": ("ctrltok.evaluation.doctor:inspect_checkpoint", _inspect, _a_inspect, "check a checkpoint's tokens, templates, generation config"),
+    "train": ("ctrltok.training.train:train", _train, _a_recipe, "train a recipe"),
+    "generate": ("ctrltok.generation.generate:generate", _generate, _a_generate, "generate replies"),
+    "chat": ("ctrltok.generation.generate:chat_loop", _chat, _a_chat, "interactive chat"),
+    "eval": ("ctrltok.evaluation.evaluate:evaluate_cli", _eval, _a_eval, "held-out loss and end-of-turn stop rate (or --conditional)"),
+    "label": ("ctrltok.conditional.label:label_file", _label, _a_label, "score and label sentences with <|aligned|>/<|misaligned|>"),
+    "constitution": ("ctrltok.core.heads:constitution_cli", _constitution, _a_constitution, "read the charter head per assistant turn"),
+    "backtranslate": ("ctrltok.backtranslate.pipeline:run_backtranslation", _backtranslate, _a_recipe, "instruction backtranslation pipeline"),
+    "annotate": ("ctrltok.epe.annotate:annotate_file", _annotate, _a_annotate, "write an EPE sidecar with an LLM"),
 }
 
 
@@ -236,13 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     args = build_parser().parse_args(argv)
-    from ctrltok.chat import ChatError
-    from ctrltok.config import ConfigError
-    from ctrltok.records import RecordError
+    from ctrltok.core.chat import ChatError
+    from ctrltok.core.config import ConfigError
+    from ctrltok.core.records import RecordError
 
     try:
         if args.command == "train":  # `accelerate launch --cpu --num_processes N` starts one process
-            from ctrltok.launch import relaunch_if_needed
+            from ctrltok.training.launch import relaunch_if_needed
 
             _recipe(args)  # a bad recipe fails here, once, not in every process
             code = relaunch_if_needed(sys.argv[1:] if argv is None else list(argv))

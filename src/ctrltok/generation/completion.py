@@ -14,7 +14,7 @@ a :class:`FakeBackend` and GPU users get vLLM without the stages changing.
 
 A prompt is either token ids or a rendered string. Ids are used as they are: that is how stages
 pass prompts whose text came from outside (documents, model outputs), encoded by the injection-safe
-:func:`ctrltok.chat.render_prompt`, so a corpus line that spells ``<|im_end|>`` stays text. A string
+:func:`ctrltok.core.chat.render_prompt`, so a corpus line that spells ``<|im_end|>`` stays text. A string
 is encoded without adding BOS/EOS again, and special-token text in it *is* read as the control token
 it spells (the template's own markup): use strings only for text you wrote yourself.
 
@@ -332,7 +332,7 @@ class VLLMBackend:
             raise ImportError("VLLMBackend needs vLLM: pip install 'ctrltok[vllm]' (GPU only)") from exc
         from transformers import AutoTokenizer, GenerationConfig
 
-        from .models import resolve_model
+        from ctrltok.core.models import resolve_model
 
         where = str(resolve_model(model))
         self._vllm = vllm
@@ -412,7 +412,7 @@ def make_backend(name_or_model: Any, kind: str = "auto", batch_size: int = 32, d
         raise TypeError(f"make_backend takes a name, a path, or a (model, tokenizer) pair, not {type(name_or_model).__name__}")
     if kind == "vllm" or (kind == "auto" and vllm_available()):
         return VLLMBackend(name_or_model, dtype="auto" if dtype == "float32" else dtype)
-    from .models import load_model
+    from ctrltok.core.models import load_model
 
     model, tokenizer = load_model(name_or_model, dtype=dtype, attn=attn)
     return TransformersBackend(model, tokenizer, batch_size=batch_size)

@@ -23,7 +23,7 @@ What it guarantees:
 Multi-process: on GPUs ``accelerate launch --num_processes N -m ctrltok train RECIPE.yaml`` (a
 DeepSpeed or FSDP config comes from ``accelerate launch --config_file``, see the recipes); on CPU
 ``accelerate launch --cpu --num_processes 2 -m ctrltok train RECIPE.yaml`` (accelerate starts one
-process without mpirun; :mod:`ctrltok.launch` starts the rest) or ``torchrun --nproc_per_node 2 -m
+process without mpirun; :mod:`ctrltok.training.launch` starts the rest) or ``torchrun --nproc_per_node 2 -m
 ctrltok train RECIPE.yaml``. Either way the same Accelerator drives DDP, and every process
 computes the same global row order and takes its own share of each step.
 """
@@ -44,15 +44,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from ctrltok import checkpoint as ckpt
-from ctrltok.attention import VARLEN, build_mask, loading_attention, training_attention
-from ctrltok.compiling import compile_blocks, compile_unavailable, uncompile_blocks
-from ctrltok.config import Recipe
-from ctrltok.dataset import build_examples
-from ctrltok.example import IGNORE, Example
-from ctrltok.packing import Batch, collate, pack, pad_batch
-from ctrltok.templates import get_template, install_templates
-from ctrltok.tokens import Surgery, add_tokens, apply_generation_config, check_sizes, is_tied, resolve_tokens
+from ctrltok.training import checkpoint as ckpt
+from ctrltok.core.attention import VARLEN, build_mask, loading_attention, training_attention
+from ctrltok.training.compiling import compile_blocks, compile_unavailable, uncompile_blocks
+from ctrltok.core.config import Recipe
+from ctrltok.training.data import build_examples
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.packing import Batch, collate, pack, pad_batch
+from ctrltok.core.templates import get_template, install_templates
+from ctrltok.core.tokens import Surgery, add_tokens, apply_generation_config, check_sizes, is_tied, resolve_tokens
 
 MANIFEST = "ctrltok.json"
 
@@ -60,7 +60,7 @@ MANIFEST = "ctrltok.json"
 # -- setup -------------------------------------------------------------------------------------
 def prepare_model(recipe: Recipe):
     """Load the base model, add the recipe's control tokens, install templates. -> (model, tok, surgery)."""
-    from ctrltok.models import load_model
+    from ctrltok.core.models import load_model
 
     model, tokenizer = load_model(recipe.model.name, dtype=recipe.model.dtype, attn=recipe.model.attn)
     tokens = resolve_tokens(recipe.tokens.presets, recipe.tokens.custom, recipe.tokens.charter)
@@ -87,7 +87,7 @@ def prepare_model(recipe: Recipe):
 
 
 def _filler_ids(tokenizer) -> list[int]:
-    from ctrltok.tokens import FILLER_FORMAT
+    from ctrltok.core.tokens import FILLER_FORMAT
 
     prefix = FILLER_FORMAT.split("{")[0]
     return sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(prefix))
@@ -173,7 +173,7 @@ def make_rows(examples: list[Example], recipe: Recipe) -> tuple[list[list[Exampl
                 raise ValueError(f"{ex.source}: {len(ex)} tokens > data.max_length = {d.max_length}")
             stats["truncated_examples"] += 1
             stats["truncated_tokens"] += len(ex) - d.max_length
-            from ctrltok.packing import slice_example
+            from ctrltok.core.packing import slice_example
 
             ex = slice_example(ex, 0, d.max_length)
         rows.append([ex])
@@ -319,8 +319,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     compiled = compile_for_training(model, recipe) if recipe.train.compile else "off"
     head = None
     if recipe.data.kind == "epe":
-        from ctrltok.heads import ConstitutionHead
-        from ctrltok.tokens import load_charter
+        from ctrltok.core.heads import ConstitutionHead
+        from ctrltok.core.tokens import load_charter
 
         head = ConstitutionHead(model.config.hidden_size, len(load_charter(recipe.tokens.charter)))
     loss_model = LossModel(model, head, recipe.epe.head_weight if recipe.epe else 1.0)
@@ -333,7 +333,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
     decay, no_decay, new_rows = [], [], []
     if t.new_token_lr is not None and not recipe.lora.enabled:
-        from ctrltok.config import ConfigError
+        from ctrltok.core.config import ConfigError
 
         raise ConfigError(f"{recipe.source}: train.new_token_lr needs lora.enabled (under full fine-tuning the "
                           "new rows live inside the embedding matrix and train at train.lr)")
@@ -467,8 +467,8 @@ def save_final(out_dir: Path, loss_model: LossModel, tokenizer, surgery: Surgery
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if loss_model.head is not None:
-        from ctrltok.heads import save_head
-        from ctrltok.tokens import load_charter
+        from ctrltok.core.heads import save_head
+        from ctrltok.core.tokens import load_charter
 
         save_head(loss_model.head, out_dir, [c.id for c in load_charter(recipe.tokens.charter)])
     manifest = {
@@ -482,7 +482,7 @@ def save_final(out_dir: Path, loss_model: LossModel, tokenizer, surgery: Surgery
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     try:
-        from ctrltok.card import plot_curves, write_card
+        from ctrltok.training.card import plot_curves, write_card
 
         plot_curves(out_dir / "metrics.jsonl", out_dir / "loss_curves.png")
         write_card(out_dir, manifest)

@@ -292,8 +292,8 @@ def apply_generation_config(model, surgery: Surgery, end_of_turn: str | None = N
 def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", pad_to_multiple_of: int | None = None,
                      out: str | Path = "out", template: str | None = None) -> Path:
     """`ctrltok add-tokens`: load a model, add preset tokens, install templates, save a plain checkpoint."""
-    from ctrltok.models import load_model
-    from ctrltok.templates import get_template, install_templates
+    from ctrltok.core.models import load_model
+    from ctrltok.core.templates import get_template, install_templates
 
     m, tok = load_model(model)
     surgery = add_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)

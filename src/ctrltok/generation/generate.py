@@ -7,7 +7,7 @@ and an interactive chat (``ctrltok generate`` / ``ctrltok chat``).
 
 What it guarantees:
 
-* **Injection-safe prompts.** Prompt ids come from :func:`ctrltok.chat.render_prompt`'s encoder:
+* **Injection-safe prompts.** Prompt ids come from :func:`ctrltok.core.chat.render_prompt`'s encoder:
   only the template's markup becomes control ids; a user who types ``<EOT>`` gets ordinary text
   tokens. Ids go to ``model.generate`` as they are; no rendered string is ever re-tokenised.
 * **Stops and blocks come from the checkpoint.** The model's ``generation_config`` is the base:
@@ -38,9 +38,9 @@ from typing import IO, Any
 
 import torch
 
-from ctrltok.chat import get_encoder, validate_messages
-from ctrltok.records import RecordError
-from ctrltok.templates import get_template
+from ctrltok.core.chat import get_encoder, validate_messages
+from ctrltok.core.records import RecordError
+from ctrltok.core.templates import get_template
 
 MANIFEST = "ctrltok.json"  # the same file train.save_final writes
 DEFAULT_TEMPLATE = "default"
@@ -61,7 +61,7 @@ def checkpoint_template(model_dir: str | os.PathLike) -> str:
 def load_for_generation(model_dir: str | os.PathLike, dtype: str = "float32",
                         attn: str = "sdpa") -> tuple[Any, Any, str]:
     """``(model, tokenizer, template_name)`` for a checkpoint folder, alias or hub name."""
-    from ctrltok.models import load_model
+    from ctrltok.core.models import load_model
 
     model, tokenizer = load_model(model_dir, dtype=dtype, attn=attn)
     return model, tokenizer, checkpoint_template(model_dir)
@@ -221,7 +221,7 @@ def generate_file(model_dir: str | os.PathLike, input_jsonl: str | os.PathLike, 
     Each output line is the input record plus ``output`` (the text), ``output_ids``, ``stopped`` and
     ``n_tokens``, in input order, written batch by batch. Returns the number of lines written.
     """
-    from ctrltok.records import read_records  # noqa: F811
+    from ctrltok.core.records import read_records  # noqa: F811
 
     model, tokenizer, saved = load_for_generation(model_dir)
     template = template or saved

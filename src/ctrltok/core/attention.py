@@ -1,6 +1,6 @@
 """Turn a batch's attention structure (document ids + blocked spans) into the backend's mask.
 
-A :class:`~ctrltok.packing.Batch` describes attention as structure: ``doc_ids`` (documents never
+A :class:`~ctrltok.core.packing.Batch` describes attention as structure: ``doc_ids`` (documents never
 see each other; causal inside a document) and ``blocked`` spans ``(q0, q1, k0, k1)`` (queries in
 ``[q0, q1)`` must not see keys in ``[k0, k1)``, e.g. EPE's post-reflection tokens and the
 reflection). :func:`build_mask` turns that into what the model's attention implementation uses,
@@ -47,7 +47,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ctrltok.packing import Batch
+from ctrltok.core.packing import Batch
 
 VARLEN = "ctrltok_varlen"
 AUTO = "auto"

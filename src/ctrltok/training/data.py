@@ -3,11 +3,11 @@
 Dispatches on ``data.kind``:
 
 * ``chat``: records with ``messages`` (also accepted: ``instruction``/``input``/``output`` as in
-  Alpaca, ``prompt``/``response``, ``instruction``/``response``), encoded by :mod:`ctrltok.chat`;
+  Alpaca, ``prompt``/``response``, ``instruction``/``response``), encoded by :mod:`ctrltok.core.chat`;
 * ``text``: plain next-token prediction over ``data.text_field``, special-token spellings in the
   text kept as text;
-* ``labelled``: the output of ``ctrltok label`` (conditional training, :mod:`ctrltok.conditional`);
-* ``epe``: a corpus plus a sidecar of reflections (:mod:`ctrltok.reflection`).
+* ``labelled``: the output of ``ctrltok label`` (conditional training, :mod:`ctrltok.conditional.label`);
+* ``epe``: a corpus plus a sidecar of reflections (:mod:`ctrltok.epe.reflection`).
 
 Examples with no supervised token (for instance a reply cut off by truncation) are reported and
 left out, never silently trained on.
@@ -18,10 +18,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ctrltok.chat import ChatEncoder, ChatError
-from ctrltok.config import DataConfig, Recipe
-from ctrltok.example import IGNORE, Example
-from ctrltok.records import RecordError, Skips, read_records
+from ctrltok.core.chat import ChatEncoder, ChatError
+from ctrltok.core.config import DataConfig, Recipe
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.records import RecordError, Skips, read_records
 
 
 @dataclass
@@ -54,7 +54,7 @@ def _encode_chats(pairs: list[tuple[str, dict]], tokenizer, data: DataConfig, sk
     for where, rec in pairs:
         try:
             msgs = to_messages(rec, where)
-            from ctrltok.chat import validate_messages
+            from ctrltok.core.chat import validate_messages
 
             validate_messages(msgs, where)
         except ChatError as exc:
@@ -94,7 +94,7 @@ def encode_records(pairs: list[tuple[str, dict]], tokenizer, recipe: Recipe, ski
     elif data.kind == "text":
         examples = _encode_text(pairs, tokenizer, data, skips)
     elif data.kind == "labelled":
-        from ctrltok.conditional import encode_labelled
+        from ctrltok.conditional.label import encode_labelled
 
         aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
         misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")
@@ -119,7 +119,7 @@ def build_examples(recipe: Recipe, tokenizer) -> Encoded:
     data = recipe.data
     skips = Skips()
     if data.kind == "epe":
-        from ctrltok.reflection import build_epe_examples
+        from ctrltok.epe.reflection import build_epe_examples
 
         return build_epe_examples(recipe, tokenizer)
     train_pairs = list(read_records(data.train, data.on_error, skips, data.text_field))

@@ -12,7 +12,7 @@ Two numbers tell whether an SFT run taught its end-of-turn token (LIMA's ``<EOT>
 * ``eot_stop_rate``: the share of generations that end with the template's end-of-turn token
   within ``max_new_tokens``. The prompt of a conversation is every message before its last
   assistant message; the first ``n_generate`` such prompts are generated greedily with
-  :func:`ctrltok.generate.generate` (the checkpoint's stop and suppressed ids apply).
+  :func:`ctrltok.generation.generate.generate` (the checkpoint's stop and suppressed ids apply).
   ``any_stop_rate`` counts any stop id (a base model often stops at its own EOS instead).
 
 The core takes objects, so a model that is not on disk evaluates too (the demo's "before": the
@@ -34,12 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ctrltok.attention import build_mask
-from ctrltok.chat import ChatEncoder
-from ctrltok.example import IGNORE, Example
-from ctrltok.generate import generate
-from ctrltok.packing import collate, pack
-from ctrltok.templates import get_template
+from ctrltok.core.attention import build_mask
+from ctrltok.core.chat import ChatEncoder
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.generation.generate import generate
+from ctrltok.core.packing import collate, pack
+from ctrltok.core.templates import get_template
 
 # Scalars that are better when lower / higher (for the comparison table's verdict column).
 LOWER_IS_BETTER = ("eval_loss", "perplexity")
@@ -162,9 +162,9 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
 def load_conversations(data: str | os.PathLike, limit: int | None = None) -> tuple[list[list[dict]], list[str]]:
     """Chat records (``messages``, instruction/output, prompt/response) from a file, folder,
     ``ctrltok:<resource>`` or datasets name, with where each came from."""
-    from ctrltok.chat import validate_messages
-    from ctrltok.dataset import to_messages
-    from ctrltok.records import read_records
+    from ctrltok.core.chat import validate_messages
+    from ctrltok.training.data import to_messages
+    from ctrltok.core.records import read_records
 
     convs, wheres = [], []
     for where, rec in read_records(str(data)):
@@ -180,7 +180,7 @@ def evaluate(model_dir_or_name: str | os.PathLike, data: str, template: str | No
              limit: int | None = None, batch_size: int = 8) -> dict:
     """``ctrltok eval``: load a checkpoint (its template from ``ctrltok.json`` unless given) and
     evaluate it on the chat records of ``data`` (the first ``limit`` of them)."""
-    from ctrltok.generate import load_for_generation
+    from ctrltok.generation.generate import load_for_generation
 
     model, tokenizer, saved = load_for_generation(model_dir_or_name)
     convs, wheres = load_conversations(data, limit)
@@ -207,7 +207,7 @@ def heldout_conversations(model_dir: str | os.PathLike, limit: int | None = None
     Returns ``(conversations, sources, description)``."""
     import random
 
-    from ctrltok.config import Recipe
+    from ctrltok.core.config import Recipe
 
     values = _manifest(model_dir).get("recipe_values") or {}
     default = Recipe()
@@ -216,9 +216,9 @@ def heldout_conversations(model_dir: str | os.PathLike, limit: int | None = None
     if data.get("eval"):
         convs, wheres = load_conversations(data["eval"], limit)
         return convs, wheres, str(data["eval"])
-    from ctrltok.chat import ChatError, validate_messages
-    from ctrltok.dataset import to_messages
-    from ctrltok.records import read_records
+    from ctrltok.core.chat import ChatError, validate_messages
+    from ctrltok.training.data import to_messages
+    from ctrltok.core.records import read_records
 
     # The same records and the same draw as dataset.build_examples: the split is over records as
     # read (after `limit`), shuffled with the training seed; records that fail to become a
@@ -253,8 +253,8 @@ def heldout_conversations(model_dir: str | os.PathLike, limit: int | None = None
 def prepare_base(name: str | os.PathLike, model_dir: str | os.PathLike, template: str):
     """A base model with the same control tokens as the checkpoint in ``model_dir`` (the "before"),
     made by ``train.prepare_model`` from the run's own recipe values."""
-    from ctrltok.config import Recipe, recipe_from_mapping
-    from ctrltok.train import prepare_model
+    from ctrltok.core.config import Recipe, recipe_from_mapping
+    from ctrltok.training.train import prepare_model
 
     values = {k: v for k, v in (_manifest(model_dir).get("recipe_values") or {}).items()
               if k != "source" and v is not None}
@@ -274,7 +274,7 @@ def evaluate_cli(model: str | os.PathLike, data: str | None = None, template: st
     free for ``--json``) and returns the result, or ``{"before", "after", "comparison"}``."""
     from rich.console import Console
 
-    from ctrltok.generate import load_for_generation
+    from ctrltok.generation.generate import load_for_generation
 
     console = console or Console(stderr=True)
     after_model, tokenizer, saved = load_for_generation(model)

@@ -77,9 +77,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrltok.example import IGNORE, Example
-from ctrltok.records import Skips, read_records, reject
-from ctrltok.tokens import CharterItem, load_charter
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.records import Skips, read_records, reject
+from ctrltok.core.tokens import CharterItem, load_charter
 
 ASSISTANT = "<assistant>"
 
@@ -331,7 +331,7 @@ def insert_reflection(
     """
     assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT)
     if assistant_id is None or assistant_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(assistant_id) != ASSISTANT:
-        raise ValueError(f"the tokenizer has no {ASSISTANT} token; add the `epe` preset (ctrltok.tokens.add_tokens) first")
+        raise ValueError(f"the tokenizer has no {ASSISTANT} token; add the `epe` preset (ctrltok.core.tokens.add_tokens) first")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     doc_ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     inserts = []
@@ -360,7 +360,7 @@ def build_epe_examples(recipe: Any, tokenizer: Any) -> Any:
     """
     import random
 
-    from ctrltok.dataset import Encoded  # dataset dispatches here; imported late to keep imports one-way
+    from ctrltok.training.data import Encoded  # dataset dispatches here; imported late to keep imports one-way
 
     data, epe = recipe.data, recipe.epe
     if epe is None or not epe.sidecar:

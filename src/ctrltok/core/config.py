@@ -89,7 +89,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb
     deepspeed: str | None = None  # a DeepSpeed JSON for GPU users, used through `accelerate launch`
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the decoder layers' MLPs and norms (ctrltok.compiling)
+    compile: bool = False  # torch.compile the decoder layers' MLPs and norms (ctrltok.training.compiling)
     new_token_lr: float | None = None  # LoRA only: a separate learning rate for the new token rows
 
 

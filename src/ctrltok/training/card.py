@@ -184,7 +184,7 @@ def base_model_id(name: str | None) -> str | None:
     if not name:
         return None
     try:
-        from ctrltok.models import ALIASES
+        from ctrltok.core.models import ALIASES
     except ImportError:  # pragma: no cover - models.py is part of the package
         ALIASES = {}
     if str(name).lower() in ALIASES:
@@ -275,7 +275,7 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
     trained = manifest.get("template")
     if trained and trained not in templates:
         try:
-            from ctrltok.templates import get_template
+            from ctrltok.core.templates import get_template
 
             templates[trained] = get_template(trained).source
         except (ImportError, ValueError, OSError):

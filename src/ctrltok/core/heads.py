@@ -130,7 +130,7 @@ def read_constitution(model: Any, head: ConstitutionHead, tokenizer: Any, messag
     gets text tokens), and the head reads the hidden state at each ``<assistant>`` token that the
     template writes, i.e. at the opening of each assistant turn, where it was trained.
     """
-    from ctrltok.chat import encode_chat
+    from ctrltok.core.chat import encode_chat
 
     assistant = tokenizer.convert_tokens_to_ids("<assistant>")
     if tokenizer.convert_ids_to_tokens(assistant) != "<assistant>":
@@ -148,8 +148,8 @@ def read_constitution(model: Any, head: ConstitutionHead, tokenizer: Any, messag
 
 def constitution_cli(model: str | Path, input: str | Path, as_json: bool = False, top: int = 5) -> None:
     """``ctrltok constitution``: read the head for every assistant turn of a JSONL of chats."""
-    from ctrltok.models import load_model, resolve_model
-    from ctrltok.records import read_records
+    from ctrltok.core.models import load_model, resolve_model
+    from ctrltok.core.records import read_records
 
     where = resolve_model(model)
     head = load_head(where)
@@ -164,7 +164,7 @@ def constitution_cli(model: str | Path, input: str | Path, as_json: bool = False
     from rich.console import Console
     from rich.table import Table
 
-    from ctrltok.tokens import load_charter
+    from ctrltok.core.tokens import load_charter
 
     titles = {c.id: c.title for c in load_charter()}
     table = Table(title=f"constitution head of {where} (top {top} per assistant turn)")

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ctrltok.templates import Template, missing_tokens
+from ctrltok.core.templates import Template, missing_tokens
 
 
 @dataclass

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ctrltok.backtranslate import SCORES, Pair, _atomic_write, _read_lines
-from ctrltok.config import BacktranslateConfig
+from ctrltok.backtranslate.pipeline import SCORES, Pair, _atomic_write, _read_lines
+from ctrltok.core.config import BacktranslateConfig
 
 
 def _stage_names(out_dir: Path, cfg: BacktranslateConfig) -> list[str]:

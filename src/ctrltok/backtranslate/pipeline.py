@@ -42,8 +42,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ctrltok.completion import Backend, Prompt, Sampling
-from ctrltok.config import BacktranslateConfig, ConfigError, Recipe
+from ctrltok.generation.completion import Backend, Prompt, Sampling
+from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe
 
 SCORES = (1, 2, 3, 4, 5)
 AGGREGATES = ("median", "mean")
@@ -116,8 +116,8 @@ def load_chat_model(name: str, recipe: Recipe) -> ChatModel:
     (``completion.make_backend``), prompting with the recipe's chat template (``data.template``),
     the same one the trainer used, so M_yx is prompted exactly as it was trained. Prompts are ids
     from the injection-safe encoder: corpus text and model outputs never become control tokens."""
-    from ctrltok.chat import render_prompt
-    from ctrltok.completion import make_backend
+    from ctrltok.core.chat import render_prompt
+    from ctrltok.generation.completion import make_backend
 
     batch = (recipe.backtranslate or BacktranslateConfig()).batch_size
     backend = make_backend(name, kind="auto", batch_size=batch, dtype=recipe.model.dtype, attn=recipe.model.attn)
@@ -165,7 +165,7 @@ def fill(template: str, key: str, **values: str) -> str:
 
 def read_documents(source: str, text_field: str = "text", limit: int | None = None) -> Iterator[tuple[str, str]]:
     """``(document id, text)`` from ``python:pydoc_topics`` (the interpreter's bundled docs, on
-    every machine) or anything :func:`ctrltok.records.read_records` reads: JSONL, Parquet, a
+    every machine) or anything :func:`ctrltok.core.records.read_records` reads: JSONL, Parquet, a
     folder of ``.txt`` files, a ``datasets`` name."""
     def docs() -> Iterator[tuple[str, str]]:
         if source == PYDOC:
@@ -174,7 +174,7 @@ def read_documents(source: str, text_field: str = "text", limit: int | None = No
             for key in sorted(topics):
                 yield f"pydoc:{key}", topics[key]
             return
-        from ctrltok.records import read_records
+        from ctrltok.core.records import read_records
 
         for where, rec in read_records(source, text_field=text_field):
             text = rec.get(text_field)
@@ -513,7 +513,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def read_gold(source: str) -> list[tuple[str, str]]:
     """Gold ``(instruction, response)`` pairs: every user turn followed by an assistant turn in
     ``{"messages": [...]}`` records, or ``instruction``/``response`` (also ``output``) fields."""
-    from ctrltok.records import read_records
+    from ctrltok.core.records import read_records
 
     pairs = []
     for where, rec in read_records(source):
@@ -656,7 +656,7 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
     cfg = recipe.backtranslate or BacktranslateConfig()
     check_config(cfg, recipe.source)
     if trainer is None:
-        from ctrltok.train import train as trainer
+        from ctrltok.training.train import train as trainer
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = recipe.train.seed
@@ -688,7 +688,7 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
             models.release()
         final = finetune(recipe, gold, kept(selected), out_dir, i, trainer)
         curator = str(final)
-    from ctrltok.backtranslate_report import build_report, print_report
+    from ctrltok.backtranslate.report import build_report, print_report
 
     report = build_report(out_dir, cfg, {"backward": str(m_yx), "seed": seed_model, "final": str(final)},
                           gold=len(gold))

@@ -52,9 +52,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ctrltok.attention import build_mask
-from ctrltok.example import IGNORE, Example
-from ctrltok.packing import collate, slice_example
+from ctrltok.core.attention import build_mask
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.packing import collate, slice_example
 
 EQUIVALENCE_ATOL = 1e-4
 THRESHOLD = 0.5
@@ -138,7 +138,7 @@ def _manifest(model_dir: Path) -> dict:
 
 
 def _recipe(model_dir: Path, manifest: dict):
-    from ctrltok.config import recipe_from_mapping
+    from ctrltok.core.config import recipe_from_mapping
 
     values = manifest.get("recipe_values")
     if not isinstance(values, dict):
@@ -149,7 +149,7 @@ def _recipe(model_dir: Path, manifest: dict):
 
 def _examples(model_dir: Path, recipe: Any, tokenizer: Any, corpus: str | None, sidecar: str | None,
               order: list[str]) -> tuple[list[Example], str]:
-    from ctrltok.reflection import build_epe_examples, insert_reflection, read_annotated
+    from ctrltok.epe.reflection import build_epe_examples, insert_reflection, read_annotated
 
     if (corpus is None) != (sidecar is None):
         raise ValueError("evaluate_epe: give both `corpus` and `sidecar` (--data and --sidecar), or neither "
@@ -273,9 +273,9 @@ def evaluate_epe(model_dir: str | Path, corpus: str | None = None, sidecar: str 
     ``max_length`` defaults to the run's ``data.max_length`` (512 without a manifest). Returns the
     metrics described in the module docstring plus ``model`` and ``data`` (what was evaluated).
     """
-    from ctrltok.heads import load_head
-    from ctrltok.models import load_model, resolve_model
-    from ctrltok.reflection import charter_ids
+    from ctrltok.core.heads import load_head
+    from ctrltok.core.models import load_model, resolve_model
+    from ctrltok.epe.reflection import charter_ids
 
     where = resolve_model(model_dir)
     if not isinstance(where, Path):

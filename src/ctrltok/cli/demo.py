@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -23,10 +24,10 @@ MAX_NEW_TOKENS = 200  # the shipped replies are 20-120 words: room to finish a t
 
 
 def _seed_000(console: Console, model_name: str, out: Path) -> None:
-    from ctrltok.doctor import inspect_checkpoint, print_report
-    from ctrltok.models import load_model
-    from ctrltok.templates import install_templates
-    from ctrltok.tokens import add_tokens, load_charter, resolve_tokens
+    from ctrltok.evaluation.doctor import inspect_checkpoint, print_report
+    from ctrltok.core.models import load_model
+    from ctrltok.core.templates import install_templates
+    from ctrltok.core.tokens import add_tokens, load_charter, resolve_tokens
 
     console.rule("[bold]1. Seed 000's tokenizer, reproduced on the embedded SmolLM2-135M")
     model, tok = load_model(model_name)
@@ -52,10 +53,10 @@ def _seed_000(console: Console, model_name: str, out: Path) -> None:
 
 
 def _templates(console: Console, model_name: str) -> None:
-    from ctrltok.chat import encode_chat, show
-    from ctrltok.models import resolve_model
-    from ctrltok.templates import install_templates
-    from ctrltok.tokens import resolve_tokens
+    from ctrltok.core.chat import encode_chat, show
+    from ctrltok.core.models import resolve_model
+    from ctrltok.core.templates import install_templates
+    from ctrltok.core.tokens import resolve_tokens
     from transformers import AutoTokenizer
     from tokenizers import AddedToken
 
@@ -74,11 +75,11 @@ def _templates(console: Console, model_name: str) -> None:
 
 def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: int | None = None,
              quick: bool = False) -> Path:
-    from ctrltok.config import load_recipe
-    from ctrltok.evaluate import comparison_table, evaluate_model
-    from ctrltok.generate import generate
-    from ctrltok.models import load_model, resolve_model
-    from ctrltok.train import prepare_model, train
+    from ctrltok.core.config import load_recipe
+    from ctrltok.evaluation.evaluate import comparison_table, evaluate_model
+    from ctrltok.generation.generate import generate
+    from ctrltok.core.models import load_model, resolve_model
+    from ctrltok.training.train import prepare_model, train
 
     console = Console()
     steps = steps or (4 if quick else DEMO_STEPS)
@@ -94,16 +95,16 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     _templates(console, model)
 
     console.rule("[bold]3. Teaching <EOT>: before")
-    recipe_path = Path(__file__).parent / "resources" / "demo-eot.yaml"
+    recipe_path = Path(str(resources.files("ctrltok") / "resources" / "demo-eot.yaml"))
     overrides = [f"model.name={model}", f"train.max_steps={steps}"]
     if quick:
         overrides += ["data.limit=40", "data.max_length=128"]
     recipe = load_recipe(recipe_path, overrides)
     base, tok, _ = prepare_model(recipe)
-    from ctrltok.dataset import build_examples
+    from ctrltok.training.data import build_examples
 
     held = build_examples(recipe, tok).eval
-    from ctrltok.evaluate import load_conversations
+    from ctrltok.evaluation.evaluate import load_conversations
 
     convs, sources = load_conversations(recipe.data.train)
     held_sources = {ex.source for ex in held}

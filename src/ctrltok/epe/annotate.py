@@ -10,10 +10,10 @@ document (``segment.split_sentences``), the model reads the text before it (the 
 The parser is strict: both lines, in that order, nothing else but blank lines; charter ids must be
 ids of the charter (at least one); the reflection 20-600 characters and not the document's own
 text. Every failure is counted under its reason and written to ``OUT.failures.jsonl``; accepted
-annotations go to ``OUT`` (the sidecar format of :mod:`ctrltok.reflection`), one line per
+annotations go to ``OUT`` (the sidecar format of :mod:`ctrltok.epe.reflection`), one line per
 document, flushed as they come, so a killed run resumes where it stopped without losing or
 duplicating a document. LLM calls go through a ``complete(prompts, sampling)`` backend
-(:mod:`ctrltok.completion`), so tests use a fake.
+(:mod:`ctrltok.generation.completion`), so tests use a fake.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import re
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from ctrltok.completion import Backend, Sampling
-from ctrltok.records import read_records
-from ctrltok.segment import split_sentences
-from ctrltok.tokens import CharterItem, load_charter
+from ctrltok.generation.completion import Backend, Sampling
+from ctrltok.core.records import read_records
+from ctrltok.conditional.segment import split_sentences
+from ctrltok.core.tokens import CharterItem, load_charter
 
 _ANSWER = re.compile(r"\A\s*Reflection:[ \t]*(?P<r>[^\n]+?)[ \t]*\n\s*Charter:[ \t]*(?P<c>[^\n]*?)[ \t]*\s*\Z")
 _ID = re.compile(r"\d+\.\d+")
@@ -152,7 +152,7 @@ def _drop_partial_line(path: Path) -> None:
 def annotate_file(model: str, input: str, out: str, max_new_tokens: int = 160, charter: str | None = None,
                   batch_size: int = 8) -> dict:
     """`ctrltok annotate`: write an EPE sidecar for a corpus with a model (resumes)."""
-    from ctrltok.completion import make_backend
+    from ctrltok.generation.completion import make_backend
 
     backend = make_backend(model, kind="transformers")
     summary = annotate_records(list(read_records(input)), backend, Path(out), load_charter(charter),

@@ -53,7 +53,7 @@ from typing import Literal
 
 import torch
 
-from ctrltok.example import IGNORE, Example
+from ctrltok.core.example import IGNORE, Example
 
 Overlong = Literal["truncate", "split", "error"]
 

@@ -315,7 +315,7 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctrltok.attention import loading_attention
+    from ctrltok.core.attention import loading_attention
 
     attn = loading_attention(attn)
 

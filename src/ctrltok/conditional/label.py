@@ -1,7 +1,7 @@
 """Conditional training data (Korbak et al. 2023, seed 001): score sentences, label them, encode.
 
-Every document is split into sentences (:mod:`ctrltok.segment`), each sentence is scored
-(:mod:`ctrltok.scorers`, higher = worse) and prefixed with a control token::
+Every document is split into sentences (:mod:`ctrltok.conditional.segment`), each sentence is scored
+(:mod:`ctrltok.conditional.scorers`, higher = worse) and prefixed with a control token::
 
     score <= threshold  -> <|aligned|>
     score >  threshold  -> <|misaligned|>
@@ -13,7 +13,7 @@ The drop decision is a hash of ``(seed, document index, segment index)``, not a 
 sequential RNG stream, so a rerun, a resumed run and a run with any number of processes label
 every segment identically.
 
-:func:`label_file` streams any input :func:`ctrltok.records.read_records` reads (JSONL, Parquet,
+:func:`label_file` streams any input :func:`ctrltok.core.records.read_records` reads (JSONL, Parquet,
 folders, ``datasets`` names) or a ``datasets.Dataset``; it writes complete shards of ``shard_size``
 input records into ``OUT.parts/`` (each renamed into place only when finished, so a killed run
 resumes at the first missing shard, losing and duplicating nothing), merges them into ``OUT``
@@ -26,7 +26,7 @@ Each output line is the input record plus::
     "segments": [{"text": ..., "score": 0.01, "control": "aligned" | "misaligned" | null}, ...]
     "labelled_text": "<|aligned|>Nice day. <|misaligned|>Damn it.\\n"
 
-:func:`encode_labelled` turns such a record into an :class:`~ctrltok.example.Example` for plain
+:func:`encode_labelled` turns such a record into an :class:`~ctrltok.core.example.Example` for plain
 next-token prediction (segment text encoded with special tokens split, so a document that spells
 ``<|aligned|>`` cannot forge the control id). :func:`conditional_eval` samples continuations
 unconditionally, after ``<|aligned|>`` and after ``<|misaligned|>`` and scores them.
@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctrltok.example import IGNORE, Example
-from ctrltok.records import RecordError, Skips, read_records
-from ctrltok.scorers import DEFAULT_SCORER, Scorer, ScorerError, get_scorer
-from ctrltok.segment import split_sentences
-from ctrltok.tokens import PRESETS
+from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.records import RecordError, Skips, read_records
+from ctrltok.conditional.scorers import DEFAULT_SCORER, Scorer, ScorerError, get_scorer
+from ctrltok.conditional.segment import split_sentences
+from ctrltok.core.tokens import PRESETS
 
 ALIGNED, MISALIGNED = (t.text for t in PRESETS["conditional"])  # declared once, in tokens.py
 CONTROL_TEXT = {"aligned": ALIGNED, "misaligned": MISALIGNED}
@@ -686,7 +686,7 @@ def evaluate_checkpoint(model: str, scorer: str = DEFAULT_SCORER, n: int = 8, ma
     without it a few neutral openings are used. The threshold defaults to the one the model was
     trained with (``ctrltok.json``), else the scorer's own.
     """
-    from ctrltok.models import load_model
+    from ctrltok.core.models import load_model
 
     if threshold is None:
         manifest = Path(model) / "ctrltok.json"
