@@ -8,10 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrltok.epe.annotate import AnnotationParseError, annotate_records, defang, insertion_offset, parse_answer
-from ctrltok.generation.completion import FakeBackend
-from ctrltok.epe.reflection import read_sidecar
 from ctrltok.core.tokens import load_charter
+from ctrltok.epe.annotate import (
+    AnnotationParseError,
+    annotate_records,
+    defang,
+    insertion_offset,
+    parse_answer,
+)
+from ctrltok.epe.reflection import read_sidecar
+from ctrltok.generation.completion import FakeBackend
 
 IDS = {c.id for c in load_charter()}
 

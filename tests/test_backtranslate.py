@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -22,13 +22,18 @@ from ctrltok.backtranslate.pipeline import (
     curate,
     load_text,
     parse_score,
-    rewrite_issue,
     read_documents,
+    rewrite_issue,
     run_backtranslation,
     segment,
 )
+from ctrltok.core.config import (
+    BacktranslateConfig,
+    ConfigError,
+    load_recipe,
+    recipe_from_mapping,
+)
 from ctrltok.generation.completion import FakeBackend, Sampling
-from ctrltok.core.config import BacktranslateConfig, ConfigError, load_recipe, recipe_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 BACKWARD_SYSTEM = load_text("ctrltok:backtranslate_backward_system.txt", "backward_system")

@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctrltok.training.card import plot_curves, read_metrics, render_card, token_rows, write_card
 from ctrltok.core.config import Recipe
 from ctrltok.core.templates import install_templates
 from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
+from ctrltok.training.card import (
+    plot_curves,
+    read_metrics,
+    render_card,
+    token_rows,
+    write_card,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SMOL_TOKENIZER, make_tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -11,8 +12,6 @@ from ctrltok.core.chat import ChatEncoder, ChatError, encode_chat, render_prompt
 from ctrltok.core.example import IGNORE
 from ctrltok.core.templates import install_templates
 from ctrltok.core.tokens import resolve_tokens
-
-from conftest import SMOL_TOKENIZER, make_tiny_llama
 
 TEMPLATES = ["default", "epe", "oasst", "eot", "model"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrltok.cli.main import COMMANDS, _resolve, build_parser
+from ctrltok.cli.main import COMMANDS, build_parser, resolve
 from ctrltok.core.config import ConfigError, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -15,7 +15,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_calls_a_real_function(name):
     target = COMMANDS[name][0]
-    assert callable(_resolve(target)), f"{name} -> {target} is not importable"
+    assert callable(resolve(target)), f"{name} -> {target} is not importable"
 
 
 def test_parser_builds_every_command():

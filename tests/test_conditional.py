@@ -12,21 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctrltok.conditional.encode import encode_labelled
 from ctrltok.conditional.label import (
     ALIGNED,
     MISALIGNED,
     LabelError,
     calibrate_threshold,
-    conditional_eval,
-    encode_labelled,
     is_dropped,
     label_file,
     label_segments,
     labelled_text,
-    _generate,
 )
-from ctrltok.core.example import IGNORE
 from ctrltok.conditional.scorers import ScorerError
+from ctrltok.core.example import IGNORE
+from ctrltok.evaluation.conditional import _generate, conditional_eval
 
 SEED_T = 0.00056
 ABOVE = math.nextafter(SEED_T, 1.0)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from ctrltok.core.config import recipe_from_mapping
+from ctrltok.epe.reflection import Insert, layout
 from ctrltok.evaluation.epe import (
     EQUIVALENCE_ATOL,
     charter_f1,
@@ -24,8 +25,6 @@ from ctrltok.evaluation.epe import (
     print_epe,
     reflection_regions,
 )
-from ctrltok.epe.reflection import Insert, layout
-
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "epe-cpu.yaml"
 
@@ -156,8 +155,8 @@ def test_equivalence_check_can_fail_and_losses_split_by_region(trained):
     losses partition the supervised targets."""
     from ctrltok.core.heads import load_head
     from ctrltok.core.models import load_model
-    from ctrltok.epe.reflection import charter_ids, insert_reflection, read_annotated
     from ctrltok.core.records import resource_path
+    from ctrltok.epe.reflection import charter_ids, insert_reflection, read_annotated
 
     model, tok = load_model(trained)
     head = load_head(trained)

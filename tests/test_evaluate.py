@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
 from ctrltok.core.chat import encode_chat
+from ctrltok.core.example import IGNORE
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 from ctrltok.evaluation.evaluate import (
     compare,
     evaluate,
@@ -21,9 +24,6 @@ from ctrltok.evaluation.evaluate import (
     stop_counts,
     write_json,
 )
-from ctrltok.core.example import IGNORE
-from ctrltok.core.templates import install_templates
-from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 
 CONVS = [
     [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
@@ -191,8 +191,8 @@ def test_heldout_split_is_the_trainers(smol_tokenizer, tmp_path):
     from dataclasses import asdict
 
     from ctrltok.core.config import Recipe
-    from ctrltok.training.data import build_examples
     from ctrltok.evaluation.evaluate import heldout_conversations
+    from ctrltok.training.data import build_examples
 
     recipe = Recipe(name="split")
     recipe.train.seed = 7

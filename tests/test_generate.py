@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 from ctrltok.generation.generate import (
     chat_loop,
     checkpoint_template,
@@ -20,8 +22,6 @@ from ctrltok.generation.generate import (
     prompt_ids,
     stop_ids,
 )
-from ctrltok.core.templates import install_templates
-from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 
 MAX_NEW = 6
 

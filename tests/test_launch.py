@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ctrltok.training.launch import RELAUNCHED, accelerate_cpu_single, requested_processes
+from ctrltok.training.launch import (
+    RELAUNCHED,
+    accelerate_cpu_single,
+    requested_processes,
+)
 
 PY = "/venv/bin/python"
 

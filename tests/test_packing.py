@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctrltok.core.packing
-from ctrltok.core.attention import VARLEN, build_mask, dense_mask, draw, forward, reflection_regions
+from ctrltok.core.attention import (
+    VARLEN,
+    build_mask,
+    dense_mask,
+    draw,
+    forward,
+    reflection_regions,
+)
 from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.packing import collate, pack, pad_batch, slice_example
 

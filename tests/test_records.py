@@ -8,8 +8,8 @@ import pytest
 
 from ctrltok.core.chat import ChatError
 from ctrltok.core.config import recipe_from_mapping
-from ctrltok.training.data import build_examples, to_messages
 from ctrltok.core.records import RecordError, Skips, read_records
+from ctrltok.training.data import build_examples, to_messages
 
 
 def _write(tmp_path, lines: list[bytes]):

@@ -8,7 +8,12 @@ import textwrap
 
 import pytest
 
-from ctrltok.conditional.scorers import CallableScorer, ScorerError, get_scorer, validate_scores
+from ctrltok.conditional.scorers import (
+    CallableScorer,
+    ScorerError,
+    get_scorer,
+    validate_scores,
+)
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import shared_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctrltok.conditional.segment import split_sentences
-from conftest import shared_data
 
 
 @pytest.mark.parametrize(

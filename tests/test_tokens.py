@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ctrltok.core.tokens import (
-    ControlToken,
     FILLER_FORMAT,
+    ControlToken,
     add_tokens,
     check_sizes,
     is_tied,

@@ -15,8 +15,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctrltok.core.config import recipe_from_mapping
-from ctrltok.training.train import LossModel, accumulate, make_rows, prepare_model, to_batch, train
-
+from ctrltok.training.train import (
+    LossModel,
+    accumulate,
+    make_rows,
+    prepare_model,
+    to_batch,
+    train,
+)
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ctrltok.generation.completion import Backend, Prompt, Sampling
 from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe
+from ctrltok.generation.completion import Backend, Prompt, Sampling
 
 SCORES = (1, 2, 3, 4, 5)
 AGGREGATES = ("median", "mean")

@@ -24,10 +24,10 @@ MAX_NEW_TOKENS = 200  # the shipped replies are 20-120 words: room to finish a t
 
 
 def _seed_000(console: Console, model_name: str, out: Path) -> None:
-    from ctrltok.evaluation.doctor import inspect_checkpoint, print_report
     from ctrltok.core.models import load_model
     from ctrltok.core.templates import install_templates
     from ctrltok.core.tokens import add_tokens, load_charter, resolve_tokens
+    from ctrltok.evaluation.doctor import inspect_checkpoint, print_report
 
     console.rule("[bold]1. Seed 000's tokenizer, reproduced on the embedded SmolLM2-135M")
     model, tok = load_model(model_name)
@@ -53,12 +53,13 @@ def _seed_000(console: Console, model_name: str, out: Path) -> None:
 
 
 def _templates(console: Console, model_name: str) -> None:
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
     from ctrltok.core.chat import encode_chat, show
     from ctrltok.core.models import resolve_model
     from ctrltok.core.templates import install_templates
     from ctrltok.core.tokens import resolve_tokens
-    from transformers import AutoTokenizer
-    from tokenizers import AddedToken
 
     console.rule("[bold]2. One conversation under each named template (green: supervised)")
     tok = AutoTokenizer.from_pretrained(resolve_model(model_name))
@@ -76,9 +77,9 @@ def _templates(console: Console, model_name: str) -> None:
 def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: int | None = None,
              quick: bool = False) -> Path:
     from ctrltok.core.config import load_recipe
+    from ctrltok.core.models import load_model, resolve_model
     from ctrltok.evaluation.evaluate import comparison_table, evaluate_model
     from ctrltok.generation.generate import generate
-    from ctrltok.core.models import load_model, resolve_model
     from ctrltok.training.train import prepare_model, train
 
     console = Console()

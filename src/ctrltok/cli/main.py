@@ -1,116 +1,18 @@
-"""The `ctrltok` command: one table of commands, each a thin wrapper over an importable function.
+"""The `ctrltok` command: the table of commands, their arguments, and the one error format.
 
-``COMMANDS`` maps each command to ``(module:function it calls, help, argument adder)``;
-``tests/test_cli.py`` checks every entry resolves to a real function, so the table and the
-library cannot drift apart. Nothing imports this module.
+The command layer is the package :mod:`ctrltok.cli`: it takes names and paths, loads, prints, and
+calls the library with objects. Nothing in the library imports it. ``COMMANDS`` maps each command
+to ``(handler "ctrltok.cli.MODULE:FUNCTION", argument adder, help)``; the handler's module is
+imported only when its command runs, so ``ctrltok --help`` stays fast. ``tests/test_cli.py``
+resolves every handler in the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-from pathlib import Path
-
-
-def _resolve(target: str):
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-# -- handlers: parse nothing, call the library -----------------------------------------------------
-def _demo(a):
-    return _resolve("ctrltok.cli.demo:run_demo")(model=a.model, out=a.out, steps=a.steps, quick=a.quick)
-
-
-def _add_tokens(a):
-    out = _resolve("ctrltok.core.tokens:save_with_tokens")(a.model, a.preset, init=a.init,
-                                                       pad_to_multiple_of=a.pad_to_multiple_of, out=a.out,
-                                                       template=a.template)
-    print(f"saved to {out}")
-    _resolve("ctrltok.evaluation.doctor:print_report")(_resolve("ctrltok.evaluation.doctor:inspect_checkpoint")(out))
-
-
-def _render(a):
-    n = _resolve("ctrltok.core.chat:render_file")(a.model, a.template, a.input, a.out, loss_on=a.loss_on)
-    print(f"wrote {n} encoded conversations to {a.out}", file=sys.stderr)
-
-
-def _inspect(a):
-    report = _resolve("ctrltok.evaluation.doctor:inspect_checkpoint")(a.path)
-    if a.json:
-        print(report.to_json())
-    else:
-        _resolve("ctrltok.evaluation.doctor:print_report")(report)
-    return 1 if report.problems and a.strict else 0
-
-
-def _recipe(a):
-    return _resolve("ctrltok.core.config:load_recipe")(a.recipe, a.set)
-
-
-def _default_out(a, recipe) -> Path:
-    return Path(a.out) if a.out else Path("runs") / recipe.name
-
-
-def _train(a):
-    recipe = _recipe(a)
-    out = _resolve("ctrltok.training.train:train")(recipe, _default_out(a, recipe))
-    if os.environ.get("RANK", "0") == "0":
-        print(f"model saved in {out}")
-
-
-def _generate(a):
-    if a.input:
-        _resolve("ctrltok.generation.generate:generate_file")(a.model, a.input, a.out, template=a.template,
-                                                   max_new_tokens=a.max_new_tokens, temperature=a.temperature)
-        return
-    model, tok, template = _resolve("ctrltok.generation.generate:load_for_generation")(a.model)
-    results = _resolve("ctrltok.generation.generate:generate")(model, tok, [[{"role": "user", "content": a.prompt}]],
-                                                    a.template or template, max_new_tokens=a.max_new_tokens,
-                                                    temperature=a.temperature)
-    print(results[0]["text"])
-
-
-def _chat(a):
-    _resolve("ctrltok.generation.generate:chat_loop")(a.model, template=a.template)
-
-
-def _eval(a):
-    if a.epe:
-        result = _resolve("ctrltok.evaluation.epe:evaluate_epe")(a.model, corpus=a.data, sidecar=a.sidecar)
-        _resolve("ctrltok.evaluation.epe:print_epe")(result)
-    elif a.conditional:
-        result = _resolve("ctrltok.conditional.label:evaluate_checkpoint")(a.model, scorer=a.scorer, n=a.n,
-                                                                     max_new_tokens=a.max_new_tokens,
-                                                                     prompts=a.data)
-    else:
-        result = _resolve("ctrltok.evaluation.evaluate:evaluate_cli")(a.model, a.data, a.template, before=a.before,
-                                                           n_generate=a.n, max_new_tokens=a.max_new_tokens)
-    if a.json:
-        print(json.dumps(result, indent=1, default=str))
-
-
-def _label(a):
-    _resolve("ctrltok.conditional.label:label_file")(a.input, a.out, scorer=a.scorer, threshold=a.threshold,
-                                               misaligned_fraction=a.misaligned_fraction,
-                                               drop_fraction=a.drop_fraction, seed=a.seed, processes=a.processes,
-                                               text_field=a.text_field, on_error=a.on_error)
-
-
-def _constitution(a):
-    _resolve("ctrltok.core.heads:constitution_cli")(a.model, a.input, as_json=a.json)
-
-
-def _backtranslate(a):
-    recipe = _recipe(a)
-    _resolve("ctrltok.backtranslate.pipeline:run_backtranslation")(recipe, _default_out(a, recipe))
-
-
-def _annotate(a):
-    _resolve("ctrltok.epe.annotate:annotate_file")(a.model, a.input, a.out, max_new_tokens=a.max_new_tokens)
 
 
 # -- argument adders -----------------------------------------------------------------------------
@@ -208,28 +110,34 @@ def _a_annotate(p):
 
 
 COMMANDS = {
-    "demo": ("ctrltok.cli.demo:run_demo", _demo, _a_demo, "the main job: EOT fine-tune of the embedded SmolLM2-135M"),
-    "add-tokens": ("ctrltok.core.tokens:save_with_tokens", _add_tokens, _a_add_tokens, "add control tokens, save a checkpoint"),
-    "render": ("ctrltok.core.chat:render_file", _render, _a_render, "encode chats to input_ids and labels"),
-    "inspect": ("ctrltok.evaluation.doctor:inspect_checkpoint", _inspect, _a_inspect, "check a checkpoint's tokens, templates, generation config"),
-    "train": ("ctrltok.training.train:train", _train, _a_recipe, "train a recipe"),
-    "generate": ("ctrltok.generation.generate:generate", _generate, _a_generate, "generate replies"),
-    "chat": ("ctrltok.generation.generate:chat_loop", _chat, _a_chat, "interactive chat"),
-    "eval": ("ctrltok.evaluation.evaluate:evaluate_cli", _eval, _a_eval, "held-out loss and end-of-turn stop rate (or --conditional)"),
-    "label": ("ctrltok.conditional.label:label_file", _label, _a_label, "score and label sentences with <|aligned|>/<|misaligned|>"),
-    "constitution": ("ctrltok.core.heads:constitution_cli", _constitution, _a_constitution, "read the charter head per assistant turn"),
-    "backtranslate": ("ctrltok.backtranslate.pipeline:run_backtranslation", _backtranslate, _a_recipe, "instruction backtranslation pipeline"),
-    "annotate": ("ctrltok.epe.annotate:annotate_file", _annotate, _a_annotate, "write an EPE sidecar with an LLM"),
+    "demo": ("ctrltok.cli.run:demo", _a_demo, "the main job: EOT fine-tune of the embedded SmolLM2-135M"),
+    "add-tokens": ("ctrltok.cli.tokens:add_tokens", _a_add_tokens, "add control tokens, save a checkpoint"),
+    "render": ("ctrltok.cli.tokens:render", _a_render, "encode chats to input_ids and labels"),
+    "inspect": ("ctrltok.cli.tokens:inspect", _a_inspect, "check a checkpoint's tokens, templates, generation config"),
+    "train": ("ctrltok.cli.run:train", _a_recipe, "train a recipe"),
+    "generate": ("ctrltok.cli.generate:generate", _a_generate, "generate replies"),
+    "chat": ("ctrltok.cli.generate:chat", _a_chat, "interactive chat"),
+    "eval": ("ctrltok.cli.eval:evaluate", _a_eval, "held-out loss and end-of-turn stop rate (or --conditional, --epe)"),
+    "label": ("ctrltok.cli.label:label", _a_label, "score and label sentences with <|aligned|>/<|misaligned|>"),
+    "constitution": ("ctrltok.cli.eval:constitution", _a_constitution, "read the charter head per assistant turn"),
+    "backtranslate": ("ctrltok.cli.backtranslate:backtranslate", _a_recipe, "instruction backtranslation pipeline"),
+    "annotate": ("ctrltok.cli.annotate:annotate", _a_annotate, "write an EPE sidecar with an LLM"),
 }
+
+
+def resolve(target: str):
+    """A handler from the table: ``"ctrltok.cli.MODULE:FUNCTION"`` -> the function."""
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrltok", description="Teach language models new control tokens.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, handler, add_args, help_text) in COMMANDS.items():
+    for name, (target, add_args, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
-        p.set_defaults(handler=handler)
+        p.set_defaults(target=target)
     return parser
 
 
@@ -242,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":  # `accelerate launch --cpu --num_processes N` starts one process
+            from ctrltok.core.config import load_recipe
             from ctrltok.training.launch import relaunch_if_needed
 
-            _recipe(args)  # a bad recipe fails here, once, not in every process
+            load_recipe(args.recipe, args.set)  # a bad recipe fails here, once, not in every process
             code = relaunch_if_needed(sys.argv[1:] if argv is None else list(argv))
             if code is not None:
                 return code
-        code = args.handler(args)
+        code = resolve(args.target)(args)
     except (ConfigError, RecordError, ChatError, FileNotFoundError) as exc:
         print(f"ctrltok {args.command}: error: {exc}", file=sys.stderr)
         return 2

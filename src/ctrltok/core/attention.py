@@ -40,9 +40,8 @@ Use::
 
 from __future__ import annotations
 
-from typing import Any
-
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F

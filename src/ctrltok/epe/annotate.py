@@ -23,10 +23,11 @@ import re
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from ctrltok.generation.completion import Backend, Sampling
-from ctrltok.core.records import read_records
+
 from ctrltok.conditional.segment import split_sentences
+from ctrltok.core.records import read_records
 from ctrltok.core.tokens import CharterItem, load_charter
+from ctrltok.generation.completion import Backend, Sampling
 
 _ANSWER = re.compile(r"\A\s*Reflection:[ \t]*(?P<r>[^\n]+?)[ \t]*\n\s*Charter:[ \t]*(?P<c>[^\n]*?)[ \t]*\s*\Z")
 _ID = re.compile(r"\d+\.\d+")

@@ -360,7 +360,9 @@ def build_epe_examples(recipe: Any, tokenizer: Any) -> Any:
     """
     import random
 
-    from ctrltok.training.data import Encoded  # dataset dispatches here; imported late to keep imports one-way
+    from ctrltok.training.data import (
+        Encoded,  # dataset dispatches here; imported late to keep imports one-way
+    )
 
     data, epe = recipe.data, recipe.epe
     if epe is None or not epe.sidecar:

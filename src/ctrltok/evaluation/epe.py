@@ -149,7 +149,11 @@ def _recipe(model_dir: Path, manifest: dict):
 
 def _examples(model_dir: Path, recipe: Any, tokenizer: Any, corpus: str | None, sidecar: str | None,
               order: list[str]) -> tuple[list[Example], str]:
-    from ctrltok.epe.reflection import build_epe_examples, insert_reflection, read_annotated
+    from ctrltok.epe.reflection import (
+        build_epe_examples,
+        insert_reflection,
+        read_annotated,
+    )
 
     if (corpus is None) != (sidecar is None):
         raise ValueError("evaluate_epe: give both `corpus` and `sidecar` (--data and --sidecar), or neither "

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from ctrltok.core.attention import build_mask
 from ctrltok.core.chat import ChatEncoder
 from ctrltok.core.example import IGNORE, Example
-from ctrltok.generation.generate import generate
 from ctrltok.core.packing import collate, pack
 from ctrltok.core.templates import get_template
+from ctrltok.generation.generate import generate
 
 # Scalars that are better when lower / higher (for the comparison table's verdict column).
 LOWER_IS_BETTER = ("eval_loss", "perplexity")
@@ -163,8 +163,8 @@ def load_conversations(data: str | os.PathLike, limit: int | None = None) -> tup
     """Chat records (``messages``, instruction/output, prompt/response) from a file, folder,
     ``ctrltok:<resource>`` or datasets name, with where each came from."""
     from ctrltok.core.chat import validate_messages
-    from ctrltok.training.data import to_messages
     from ctrltok.core.records import read_records
+    from ctrltok.training.data import to_messages
 
     convs, wheres = [], []
     for where, rec in read_records(str(data)):
@@ -217,8 +217,8 @@ def heldout_conversations(model_dir: str | os.PathLike, limit: int | None = None
         convs, wheres = load_conversations(data["eval"], limit)
         return convs, wheres, str(data["eval"])
     from ctrltok.core.chat import ChatError, validate_messages
-    from ctrltok.training.data import to_messages
     from ctrltok.core.records import read_records
+    from ctrltok.training.data import to_messages
 
     # The same records and the same draw as dataset.build_examples: the split is over records as
     # read (after `limit`), shuffled with the training seed; records that fail to become a

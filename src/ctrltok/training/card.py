@@ -426,7 +426,9 @@ def plot_curves(metrics_jsonl: Path, png: Path) -> Path | None:
     eval_head = _series(records, "eval_head_bce")
     if not loss[0] and not eval_loss[0]:
         return None
-    from matplotlib.figure import Figure  # the object API renders with Agg and touches no global state
+    from matplotlib.figure import (
+        Figure,  # the object API renders with Agg and touches no global state
+    )
 
     panels = 2 if head[0] or eval_head[0] else 1
     fig = Figure(figsize=(6.4 * panels, 4.0), layout="constrained")

@@ -1,4 +1,8 @@
-"""Atomic training checkpoints and resume.
+"""Atomic training checkpoints, resume, and the run manifest (``ctrltok.json``).
+
+:class:`RunManifest` is the only code that writes or reads ``ctrltok.json``: what the final save
+records beside a model (tokens, template, end-of-turn token, the recipe's values, the run's summary)
+and what generation, evaluation, the card and ``inspect`` read back from it.
 
 A checkpoint is a folder ``<out>/checkpoints/step-000040`` holding the trainable tensors
 (safetensors), the optimizer and scheduler state, the RNG states and ``state.json``. It is written
@@ -13,13 +17,93 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctrltok.core.config import Recipe, recipe_from_mapping
+
 STATE = "state.json"
+MANIFEST = "ctrltok.json"
+DEFAULT_TEMPLATE = "default"
+
+
+@dataclass
+class RunManifest:
+    """``ctrltok.json``: what a saved model was made with. ``values`` is the JSON object itself
+    (``tokens``, ``template``, ``end_of_turn``, ``recipe``, ``recipe_values``, ``summary``,
+    ``complete``, ...), kept as a dict so older and newer files round-trip unchanged."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike) -> RunManifest:
+        """The manifest in ``model_dir``; an empty one when there is none (a hub model, a plain folder)."""
+        path = Path(model_dir) / MANIFEST
+        if not path.is_file():
+            return cls({}, None)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(values).__name__}")
+        return cls(values, path)
+
+    @classmethod
+    def for_run(cls, token_manifest: dict, recipe: Recipe, end_of_turn: str, summary: dict) -> RunManifest:
+        """The manifest the final save of a training run writes (``complete`` set by :meth:`write`)."""
+        return cls({**token_manifest, "template": recipe.data.template, "end_of_turn": end_of_turn,
+                    "recipe": recipe.name, "recipe_values": asdict(recipe), "summary": summary, "complete": False})
+
+    def write(self, model_dir: str | os.PathLike, complete: bool | None = None) -> Path:
+        """Write atomically (a temporary file renamed into place): a reader never sees half a file."""
+        if complete is not None:
+            self.values["complete"] = complete
+        path = Path(model_dir) / MANIFEST
+        tmp = path.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.values, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+        self.path = path
+        return path
+
+    @property
+    def exists(self) -> bool:
+        return self.path is not None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.values.get("complete", False))
+
+    @property
+    def template(self) -> str:
+        """The chat template the model was trained with (``default`` when unknown)."""
+        return self.values.get("template") or DEFAULT_TEMPLATE
+
+    @property
+    def end_of_turn(self) -> str | None:
+        return self.values.get("end_of_turn")
+
+    @property
+    def tokens(self) -> list[dict]:
+        return list(self.values.get("tokens") or [])
+
+    @property
+    def summary(self) -> dict:
+        return dict(self.values.get("summary") or {})
+
+    def recipe(self) -> Recipe | None:
+        """The training recipe, rebuilt from the recorded values (``None`` if none were recorded)."""
+        values = self.values.get("recipe_values")
+        if not isinstance(values, dict):
+            return None
+        values = {k: v for k, v in values.items() if k != "source" and v is not None}
+        return recipe_from_mapping(values, f"{self.path or MANIFEST}:recipe_values")
 
 
 def checkpoint_root(out_dir: Path) -> Path:

@@ -94,7 +94,7 @@ def encode_records(pairs: list[tuple[str, dict]], tokenizer, recipe: Recipe, ski
     elif data.kind == "text":
         examples = _encode_text(pairs, tokenizer, data, skips)
     elif data.kind == "labelled":
-        from ctrltok.conditional.label import encode_labelled
+        from ctrltok.conditional.encode import encode_labelled
 
         aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
         misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")

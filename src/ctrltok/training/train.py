@@ -44,15 +44,31 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from ctrltok.training import checkpoint as ckpt
-from ctrltok.core.attention import VARLEN, build_mask, loading_attention, training_attention
-from ctrltok.training.compiling import compile_blocks, compile_unavailable, uncompile_blocks
+from ctrltok.core.attention import (
+    VARLEN,
+    build_mask,
+    loading_attention,
+    training_attention,
+)
 from ctrltok.core.config import Recipe
-from ctrltok.training.data import build_examples
 from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.packing import Batch, collate, pack, pad_batch
 from ctrltok.core.templates import get_template, install_templates
-from ctrltok.core.tokens import Surgery, add_tokens, apply_generation_config, check_sizes, is_tied, resolve_tokens
+from ctrltok.core.tokens import (
+    Surgery,
+    add_tokens,
+    apply_generation_config,
+    check_sizes,
+    is_tied,
+    resolve_tokens,
+)
+from ctrltok.training import checkpoint as ckpt
+from ctrltok.training.compiling import (
+    compile_blocks,
+    compile_unavailable,
+    uncompile_blocks,
+)
+from ctrltok.training.data import build_examples
 
 MANIFEST = "ctrltok.json"
 
@@ -443,7 +459,13 @@ class _null:
 def _progress(enabled: bool, total: int, start: int, name: str):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     prog = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} sup tok/s"),
