@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from ctrltok.core.attention import training_attention
-    from ctrltok.training.compiling import compile_blocks, compile_unavailable
+    from ctrltok.core.loss import LossModel, run_batch
     from ctrltok.core.packing import pack
-    from ctrltok.training.train import LossModel, make_optimizer, run_batch, to_batch
+    from ctrltok.training.compiling import compile_blocks, compile_unavailable
+    from ctrltok.training.data import to_batch
+    from ctrltok.training.train import make_optimizer
 
     if compile_unavailable():
         raise SystemExit(f"torch.compile does not work here: {compile_unavailable()}")

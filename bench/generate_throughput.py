@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from ctrltok.core.models import load_model
 from ctrltok.generation.completion import Sampling, TransformersBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +34,7 @@ TINY_TOKENIZER = ROOT / "tests" / "assets" / "smollm2-tokenizer"
 
 def load(tiny: bool):
     if not tiny:
-        from ctrltok.core.models import load_model
-
         return load_model("smollm2-135m")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,

@@ -16,13 +16,15 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ctrltok.conditional.scorers import get_scorer
+from ctrltok.core.segment import ABBREVIATIONS, split_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -37,8 +39,6 @@ def load_docs() -> list[str]:
 
 
 def write_corpus(path: Path, docs: list[str], min_sentences: int) -> int:
-    from ctrltok.conditional.segment import split_sentences
-
     per_copy = sum(len(split_sentences(d)) for d in docs)
     copies = -(-min_sentences // per_copy)
     with path.open("w") as fh:
@@ -52,7 +52,7 @@ def run_label(corpus: Path, processes: int) -> dict:
     """One labelling run in a fresh interpreter; returns its summary plus timing and peak RSS."""
     code = f"""
 import json, resource, sys, time, tempfile
-from ctrltok.conditional.label import label_file
+from ctrltok.cli.label import label_file
 from ctrltok.conditional.scorers import get_scorer
 get_scorer("profanity")  # import + model load (~1-4 s) is start-up, not throughput
 out = tempfile.mkdtemp() + "/out.jsonl"
@@ -70,8 +70,6 @@ print(json.dumps({{"segments": s["segments"], "documents": s["documents"], "seco
 
 def bench_splitters(docs: list[str], reps: int) -> dict:
     """Speed (interleaved) and suspicious-split counts of regex vs pysbd on the C4 documents."""
-    from ctrltok.conditional.segment import ABBREVIATIONS, split_sentences
-
     c4 = [json.loads(line)["text"] for line in SOURCES[0].open()] if SOURCES[0].exists() else docs
     sample = c4[:60]
     times = {"regex": [], "pysbd": []}
@@ -105,9 +103,6 @@ def bench_splitters(docs: list[str], reps: int) -> dict:
 
 def bench_parts(docs: list[str]) -> dict:
     """Segmentation alone and scoring alone, in this process, for the breakdown."""
-    from ctrltok.conditional.scorers import get_scorer
-    from ctrltok.conditional.segment import split_sentences
-
     t = time.perf_counter()
     sents = [s for d in docs for s in split_sentences(d)]
     seg = len(sents) / (time.perf_counter() - t)
@@ -122,8 +117,6 @@ def bench_parts(docs: list[str]) -> dict:
 def bench_scorer_quality() -> dict:
     """ROC AUC of the default scorer on labelled toxic-comment samples (when present)."""
     from sklearn.metrics import roc_auc_score
-
-    from ctrltok.conditional.scorers import get_scorer
 
     scorer = get_scorer("profanity")
     out = {}

@@ -69,10 +69,10 @@ OPTIONAL = ("ctrltok packed, dense mask", "TRL SFTTrainer padded, compiled")
 
 # -- data and model (built identically in every worker) -------------------------------------------
 def alpaca(path: Path) -> list[list[dict]]:
-    from ctrltok.training.data import to_messages
+    from ctrltok.core.conversation import to_conversation
 
     with path.open(encoding="utf-8") as fh:
-        return [to_messages(json.loads(line), f"{path.name}:{i}") for i, line in enumerate(fh, 1)]
+        return [to_conversation(json.loads(line), f"{path.name}:{i}") for i, line in enumerate(fh, 1)]
 
 
 def conversations(limit: int, seed: int) -> tuple[list[list[dict]], str]:
@@ -224,8 +224,10 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn
     from accelerate import Accelerator
 
     from ctrltok.core.attention import training_attention
+    from ctrltok.core.loss import LossModel, run_batch
     from ctrltok.training.compiling import compile_blocks, compile_unavailable
-    from ctrltok.training.train import LossModel, make_optimizer, run_batch, to_batch
+    from ctrltok.training.data import to_batch
+    from ctrltok.training.train import make_optimizer
 
     if packed:
         rows, _ = packed_rows(examples, args)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ctrltok.core.stages import StageRun
 from ctrltok.core.tokens import load_charter
 from ctrltok.epe.annotate import (
     AnnotationParseError,
@@ -87,11 +88,13 @@ def test_annotate_writes_a_valid_sidecar_and_resumes(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         annotate_records(docs, Dying(_answer), out, load_charter(), batch_size=4)
-    first = out.read_text().splitlines()
-    assert len(first) == 3  # the first batch (d0-d3, d3 a parse failure) survived the kill
-    with open(out, "a") as fh:
-        fh.write('{"doc_id": "d4", "off')  # a line cut mid-write
+    parts = tmp_path / "sidecar.jsonl.parts"
+    # the first batch (d0-d3, d3 a parse failure) survived the kill as a complete shard
+    assert len((parts / "shard-000000.jsonl").read_text().splitlines()) == 3
+    assert (parts / "shard-000000.done").exists() and not out.exists()
+    (parts / "shard-000001.jsonl.tmp").write_text('{"doc_id": "d4", "off')  # a shard cut mid-write
     summary = annotate_records(docs, FakeBackend(_answer), out, load_charter(), batch_size=4)
+    assert not parts.exists()
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [x["doc_id"] for x in lines]
     assert sorted(ids) == sorted(f"d{i}" for i in range(10) if i != 3) and len(ids) == len(set(ids))
@@ -102,3 +105,34 @@ def test_annotate_writes_a_valid_sidecar_and_resumes(tmp_path):
     corpus.write_text("".join(json.dumps(r) + "\n" for _, r in docs))
     anns = read_sidecar(str(out), {r["id"]: r["text"] for _, r in docs}, [c.id for c in load_charter()])
     assert len(anns) == 9 and all(a[0].charter for a in anns.values())
+
+
+def test_a_grown_corpus_costs_only_its_new_documents(tmp_path):
+    docs = [("c:%d" % i, {"id": f"d{i}", "text": f"Doc {i} opens here. It goes on. It ends."}) for i in range(9)]
+    out = tmp_path / "sidecar.jsonl"
+    annotate_records(docs[:5], FakeBackend(_answer), out, load_charter(), batch_size=2)
+    fake = FakeBackend(_answer)
+    summary = annotate_records(docs, fake, out, load_charter(), batch_size=2)
+    assert len(fake.calls) == 4 and summary["counts"]["already annotated (resumed)"] == 5
+    ids = [json.loads(x)["doc_id"] for x in out.read_text().splitlines()]
+    assert ids == [f"d{i}" for i in range(9)]
+
+
+def test_a_merge_redone_after_a_kill_adds_nothing_twice(tmp_path, monkeypatch):
+    docs = [("c:%d" % i, {"id": f"d{i}", "text": f"{'BROKEN ' if i == 1 else ''}Doc {i}. More. End."})
+            for i in range(5)]
+    out = tmp_path / "sidecar.jsonl"
+
+    def killed(self):
+        raise KeyboardInterrupt  # after the shards were merged into OUT, before they were removed
+
+    monkeypatch.setattr(StageRun, "remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        annotate_records(docs, FakeBackend(_answer), out, load_charter(), batch_size=2)
+    monkeypatch.undo()
+    fake = FakeBackend(_answer)
+    summary = annotate_records(docs, fake, out, load_charter(), batch_size=2)
+    assert fake.calls == [] and summary["counts"]["annotated"] == 4
+    assert [json.loads(x)["doc_id"] for x in out.read_text().splitlines()] == ["d0", "d2", "d3", "d4"]
+    failed = (tmp_path / "sidecar.failures.jsonl").read_text().splitlines()
+    assert [json.loads(x)["doc_id"] for x in failed] == ["d1"]

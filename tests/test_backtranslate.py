@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,25 +13,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from ctrltok.backtranslate.pipeline import (
+from ctrltok.backtranslate.pairs import Pair
+from ctrltok.backtranslate.pipeline import load_chat_model, run_backtranslation
+from ctrltok.backtranslate.segment import read_documents, segment
+from ctrltok.backtranslate.stages import (
     ChatModel,
-    Pair,
     aggregate,
     clean_instruction,
     curate,
     load_text,
     parse_score,
-    read_documents,
     rewrite_issue,
-    run_backtranslation,
-    segment,
 )
+from ctrltok.cli.backtranslate import print_report
 from ctrltok.core.config import (
     BacktranslateConfig,
     ConfigError,
     load_recipe,
     recipe_from_mapping,
 )
+from ctrltok.core.stages import JsonlSink
+from ctrltok.core.templates import get_template
 from ctrltok.generation.completion import FakeBackend, Sampling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,9 +157,9 @@ def run(recipe, out: Path, budget: int | None = None, trainer=None, factory_log:
             factory_log.append(name)
         return ChatModel(flaky, render)
 
+    report = run_backtranslation(recipe, out, backend_factory=factory, trainer=trainer or FakeTrainer())
     quiet = Console(file=io.StringIO(), width=120)
-    report = run_backtranslation(recipe, out, backend_factory=factory, trainer=trainer or FakeTrainer(),
-                                 console=quiet)
+    print_report(report, quiet)
     assert "score_below_keep" in quiet.file.getvalue()  # the printed tables
     return report, fake
 
@@ -405,25 +406,32 @@ def test_resume_after_a_backend_kill_at_every_point(corpus, gold, tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["segments", "augmented", "rewritten", "curated-1", "selected-1"])
-def test_resume_after_a_torn_write_in_any_stage(corpus, gold, tmp_path, stage):
+def test_resume_after_a_kill_in_mid_write_in_any_stage(corpus, gold, tmp_path, monkeypatch, stage):
     recipe = make_recipe(corpus, gold)
     run(recipe, tmp_path / "ref")
     reference = stage_files(tmp_path / "ref")
+    half = len(reference[f"{stage}.jsonl"]) // 2
+    write, written = JsonlSink.write, []
+
+    def torn(self, outcome):  # the kill comes while half of the stage's lines are written
+        if self.path.parent.name == f"{stage}.parts":
+            written.append(outcome)
+            if len(written) > half:
+                line = json.dumps(outcome.record)
+                self.fh.write(line[: len(line) // 2])
+                self.fh.flush()
+                raise Killed("killed in mid-write")
+        write(self, outcome)
+
     out = tmp_path / "cut"
-    shutil.copytree(tmp_path / "ref", out)
-    # the state a kill leaves in the middle of `stage`: half its lines, a torn one, nothing after it
-    order = ["segments", "augmented", "rewritten", "curated-1", "selected-1"]
-    lines = reference[f"{stage}.jsonl"]
-    keep = len(lines) // 2
-    (out / f"{stage}.jsonl").write_text("".join(x + "\n" for x in lines[:keep]) + lines[keep][: len(lines[keep]) // 2])
-    for later in order[order.index(stage):]:
-        (out / f"{later}.done").unlink()
-    for later in order[order.index(stage) + 1:]:
-        (out / f"{later}.jsonl").unlink()
-    for marker in ("model-1.done",):
-        (out / marker).unlink()
+    monkeypatch.setattr(JsonlSink, "write", torn)
+    with pytest.raises(Killed):
+        run(recipe, out)
+    monkeypatch.undo()
+    assert not (out / f"{stage}.jsonl").exists() and list((out / f"{stage}.parts").glob("*.jsonl.tmp"))
     run(recipe, out)
     assert stage_files(out) == reference
+    assert not list(out.glob("*.parts"))
 
 
 def test_resume_after_a_trainer_kill(corpus, gold, tmp_path):
@@ -449,28 +457,26 @@ def test_completed_run_is_not_redone(corpus, gold, tmp_path):
 
 
 def test_config_errors_name_the_key(corpus, gold):
-    from ctrltok.backtranslate.pipeline import check_config
-
     with pytest.raises(ConfigError, match="backtranslate.curation_temperature"):
-        check_config(BacktranslateConfig(curation_samples=3))
+        BacktranslateConfig(curation_samples=3).check()
     with pytest.raises(ConfigError, match="backtranslate.score_aggregate"):
-        check_config(BacktranslateConfig(score_aggregate="mode"))
+        BacktranslateConfig(score_aggregate="mode").check()
     with pytest.raises(ConfigError, match="backtranslate.keep_score"):
-        check_config(BacktranslateConfig(keep_score=6))
+        BacktranslateConfig(keep_score=6).check()
+    with pytest.raises(ConfigError, match="<t>: backtranslate.keep_score"):  # a recipe is checked as it loads
+        recipe_from_mapping({"backtranslate": {"keep_score": 6}}, "<t>")
     with pytest.raises(ConfigError, match="curation_prompt"):
         load_text("ctrltok:nope.txt", "curation_prompt")
 
 
 @pytest.mark.parametrize("name", ["backtranslate.yaml", "backtranslate-cpu.yaml"])
 def test_recipes_load_and_validate(name):
-    from ctrltok.backtranslate.pipeline import check_config
-
     path = REPO / "recipes" / name
     assert path.read_text().startswith("#") and "ctrltok backtranslate" in path.read_text().splitlines()[0] + \
         path.read_text().splitlines()[1]
     recipe = load_recipe(path)
     assert recipe.backtranslate is not None
-    check_config(recipe.backtranslate, str(path))
+    recipe.backtranslate.check(str(path))
     for key in ("curation_prompt", "rewrite_prompt", "backward_system"):
         load_text(getattr(recipe.backtranslate, key), key)
 
@@ -504,26 +510,24 @@ def test_end_to_end_with_the_real_trainer_and_backend_on_a_tiny_model(tmp_path, 
                           "curation_max_new_tokens": 8, "min_instruction_chars": 1, "batch_size": 4},
     }, "<slow test>")
     out = tmp_path / "run"
-    console = Console(file=io.StringIO(), width=120)
-    report = run_backtranslation(recipe, out, console=console)
+    report = run_backtranslation(recipe, out)
     assert all(s["complete"] for s in report["stages"])
     assert [s["stage"] for s in report["stages"]] == ["segments", "augmented", "rewritten", "curated-1", "selected-1"]
     assert report["stages"][1]["in"] == 4
     assert report["curation"].get("curated-1", {"samples": 0})["samples"] == report["stages"][3]["in"]
     for name in ("backward", "model-1"):
         assert AutoModelForCausalLM.from_pretrained(out / name).config.vocab_size >= len(smol_tokenizer)
-    again = run_backtranslation(recipe, out, console=console)
+    again = run_backtranslation(recipe, out)
     assert again["stages"] == report["stages"]
 
 
 def test_resuming_with_changed_settings_says_so(corpus, gold, tmp_path):
     run(make_recipe(corpus, gold), tmp_path / "o")
-    quiet = Console(file=io.StringIO(), width=200)
-    run_backtranslation(make_recipe(corpus, gold, iterations=2), tmp_path / "o",
-                        backend_factory=lambda n, r: ChatModel(FakeBackend(fake_llm), render),
-                        trainer=FakeTrainer(), console=quiet)
-    text = quiet.file.getvalue()
-    assert "changed settings ['iterations']" in text and "curated-2" in text
+    with pytest.warns(UserWarning, match=r"changed settings \['iterations'\]"):
+        report = run_backtranslation(make_recipe(corpus, gold, iterations=2), tmp_path / "o",
+                                     backend_factory=lambda n, r: ChatModel(FakeBackend(fake_llm), render),
+                                     trainer=FakeTrainer())
+    assert [s["stage"] for s in report["stages"]][-2:] == ["curated-2", "selected-2"]
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -538,8 +542,6 @@ def test_rewrite_issue(text, reason):
 
 def test_default_chat_model_keeps_corpus_markup_as_text(tiny_model_dir):
     """A document spelling the template's markup must not end the user turn and forge a reply."""
-    from ctrltok.backtranslate.pipeline import load_chat_model
-
     recipe = recipe_from_mapping({"model": {"name": str(tiny_model_dir)}, "data": {"template": "default"}})
     model = load_chat_model(str(tiny_model_dir), recipe)
     tok = model.backend.tokenizer
@@ -552,8 +554,6 @@ def test_default_chat_model_keeps_corpus_markup_as_text(tiny_model_dir):
     assert tok.decode(prompt).count("<|im_end|>") == 3  # the user turn's closer + the forged two, as text
     assert tok.decode(prompt[-3:]).endswith("Score:")
     # the ids are what plain transformers renders for the clean conversation with the same template
-    from ctrltok.core.templates import get_template
-
     plain = tok.apply_chat_template(clean, chat_template=get_template("default", tok).source,
                                     add_generation_prompt=True, tokenize=True, return_dict=False)
     assert honest == list(plain) + tok("Score:", add_special_tokens=False)["input_ids"]

@@ -65,7 +65,7 @@ def eot_checkpoint(tmp_path, smol_tokenizer, tiny_llama):
     generation config, manifest) without importing the training stack (accelerate + peft take
     ~30 s to import on this loaded machine); the slow test below runs save_final itself."""
     model, surgery, recipe, summary = _eot_setup(smol_tokenizer, tiny_llama, tmp_path)
-    apply_generation_config(model, surgery, "<EOT>")
+    apply_generation_config(model, surgery, surgery.ids["<EOT>"])
     model.save_pretrained(tmp_path)
     smol_tokenizer.save_pretrained(tmp_path)
     manifest = {**surgery.manifest(), "template": "eot", "end_of_turn": "<EOT>", "recipe": recipe.name,
@@ -78,10 +78,15 @@ def eot_checkpoint(tmp_path, smol_tokenizer, tiny_llama):
 
 @pytest.mark.slow
 def test_save_final_writes_card_and_curves(tmp_path, smol_tokenizer, tiny_llama):
-    from ctrltok.training.train import LossModel, save_final
+    from ctrltok.core.loss import LossModel
+    from ctrltok.core.templates import get_template
+    from ctrltok.training.setup import Prepared
+    from ctrltok.training.train import save_final
 
     model, surgery, recipe, summary = _eot_setup(smol_tokenizer, tiny_llama, tmp_path)
-    save_final(tmp_path, LossModel(model), smol_tokenizer, surgery, recipe, summary)
+    template = get_template("eot", smol_tokenizer)
+    prepared = Prepared(model, smol_tokenizer, surgery, template, template.end_of_turn_id(smol_tokenizer), None)
+    save_final(tmp_path, LossModel(model), prepared, recipe, summary)
     assert json.loads((tmp_path / "ctrltok.json").read_text())["complete"] is True
     text = (tmp_path / "README.md").read_text()
     assert f"| `<EOT>` | {surgery.ids['<EOT>']} |" in text

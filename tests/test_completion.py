@@ -16,6 +16,7 @@ from ctrltok.generation.completion import (
     cut_at_stop,
     make_backend,
 )
+from ctrltok.generation.generate import shared_prefix_cache
 
 QUESTIONS = [
     "Hi",
@@ -86,7 +87,7 @@ def test_shared_prefix_is_used_and_changes_nothing(model_and_tokenizer):
     prompts = [render(tok, q) for q in QUESTIONS[:4]]
     backend = TransformersBackend(model, tok, batch_size=4)
     encoded = tok(prompts, add_special_tokens=False).input_ids
-    cache, shared = backend._shared_prefix_cache(encoded, backend.generation_config(Sampling()), model.device)
+    cache, shared = shared_prefix_cache(model, encoded)
     assert shared >= 10 and cache.get_seq_length() == shared  # the system turn and "<|im_start|>user\n"
     plain = TransformersBackend(model, tok, batch_size=4, share_prefix=False)
     sampling = Sampling(max_new_tokens=5, temperature=1.0, n=2, seed=3)

@@ -6,12 +6,12 @@ import json
 import math
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from ctrltok.cli.label import label_file
 from ctrltok.conditional.encode import encode_labelled
 from ctrltok.conditional.label import (
     ALIGNED,
@@ -19,13 +19,13 @@ from ctrltok.conditional.label import (
     LabelError,
     calibrate_threshold,
     is_dropped,
-    label_file,
     label_segments,
     labelled_text,
 )
 from ctrltok.conditional.scorers import ScorerError
 from ctrltok.core.example import IGNORE
-from ctrltok.evaluation.conditional import _generate, conditional_eval
+from ctrltok.evaluation.conditional import conditional_eval
+from ctrltok.generation.generate import generate_batch
 
 SEED_T = 0.00056
 ABOVE = math.nextafter(SEED_T, 1.0)
@@ -129,17 +129,15 @@ def test_resume_after_kill(tmp_path, scorers) -> None:
     out = tmp_path / "o.jsonl"
     args = dict(scorer="cond_scorers:dies_once", threshold=SEED_T, drop_fraction=0.05, seed=1, shard_size=50,
                 chunk_size=8, quiet=True)
-    code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(scorers)!r})
-        from ctrltok.conditional.label import label_file
-        label_file({str(src)!r}, {str(out)!r}, **{args!r})
-    """)
+    code = (f"import sys; sys.path.insert(0, {str(scorers)!r}); from ctrltok.cli.label import label_file; "
+            f"label_file({str(src)!r}, {str(out)!r}, **{args!r})")
     env = {**__import__("os").environ, "KILL_FLAG": str(flag)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     parts = Path(f"{out}.parts")
-    done = sorted(p.name for p in parts.glob("shard-*.json"))
-    assert done == [f"shard-{k:06d}.json" for k in range(4)]  # shards 0-3 complete, shard 4 was in progress
+    done = sorted(p.name for p in parts.glob("shard-*.done"))
+    assert done == [f"shard-{k:06d}.done" for k in range(4)]  # shards 0-3 complete, shard 4 was in progress
+    assert [p.name for p in parts.glob("*.tmp")] == ["shard-000004.jsonl.tmp"]
     assert not out.exists()
 
     __import__("os").environ["KILL_FLAG"] = str(flag)  # flag is gone: the resumed run does not die
@@ -159,7 +157,7 @@ def test_resume_refuses_other_settings(tmp_path, scorers) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", corpus(3, 2))
     parts = tmp_path / "o.jsonl.parts"
     parts.mkdir()
-    (parts / "run.json").write_text(json.dumps({"seed": 99}))
+    (parts / "run.json").write_text(json.dumps({"shard_size": 1000, "settings": {"seed": 99}, "info": {}}))
     with pytest.raises(LabelError, match="unfinished run with different"):
         label_file(src, tmp_path / "o.jsonl", scorer="cond_scorers:leading_number", threshold=SEED_T, quiet=True)
 
@@ -260,7 +258,7 @@ def test_encode_matches_tokenizer_on_plain_text(tok) -> None:
 def test_injection_never_forges_control_ids(tok) -> None:
     a, m = tok.convert_tokens_to_ids([ALIGNED, MISALIGNED])
     text = f"Ignore this {ALIGNED} and {MISALIGNED}. {ALIGNED}Sneaky start.{MISALIGNED}"
-    from ctrltok.conditional.segment import split_sentences
+    from ctrltok.core.segment import split_sentences
 
     pieces = split_sentences(text)
     segs = label_segments(pieces, [0.0] * len(pieces), 0.5, 0.0, 0, 0)
@@ -292,11 +290,11 @@ def _control_loving_model(tiny_llama, tok):
     return model, a, m
 
 
-@pytest.mark.slow  # ~18 s here: building a 49k-vocabulary tiny Llama and sampling 3 conditions
+@pytest.mark.slow  # builds a 49k-vocabulary tiny Llama and samples 3 conditions
 def test_generation_suppresses_control_tokens(tiny_llama, tok) -> None:
     model, a, m = _control_loving_model(tiny_llama, tok)
-    torch.manual_seed(0)
-    free = _generate(model, [[5, 6], [7]], 2, 4, [], tok.pad_token_id, 8, 1.0, 1.0)
+    free = generate_batch(model, [[5, 6], [7]], n=2, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                          pad_id=tok.pad_token_id, batch_size=8, seed=0)
     assert sum(t in (a, m) for g in free for t in g) > 0  # without suppression it leaks
     result = conditional_eval(model, tok, "profanity", ["Hello there", "You are"], n=2, max_new_tokens=3, seed=0)
     assert result["leaked_total"] == 0

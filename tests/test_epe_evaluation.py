@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from ctrltok.cli.eval import eval_epe
 from ctrltok.core.config import recipe_from_mapping
 from ctrltok.epe.reflection import Insert, layout
 from ctrltok.evaluation.epe import (
@@ -22,9 +23,10 @@ from ctrltok.evaluation.epe import (
     evaluate_epe,
     evaluate_examples,
     plain_document,
-    print_epe,
     reflection_regions,
 )
+from ctrltok.training.checkpoint import RunManifest
+from ctrltok.training.data import build_examples
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "epe-cpu.yaml"
 
@@ -99,14 +101,12 @@ def trained(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
-    result = evaluate_epe(trained)
+    result = eval_epe(trained)  # loads the checkpoint, prints the table to stderr
     # epe-cpu holds out eval_fraction 0.15 of the 12 documents used: round(1.8) = 2, the same two
-    # documents (by source) that training's build_epe_examples held out.
-    from ctrltok.epe.reflection import build_epe_examples
-
+    # documents (by source) that training's build_examples held out.
     manifest = json.loads((trained / "ctrltok.json").read_text())
     values = {k: v for k, v in manifest["recipe_values"].items() if k != "source" and v is not None}
-    held = build_epe_examples(recipe_from_mapping(values), AutoTokenizer.from_pretrained(trained)).eval
+    held = build_examples(recipe_from_mapping(values), AutoTokenizer.from_pretrained(trained)).eval
     assert result["documents"] == len(held) == 2
     assert [d["source"] for d in result["equivalence"]["per_document"]] == [ex.source for ex in held]
     assert result["max_length"] == 256
@@ -127,7 +127,6 @@ def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
     eq = result["equivalence"]
     assert eq["passed"] and eq["atol"] == EQUIVALENCE_ATOL
     assert eq["post_tokens"] > 0 and eq["post_max_abs_diff"] < EQUIVALENCE_ATOL
-    print_epe(result)
     err = capsys.readouterr().err
     assert "charter micro-F1" in err and "PASS" in err
 
@@ -142,12 +141,21 @@ def test_evaluate_on_given_corpus_and_sidecar(trained, tmp_path):
     corpus, sidecar = tmp_path / "docs.jsonl", tmp_path / "side.jsonl"
     corpus.write_text("\n".join(docs) + "\n")
     sidecar.write_text("\n".join(notes) + "\n")
-    result = evaluate_epe(trained, str(corpus), str(sidecar), max_length=64)
+    from ctrltok.core.heads import load_head
+    from ctrltok.core.models import load_model
+
+    # The library takes objects: the model, its head, the tokenizer and the run's recipe.
+    model, tok = load_model(trained)
+    head = load_head(trained)
+    recipe = RunManifest.read(trained).recipe()
+    result = evaluate_epe(model, head, tok, recipe, str(corpus), str(sidecar), max_length=64)
     assert result["documents"] == 6 and result["positions"] <= 6
     assert result["truncated_documents"] > 0  # a reflection cut by max_length still evaluates
     assert result["equivalence"]["passed"]
     with pytest.raises(ValueError, match="both"):
-        evaluate_epe(trained, corpus=str(corpus))
+        evaluate_epe(model, head, tok, recipe, corpus=str(corpus))
+    with pytest.raises(ValueError, match="no recipe"):
+        evaluate_epe(model, head, tok, None)
 
 
 def test_equivalence_check_can_fail_and_losses_split_by_region(trained):

@@ -1,4 +1,5 @@
-"""Evaluation: packed held-out loss == a per-conversation hand computation; stop-rate counting."""
+"""Evaluation: packed held-out loss == a per-conversation hand computation, in the run's rows;
+stop-rate counting; `ctrltok eval`'s command layer (loading, the held-out split, dispatch by kind)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,20 @@ import torch
 import torch.nn.functional as F
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
+from ctrltok.cli.eval import eval_chat, eval_kind, print_comparison, write_json
 from ctrltok.core.chat import encode_chat
+from ctrltok.core.config import DataConfig
 from ctrltok.core.example import IGNORE
 from ctrltok.core.templates import install_templates
 from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 from ctrltok.evaluation.evaluate import (
     compare,
-    evaluate,
     evaluate_model,
     generation_prompts,
-    print_comparison,
+    heldout_conversations,
     stop_counts,
-    write_json,
 )
+from ctrltok.training.checkpoint import RunManifest
 
 CONVS = [
     [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
@@ -43,7 +45,7 @@ def eot_model():
     tok.pad_token = tok.eos_token
     model = make_tiny_llama(len(tok))
     surgery = add_tokens(model, tok, resolve_tokens(["eot"]), pad_to_multiple_of=64)
-    apply_generation_config(model, surgery, "<EOT>")
+    apply_generation_config(model, surgery, surgery.ids["<EOT>"])
     install_templates(tok)
     return model, tok, surgery
 
@@ -80,7 +82,7 @@ def _hand_loss(model, tok, convs, template, loss_on="assistant"):
 @pytest.mark.parametrize("template,loss_on", [("eot", "assistant"), ("default", "assistant"), ("eot", "all")])
 def test_eval_loss_equals_hand_computation(eot_model, template, loss_on):
     model, tok, _ = eot_model
-    got = evaluate_model(model, tok, CONVS, template, n_generate=0, loss_on=loss_on, max_length=256)
+    got = evaluate_model(model, tok, CONVS, template, n_generate=0, loss_on=loss_on, data=DataConfig(max_length=256))
     want, n = _hand_loss(model, tok, CONVS, template, loss_on)
     assert got["eval_targets"] == n
     assert got["eval_loss"] == pytest.approx(want, abs=1e-5)
@@ -95,17 +97,30 @@ def test_eval_loss_packs_several_conversations_per_row(eot_model):
 
     examples = [encode_chat(c, tok, "eot") for c in CONVS[:3]]
     assert len(pack(examples, 256).rows) == 1
-    one_row = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, max_length=256)
-    each_alone = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, max_length=256, rows_per_batch=1,
-                                examples=examples)
+    one_row = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, data=DataConfig(max_length=256))
+    each_alone = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, rows_per_batch=1, examples=examples,
+                                data=DataConfig(max_length=256, packing=False))
     assert one_row["eval_loss"] == pytest.approx(_hand_loss(model, tok, CONVS[:3], "eot")[0], abs=1e-5)
-    assert one_row["eval_loss"] == pytest.approx(each_alone["eval_loss"], abs=1e-6)
+    assert one_row["eval_loss"] == pytest.approx(each_alone["eval_loss"], abs=1e-5)  # float32 sums in another order
 
 
 def test_truncation_is_counted(eot_model):
     model, tok, _ = eot_model
-    got = evaluate_model(model, tok, CONVS[1:2], "default", n_generate=0, max_length=20)
+    got = evaluate_model(model, tok, CONVS[1:2], "default", n_generate=0, data=DataConfig(max_length=20))
     assert got["truncated_examples"] == 1 and got["truncated_tokens"] > 0
+    assert got["max_length"] == 20 and got["overlong"] == "truncate"
+
+
+def test_the_runs_overlong_rule_applies(eot_model):
+    """Not a fixed truncation: the run's data.overlong decides (split keeps every target, error refuses)."""
+    model, tok, _ = eot_model
+    whole = evaluate_model(model, tok, CONVS[1:2], "default", n_generate=0, data=DataConfig(max_length=256))
+    split = evaluate_model(model, tok, CONVS[1:2], "default", n_generate=0,
+                           data=DataConfig(max_length=20, overlong="split"))
+    assert split["truncated_examples"] == 0 and split["split_examples"] == 1
+    assert 0 < split["eval_targets"] <= whole["eval_targets"]
+    with pytest.raises(ValueError, match="max_length"):
+        evaluate_model(model, tok, CONVS[1:2], "default", n_generate=0, data=DataConfig(max_length=20, overlong="error"))
 
 
 def test_generation_prompts():
@@ -171,6 +186,12 @@ def test_compare_and_table(tmp_path):
     assert json.loads(path.read_text())["comparison"]["eval_loss"]["after"] == 1.5
 
 
+def _quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
 def test_evaluate_a_checkpoint_folder(eot_model, tmp_path):
     model, tok, surgery = eot_model
     model.save_pretrained(tmp_path)
@@ -179,19 +200,19 @@ def test_evaluate_a_checkpoint_folder(eot_model, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS[:3])
                     + json.dumps({"prompt": "Alpaca style?", "response": "Also read."}) + "\n")
-    got = evaluate(tmp_path, str(data), n_generate=2, max_new_tokens=3, limit=3)
+    got = eval_chat(tmp_path, str(data), n_generate=2, max_new_tokens=3, limit=3, console=_quiet())
     assert got["template"] == "eot" and got["conversations"] == 3 and got["n_generated"] == 2
+    assert got["max_length"] == DataConfig().max_length  # no recipe in the manifest: DataConfig's defaults
     direct = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0)
     assert got["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
-    assert evaluate(tmp_path, str(data), n_generate=0)["conversations"] == 4
+    assert eval_chat(tmp_path, str(data), n_generate=0, console=_quiet())["conversations"] == 4
 
 
 def test_heldout_split_is_the_trainers(smol_tokenizer, tmp_path):
-    """Without --data, eval uses exactly the records dataset.build_examples held out of training."""
+    """Without --data, eval uses exactly the records training.data.build_examples held out of training."""
     from dataclasses import asdict
 
     from ctrltok.core.config import Recipe
-    from ctrltok.evaluation.evaluate import heldout_conversations
     from ctrltok.training.data import build_examples
 
     recipe = Recipe(name="split")
@@ -199,11 +220,12 @@ def test_heldout_split_is_the_trainers(smol_tokenizer, tmp_path):
     recipe.data.eval_fraction = 0.2
     recipe.data.limit = 60
     (tmp_path / "ctrltok.json").write_text(json.dumps({"recipe_values": asdict(recipe)}))
-    convs, wheres, described = heldout_conversations(tmp_path)
+    manifest = RunManifest.read(tmp_path)
+    convs, wheres, described = heldout_conversations(manifest)
     encoded = build_examples(recipe, smol_tokenizer)
     assert sorted(wheres) == sorted(ex.source for ex in encoded.eval) and len(convs) == 12
     assert "held-out 0.2" in described
-    assert len(heldout_conversations(tmp_path, limit=5)[0]) == 5
+    assert len(heldout_conversations(manifest, limit=5)[0]) == 5
 
 
 def _checkpoint(model, tok, surgery, path, recipe_values=None):
@@ -217,14 +239,12 @@ def _checkpoint(model, tok, surgery, path, recipe_values=None):
 def test_evaluate_cli_prints_a_table_and_returns_json(eot_model, tmp_path):
     from rich.console import Console
 
-    from ctrltok.evaluation.evaluate import evaluate_cli
-
     model, tok, surgery = eot_model
     ckpt = _checkpoint(model, tok, surgery, tmp_path / "ckpt")
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
     buf = io.StringIO()
-    got = evaluate_cli(ckpt, str(data), n_generate=1, max_new_tokens=2, console=Console(file=buf, width=150))
+    got = eval_chat(ckpt, str(data), n_generate=1, max_new_tokens=2, console=Console(file=buf, width=150))
     assert got["template"] == "eot" and got["n_generated"] == 1
     assert "eval_loss" in buf.getvalue() and "eot_stop_rate" in buf.getvalue()
     json.dumps(got)  # serialisable as it is
@@ -232,13 +252,12 @@ def test_evaluate_cli_prints_a_table_and_returns_json(eot_model, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_before_and_after(eot_model, tmp_path):
-    """--before: a base checkpoint without <EOT> is given the run's tokens by train.prepare_model."""
+    """--before: a base checkpoint without <EOT> is given the run's tokens by training.setup.prepare_model."""
     from dataclasses import asdict
 
     from rich.console import Console
 
     from ctrltok.core.config import Recipe
-    from ctrltok.evaluation.evaluate import evaluate_cli
 
     model, tok, surgery = eot_model
     recipe = Recipe(name="eot-test")
@@ -251,9 +270,48 @@ def test_evaluate_cli_before_and_after(eot_model, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
     buf = io.StringIO()
-    got = evaluate_cli(ckpt, str(data), before=tmp_path / "base", n_generate=2, max_new_tokens=2,
+    got = eval_chat(ckpt, str(data), before=tmp_path / "base", n_generate=2, max_new_tokens=2,
                        console=Console(file=buf, width=150))
     assert set(got) == {"before", "after", "comparison"}
     assert got["before"]["eval_targets"] == got["after"]["eval_targets"] > 0  # same tokens, same targets
     assert got["before"]["eval_loss"] != got["after"]["eval_loss"]  # different weights
     assert "before vs after" in buf.getvalue()
+
+
+def test_the_loss_uses_the_runs_max_length(eot_model, tmp_path):
+    """The rows of `ctrltok eval`'s loss follow the recipe in ctrltok.json, not a fixed length."""
+    from dataclasses import asdict
+
+    from ctrltok.core.config import Recipe
+
+    model, tok, surgery = eot_model
+    recipe = Recipe(name="short")
+    recipe.data.template = "eot"
+    recipe.data.max_length = 20
+    ckpt = _checkpoint(model, tok, surgery, tmp_path / "ckpt", asdict(recipe))
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    got = eval_chat(ckpt, str(data), n_generate=0, console=_quiet())
+    assert got["max_length"] == 20 and got["truncated_examples"] > 0
+    want = evaluate_model(model, tok, CONVS, "eot", n_generate=0, data=DataConfig(max_length=20))
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,flags,want", [
+    ("chat", {}, "chat"), ("epe", {}, "epe"), ("labelled", {}, "labelled"), (None, {}, "chat"),
+    ("chat", {"epe": True}, "epe"), ("epe", {"conditional": True}, "labelled"),
+])
+def test_eval_dispatches_on_the_recipe_kind(tmp_path, kind, flags, want):
+    from dataclasses import asdict
+
+    from ctrltok.core.config import EpeConfig, Recipe
+
+    values = {}
+    if kind is not None:
+        recipe = Recipe(name=kind, epe=EpeConfig(sidecar="notes.jsonl") if kind == "epe" else None)
+        recipe.data.kind = kind
+        values["recipe_values"] = asdict(recipe)
+    (tmp_path / "ctrltok.json").write_text(json.dumps(values))
+    assert eval_kind(tmp_path, **flags) == want
+    with pytest.raises(ValueError, match="exclude"):
+        eval_kind(tmp_path, epe=True, conditional=True)

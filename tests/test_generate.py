@@ -11,17 +11,17 @@ import pytest
 import torch
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
+from ctrltok.cli.generate import chat_loop, generate_file
 from ctrltok.core.templates import install_templates
 from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 from ctrltok.generation.generate import (
-    chat_loop,
-    checkpoint_template,
     generate,
-    generate_file,
+    generate_batch,
     load_for_generation,
     prompt_ids,
     stop_ids,
 )
+from ctrltok.training.checkpoint import RunManifest
 
 MAX_NEW = 6
 
@@ -36,7 +36,7 @@ def eot_model():
     tok.pad_token = tok.eos_token
     model = make_tiny_llama(len(tok))
     surgery = add_tokens(model, tok, resolve_tokens(["eot", "conditional"]), pad_to_multiple_of=64)
-    apply_generation_config(model, surgery, "<EOT>")
+    apply_generation_config(model, surgery, surgery.ids["<EOT>"])
     install_templates(tok)
     return model, tok, surgery
 
@@ -177,6 +177,30 @@ def test_default_template_stops_at_im_end(eot_model):
     assert out["ids"][-1] == im_end and out["n_tokens"] == 2 and out["stopped"]
 
 
+def test_generate_batch_samples_blocks_and_cuts(eot_model):
+    """The one generator on raw ids: n per prompt, prompt-major; extra blocked ids; cut at stop ids."""
+    model, tok, _ = eot_model
+    prompts = prompt_ids(tok, CONVS, "eot")
+    greedy = generate_batch(model, prompts, max_new_tokens=MAX_NEW, n=2, batch_size=2)
+    alone = [generate_batch(model, [p], max_new_tokens=MAX_NEW)[0] for p in prompts]
+    assert greedy == [ids for ids in alone for _ in range(2)]
+    sampled = generate_batch(model, prompts, max_new_tokens=MAX_NEW, temperature=1.0, n=3, seed=5, batch_size=4)
+    assert len(sampled) == 9 and sampled == generate_batch(model, prompts, max_new_tokens=MAX_NEW, temperature=1.0,
+                                                           n=3, seed=5, batch_size=4)
+    extra = tok.convert_tokens_to_ids("!")
+    with boosted(model, [extra]):
+        assert all(ids == [extra] * MAX_NEW for ids in generate_batch(model, prompts, max_new_tokens=MAX_NEW))
+        blocked = generate_batch(model, prompts, max_new_tokens=MAX_NEW, suppress_ids=[extra])
+    assert not any(extra in ids for ids in blocked)
+    with boosted(model, [extra], at_calls={1}):  # the second token is "!": a stop id there ends it
+        cut = generate_batch(model, prompts[:1], max_new_tokens=MAX_NEW, stop_ids=[extra])[0]
+    assert len(cut) == 2 and cut[-1] == extra
+    with pytest.raises(ValueError, match="decode"):
+        generate_batch(model, prompts, stop_strings=["x"])
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        generate_batch(model, [[1], []])
+
+
 def test_sampling_is_seeded(eot_model):
     model, tok, _ = eot_model
     a = generate(model, tok, CONVS, "eot", max_new_tokens=MAX_NEW, temperature=1.0, seed=3)
@@ -199,7 +223,7 @@ def test_load_for_generation_reads_the_template(checkpoint, tmp_path):
     model, tok, template = load_for_generation(checkpoint)
     assert template == "eot"
     assert tok.convert_tokens_to_ids("<EOT>") in model.generation_config.eos_token_id
-    assert checkpoint_template(tmp_path) == "default"  # no manifest
+    assert RunManifest.read(tmp_path).template == "default"  # no manifest
 
 
 def test_generate_file(checkpoint, eot_model, tmp_path):
@@ -219,7 +243,7 @@ def test_generate_file(checkpoint, eot_model, tmp_path):
 def test_generate_file_names_the_bad_line(checkpoint, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(ValueError, match=r"in\.jsonl:2.*`messages`.*`prompt`"):
+    with pytest.raises(ValueError, match=r"in\.jsonl:2.*no conversation found.*messages.*prompt"):
         generate_file(checkpoint, src, tmp_path / "o.jsonl")
     assert not (tmp_path / "o.jsonl").exists()
 

@@ -7,19 +7,19 @@ import json
 import pytest
 import torch
 
+from ctrltok.cli.eval import show_constitution
 from ctrltok.core.attention import build_mask
 from ctrltok.core.heads import (
     CONFIG,
     WEIGHTS,
     ConstitutionHead,
-    constitution_cli,
     constitution_loss,
     load_head,
-    read_constitution,
     save_head,
 )
 from ctrltok.core.packing import collate
 from ctrltok.epe.reflection import Insert, charter_ids, layout
+from ctrltok.evaluation.epe import read_constitution
 
 
 def _descend(head, loss_fn, steps, lr=20.0):
@@ -139,16 +139,28 @@ def test_read_constitution_one_reading_per_assistant_turn(epe_checkpoint):
     assert all(list(r) == charter_ids() and all(0 < p < 1 for p in r.values()) for r in readings)
     assert readings[0] != readings[1]  # read at different positions
     assert read_constitution(model, head, tokenizer, CHAT[:1]) == []
+    # The one forward (core.loss.hidden_states on a collated row) reads what a plain causal decoder call reads.
+    from ctrltok.core.chat import encode_chat
+
+    ids = encode_chat(CHAT, tokenizer, "epe", loss_on="all").input_ids
+    cols = [i for i, t in enumerate(ids) if t == tokenizer.convert_tokens_to_ids("<assistant>")]
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]
+        want = torch.sigmoid(head(hidden[cols].float()))
+    got = torch.tensor([[r[label] for label in head.labels] for r in readings])
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_constitution_cli_json(epe_checkpoint, tmp_path, capsys):
     directory, _, _, _ = epe_checkpoint
     chats = tmp_path / "chats.jsonl"
-    chats.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:2]}) + "\n")
-    constitution_cli(directory, chats, as_json=True)
+    lima = {"conversations": [m["content"] for m in CHAT[:2]]}  # any layout to_conversation reads
+    chats.write_text("".join(json.dumps(r) + "\n" for r in ({"messages": CHAT}, {"messages": CHAT[:2]}, lima)))
+    show_constitution(directory, chats, as_json=True)
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [(x["chat"], x["turn"]) for x in lines] == [(0, 0), (0, 1), (1, 0)]
+    assert [(x["chat"], x["turn"]) for x in lines] == [(0, 0), (0, 1), (1, 0), (2, 0)]
     assert all(len(x["charter"]) == 35 for x in lines)
     assert lines[0]["charter"] == pytest.approx(lines[2]["charter"], abs=1e-5)  # same prefix, same reading
-    constitution_cli(directory, chats)
+    assert lines[3]["charter"] == pytest.approx(lines[2]["charter"], abs=1e-6)  # same chat, another layout
+    show_constitution(directory, chats)
     assert "probability" in capsys.readouterr().out

@@ -8,8 +8,9 @@ import pytest
 
 from ctrltok.core.chat import ChatError
 from ctrltok.core.config import recipe_from_mapping
+from ctrltok.core.conversation import to_conversation
 from ctrltok.core.records import RecordError, Skips, read_records
-from ctrltok.training.data import build_examples, to_messages
+from ctrltok.training.data import build_examples
 
 
 def _write(tmp_path, lines: list[bytes]):
@@ -42,14 +43,26 @@ def test_skips_are_counted_with_reasons(tmp_path):
 
 
 def test_missing_messages_names_the_field():
-    with pytest.raises(ChatError, match=r"x.jsonl:3: missing field `messages`"):
-        to_messages({"text": "hello"}, "x.jsonl:3")
+    with pytest.raises(ChatError, match=r"x.jsonl:3: no conversation found.*found fields \['text'\]"):
+        to_conversation({"text": "hello"}, "x.jsonl:3")
 
 
 def test_lima_and_alpaca_layouts():
-    assert [m["role"] for m in to_messages({"conversations": ["q", "a", "q2", "a2"]}, "w")] == \
+    assert [m["role"] for m in to_conversation({"conversations": ["q", "a", "q2", "a2"]}, "w")] == \
         ["user", "assistant", "user", "assistant"]
-    assert to_messages({"instruction": "Do", "input": "this", "output": "done"}, "w")[0]["content"] == "Do\n\nthis"
+    assert to_conversation({"instruction": "Do", "input": "this", "output": "done"}, "w")[0]["content"] == "Do\n\nthis"
+
+
+def test_sharegpt_and_prompt_only_layouts():
+    conv = to_conversation({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                                              {"from": "gpt", "value": "a"}]}, "w")
+    assert [m["role"] for m in conv] == ["system", "user", "assistant"]
+    with pytest.raises(ChatError, match=r"w: conversations\[0\].from = 'robot'"):
+        to_conversation({"conversations": [{"from": "robot", "value": "x"}]}, "w")
+    assert to_conversation({"prompt": "hi", "system": "s"}, "w", prompt_only=True) == \
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ChatError, match="no conversation found"):
+        to_conversation({"prompt": "hi"}, "w")  # a training record needs a reply
 
 
 def test_recipe_data_with_bad_records(tmp_path, tiny_model_dir):

@@ -9,7 +9,7 @@ from conftest import shared_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrltok.conditional.segment import split_sentences
+from ctrltok.core.segment import split_sentences
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctrltok.core.config import recipe_from_mapping
-from ctrltok.training.train import (
-    LossModel,
-    accumulate,
-    make_rows,
-    prepare_model,
-    to_batch,
-    train,
-)
+from ctrltok.core.loss import LossModel
+from ctrltok.training.data import make_rows, to_batch
+from ctrltok.training.setup import prepare_model
+from ctrltok.training.train import accumulate, train
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +42,11 @@ def test_accumulation_1x8_equals_8x1(tiny_dir):
     from accelerate import Accelerator
 
     r = recipe_from_mapping(recipe(tiny_dir))
-    model, tok, _ = prepare_model(r)
+    prepared = prepare_model(r)
+    model, tok = prepared.model, prepared.tokenizer
     from ctrltok.training.data import build_examples
 
-    rows, _ = make_rows(build_examples(r, tok).train, r)
+    rows, _ = make_rows(build_examples(r, tok).train, r.data)
     rows = rows[:8]
     n = sum(ex.n_supervised for row in rows for ex in row)
     lm = LossModel(model).train()
@@ -122,8 +119,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_dir):
 
     _needs_compile()
     r = recipe_from_mapping(recipe(tiny_dir))
-    model, tok, _ = prepare_model(r)
-    rows, _ = make_rows(build_examples(r, tok).train, r)
+    prepared = prepare_model(r)
+    model, tok = prepared.model, prepared.tokenizer
+    rows, _ = make_rows(build_examples(r, tok).train, r.data)
     batch = to_batch(rows[:3], tok.pad_token_id, True)
     lm = LossModel(model).train()
     impl = model.config._attn_implementation

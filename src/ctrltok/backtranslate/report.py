@@ -1,6 +1,7 @@
 """The backtranslation report: counts per stage and drop reason, the curation parser's rates, the
 score histogram (table and PNG) and kept vs dropped samples, read back from the stage files so they
-cover every run that contributed to a folder (``report.json``, printed by ``ctrltok backtranslate``).
+cover every run that contributed to a folder (``report.json``; :mod:`ctrltok.cli.backtranslate`
+prints it as tables).
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from ctrltok.backtranslate.pipeline import SCORES, Pair, _atomic_write, _read_lines
+from matplotlib.figure import Figure
+
+from ctrltok.backtranslate.pairs import SCORES, Pair, read_pairs
 from ctrltok.core.config import BacktranslateConfig
+from ctrltok.core.stages import atomic_write
 
 
 def _stage_names(out_dir: Path, cfg: BacktranslateConfig) -> list[str]:
@@ -34,7 +37,7 @@ def curation_stats(path: Path) -> dict:
     """Sample-level parser counts and the histogram of parsed scores in one curation file."""
     hist = {s: 0 for s in SCORES}
     samples = unparsed = out_of_range = 0
-    for pair in _read_lines(path):
+    for pair in read_pairs(path):
         for s in pair.scores:
             samples += 1
             if s is None:
@@ -56,14 +59,14 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
     for name in _stage_names(out_dir, cfg):
         reasons: Counter = Counter()
         total = 0
-        for pair in _read_lines(out_dir / f"{name}.jsonl"):
+        for pair in read_pairs(out_dir / f"{name}.jsonl"):
             total += 1
             if pair.drop:
                 reasons[pair.drop] += 1
         entry = {"stage": name, "in": total, "kept": total - sum(reasons.values()), "dropped": dict(reasons.most_common())}
         marker = out_dir / f"{name}.done"
         entry["complete"] = marker.exists()
-        if name == "segments" and marker.exists():
+        if name == "segments" and marker.exists():  # the segmenter's own counters, kept in its marker
             entry["documents"] = json.loads(marker.read_text()).get("stats", {}).get("documents")
         stages.append(entry)
     curation = {name: curation_stats(out_dir / f"{name}.jsonl") for name in _stage_names(out_dir, cfg)
@@ -77,7 +80,7 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
     last = cfg.iterations
     n = cfg.report_samples
     for name in (f"selected-{last}", f"curated-{last}"):
-        for pair in _read_lines(out_dir / f"{name}.jsonl"):
+        for pair in read_pairs(out_dir / f"{name}.jsonl"):
             key = "dropped" if pair.drop else "kept"
             if name.startswith("curated-") and key == "kept":
                 continue  # kept by the curator is not kept: select decides
@@ -88,17 +91,14 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
               "samples": samples, "models": models}
     if curation:
         report["histogram_png"] = str(_plot(curation, out_dir / "scores.png"))
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
 
 def _plot(curation: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    """The score histogram of each curation round, bars side by side (no display needed)."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     width = 0.8 / len(curation)
     for k, (name, stats) in enumerate(curation.items()):
         xs = [s + (k - (len(curation) - 1) / 2) * width for s in SCORES]
@@ -111,49 +111,4 @@ def _plot(curation: dict, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
-
-
-def print_report(report: dict, console: Any = None) -> None:
-    """The report as rich tables: stages, curation, and kept vs dropped pairs side by side."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title=f"Backtranslation: {report['out_dir']}")
-    for col in ("stage", "in", "kept", "dropped", "reasons"):
-        table.add_column(col, justify="right" if col in ("in", "kept", "dropped") else "left")
-    for st in report["stages"]:
-        reasons = ", ".join(f"{r} {c}" for r, c in st["dropped"].items())
-        name = st["stage"] + ("" if st["complete"] else " (partial)")
-        if st.get("documents") is not None:
-            name += f" ({st['documents']} docs)"
-        table.add_row(name, str(st["in"]), str(st["kept"]), str(sum(st["dropped"].values())), reasons)
-    for name, info in report["training"].items():
-        table.add_row(f"train {name}", str(info["examples"]), "", "", info["model"])
-    console.print(table)
-    for name, cs in report["curation"].items():
-        hist = "  ".join(f"{s}: {cs['histogram'][s]}" for s in SCORES)
-        console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
-                      f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
-                      f"({cs['out_of_range_rate']}); scores {hist}")
-    side = Table(title=f"kept vs dropped (score >= {report['keep_score']}, {report['score_aggregate']})",
-                 show_lines=True)
-    side.add_column("kept")
-    side.add_column("dropped")
-    kept_, dropped = report["samples"]["kept"], report["samples"]["dropped"]
-
-    def cell(s: dict | None) -> str:
-        if s is None:
-            return ""
-        return f"[bold]{s['instruction']}[/bold]\n{s['response']}\nscore {s['score']} {s['drop'] or ''}"
-
-    from rich.markup import escape
-
-    for k in range(max(len(kept_), len(dropped))):
-        a = kept_[k] if k < len(kept_) else None
-        b = dropped[k] if k < len(dropped) else None
-        side.add_row(*(cell({**s, "instruction": escape(s["instruction"] or ""), "response": escape(s["response"] or "")})
-                       if s else "" for s in (a, b)))
-    console.print(side)

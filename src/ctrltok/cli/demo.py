@@ -76,11 +76,15 @@ def _templates(console: Console, model_name: str) -> None:
 
 def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: int | None = None,
              quick: bool = False) -> Path:
+    from ctrltok.cli.eval import comparison_table
     from ctrltok.core.config import load_recipe
     from ctrltok.core.models import load_model, resolve_model
-    from ctrltok.evaluation.evaluate import comparison_table, evaluate_model
+    from ctrltok.core.templates import get_template
+    from ctrltok.evaluation.evaluate import evaluate_model, load_conversations
     from ctrltok.generation.generate import generate
-    from ctrltok.training.train import prepare_model, train
+    from ctrltok.training.data import build_examples
+    from ctrltok.training.setup import prepare_model
+    from ctrltok.training.train import train
 
     console = Console()
     steps = steps or (4 if quick else DEMO_STEPS)
@@ -101,18 +105,18 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     if quick:
         overrides += ["data.limit=40", "data.max_length=128"]
     recipe = load_recipe(recipe_path, overrides)
-    base, tok, _ = prepare_model(recipe)
-    from ctrltok.training.data import build_examples
-
+    prepared = prepare_model(recipe)
+    base, tok = prepared.model, prepared.tokenizer
+    del prepared
     held = build_examples(recipe, tok).eval
-    from ctrltok.evaluation.evaluate import load_conversations
-
     convs, sources = load_conversations(recipe.data.train)
     held_sources = {ex.source for ex in held}
     held_convs = [c for c, s in zip(convs, sources) if s in held_sources] or convs[-HELD_OUT_PROMPTS:]
     prompts = [c[:-1] for c in held_convs if c[-1]["role"] == "assistant"][:HELD_OUT_PROMPTS]
     n_gen = len(prompts)
-    before = evaluate_model(base, tok, held_convs, "eot", n_generate=n_gen, max_new_tokens=MAX_NEW_TOKENS, examples=held)
+    # The loss in the rows the run trains on (recipe.data: max_length, overlong, packing).
+    before = evaluate_model(base, tok, held_convs, "eot", data=recipe.data, n_generate=n_gen,
+                            max_new_tokens=MAX_NEW_TOKENS, examples=held)
     before_gen = generate(base, tok, prompts, "eot", max_new_tokens=MAX_NEW_TOKENS)
     del base
 
@@ -120,11 +124,12 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     run_dir = out / "eot-model"
     train(recipe, run_dir)
     trained, tok2 = load_model(str(run_dir))
-    after = evaluate_model(trained, tok2, held_convs, "eot", n_generate=n_gen, max_new_tokens=MAX_NEW_TOKENS, examples=held)
+    after = evaluate_model(trained, tok2, held_convs, "eot", data=recipe.data, n_generate=n_gen,
+                           max_new_tokens=MAX_NEW_TOKENS, examples=held)
     after_gen = generate(trained, tok2, prompts, "eot", max_new_tokens=MAX_NEW_TOKENS)
 
     console.rule("[bold]3. Teaching <EOT>: before vs after")
-    eot_id = tok2.convert_tokens_to_ids("<EOT>")
+    eot_id = get_template("eot", tok2).end_of_turn_id(tok2)
 
     def ending(result: dict) -> str:
         if result["ids"] and result["ids"][-1] == eot_id:

@@ -2,11 +2,95 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
-from ctrltok.core.chat import render_file
-from ctrltok.core.tokens import save_with_tokens
-from ctrltok.evaluation.doctor import inspect_checkpoint, print_report
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer
+
+from ctrltok.core.chat import ChatEncoder
+from ctrltok.core.conversation import to_conversation
+from ctrltok.core.models import load_model, resolve_model
+from ctrltok.core.records import read_records
+from ctrltok.core.templates import get_template, install_templates
+from ctrltok.core.tokens import add_tokens as add_control_tokens
+from ctrltok.core.tokens import apply_generation_config, resolve_tokens
+from ctrltok.evaluation.doctor import Report, inspect_checkpoint
+from ctrltok.training.checkpoint import RunManifest
+
+
+def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", pad_to_multiple_of: int | None = None,
+                     out: str | Path = "out", template: str | None = None) -> Path:
+    """Load a model, add preset tokens, install templates, save a plain checkpoint with its manifest."""
+    m, tok = load_model(model)
+    surgery = add_control_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)
+    install_templates(tok)
+    if template is None:  # the first preset that has a template of its own names the end of turn
+        template = next((p for p in presets if p in ("eot", "oasst", "epe")), "default")
+    tmpl = get_template(template, tok)
+    end_of_turn = tmpl.end_of_turn
+    apply_generation_config(m, surgery, tmpl.end_of_turn_id(tok))
+    out = Path(out)
+    m.save_pretrained(out)
+    tok.save_pretrained(out)
+    RunManifest({**surgery.manifest(), "template": template, "end_of_turn": end_of_turn, "recipe": None}).write(
+        out, complete=True)
+    return out
+
+
+def render_file(model: str, template: str, input: str, out: str, loss_on: str = "assistant") -> int:
+    """Chats (any layout :func:`to_conversation` reads) -> ``{"input_ids", "labels"}`` JSONL, in input order."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    encoder = ChatEncoder(tokenizer, template, loss_on)
+    n = 0
+    with open(out, "w", encoding="utf-8") as fh:
+        chunk: list[tuple[str, dict]] = []
+
+        def flush() -> None:
+            convs = [to_conversation(rec, where) for where, rec in chunk]
+            for ex in encoder.encode_many(convs, [w for w, _ in chunk]):
+                fh.write(json.dumps({"input_ids": ex.input_ids, "labels": ex.labels}) + "\n")
+            chunk.clear()
+
+        for where, rec in read_records(input):
+            chunk.append((where, rec))
+            n += 1
+            if len(chunk) == 512:
+                flush()
+        flush()
+    return n
+
+
+def print_report(report: Report) -> None:
+    console = Console()
+    console.print(f"[bold]{report.path}[/]")
+    console.print(f"  embedding rows   {report.model_rows if report.model_rows is None else f'{report.model_rows:,}'}")
+    console.print(f"  tokenizer length {report.tokenizer_length:,}")
+    console.print(f"  tied embeddings  {report.tied}")
+    console.print(f"  named templates  {', '.join(report.templates) or '(none)'}")
+    console.print(f"  stop ids         {report.stop_ids}")
+    console.print(f"  suppressed ids   {report.suppressed} (e.g. {report.suppressed_sample})")
+    table = Table("id", "token", "special", "atomic", title="added tokens")
+    shown = [t for t in report.added_tokens if t["id"] >= 17 or not t["token"].startswith("<")] or report.added_tokens
+    # Long runs (35 charter tokens) are shown by their ends; --json lists every token.
+    visible = shown if len(shown) <= 12 else shown[:6] + [None] + shown[-3:]
+    for t in visible:
+        if t is None:
+            hidden = shown[6:-3]
+            bad = sum(1 for x in hidden if not x["atomic"])
+            table.add_row("...", f"{len(hidden)} more ({hidden[0]['id']}..{hidden[-1]['id']})", "",
+                          "yes" if not bad else f"[red]{bad} NOT[/]")
+            continue
+        table.add_row(str(t["id"]), t["token"], str(t["special"]), "yes" if t["atomic"] else "[red]NO[/]")
+    console.print(table)
+    if report.problems:
+        console.print("[bold red]problems[/]")
+        for p in report.problems:
+            console.print(f"  - {p}")
+    else:
+        console.print("[bold green]no problems found[/]")
 
 
 def add_tokens(a):

@@ -29,13 +29,11 @@ at the last moment:
 
 Never pass a packed batch without this mask: transformers infers documents from restarting
 ``position_ids`` only when no KV cache is in use, and reads EPE's aliased positions as a new
-document (see DESIGN.md). Padding tokens (doc id -1) attend to themselves (and earlier padding),
+document (a transformers behaviour checked when this was written). Padding tokens (doc id -1) attend to themselves (and earlier padding),
 so no softmax row is empty.
 
-Use::
-
-    out = forward(model, batch)          # mask built for model.config._attn_implementation
-    logits = out.logits
+Use ``build_mask(batch, impl)`` as the ``attention_mask`` of a forward, or the forwards of
+:mod:`ctrltok.core.loss`, which build it.
 """
 
 from __future__ import annotations
@@ -45,6 +43,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+from transformers import AttentionInterface
 
 from ctrltok.core.packing import Batch
 
@@ -64,16 +64,14 @@ def training_attention(requested: str, device: torch.device | str) -> str:
     """The implementation packed *training* forwards run with.
 
     ``auto`` picks per-document SDPA (:data:`VARLEN`) on CPU: one causal SDPA call per document,
-    which the CPU flash kernel runs block-sparse, where one call over the whole row behind a dense
-    ``[T, T]`` mask computes every block. Measured on SmolLM2-135M, packed rows of <= 1,024 tokens,
-    fp32, 2 threads: 1.18x the supervised tokens/s of the dense mask on the same rows
-    (bench/README.md, sft_throughput), the same weights after training (tests/test_train.py).
-    Elsewhere (GPU; not measured here) ``auto`` keeps ``sdpa`` with the dense mask. Any other value
-    is used as given.
+    which skips the blocks a dense ``[T, T]`` mask would compute and discard (faster on the same
+    rows: bench/README.md, sft_throughput; the same weights after training: tests/test_train.py).
+    Elsewhere ``auto`` keeps ``sdpa`` with the dense mask. Any other value is used as given.
     """
-    if requested != AUTO:
-        return requested
-    return VARLEN if torch.device(device).type == "cpu" else "sdpa"
+    impl = requested if requested != AUTO else (VARLEN if torch.device(device).type == "cpu" else "sdpa")
+    if impl == VARLEN:
+        register_varlen()
+    return impl
 
 
 def dense_mask(batch: Batch) -> torch.Tensor:
@@ -113,8 +111,6 @@ def reflection_regions(batch: Batch) -> torch.Tensor | None:
 
 
 def _flex_block_mask(batch: Batch, block_size: int, compile_mask: bool) -> Any:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     doc = batch.doc_ids
     B, T = doc.shape
     region = reflection_regions(batch)
@@ -151,9 +147,7 @@ _COMPILED: dict[str, Any] = {}
 def _compiled_create_block_mask() -> Any:
     """``torch.compile(create_block_mask)``, made once: it evaluates the mask_mod block by block."""
     if "create_block_mask" not in _COMPILED:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        _COMPILED["create_block_mask"] = torch.compile(create_block_mask)
+            _COMPILED["create_block_mask"] = torch.compile(create_block_mask)
     return _COMPILED["create_block_mask"]
 
 
@@ -169,7 +163,9 @@ def build_mask(
 
     ``dtype`` is the eager mask's float type (the model's dtype). ``block_size`` and
     ``compile_mask`` only concern FlexAttention (``compile_mask=False`` evaluates the mask_mod
-    eagerly, which materialises it densely: fine for small tests, slow for long rows).
+    eagerly, which materialises it densely: fine for small tests, slow for long rows). On CPU,
+    torch 2.13's FlexAttention kernel was exact only on rows padded to a multiple of the block size
+    (``collate(..., pad_to=128)``); on a 24-token row it returned wrong logits, sometimes NaN.
     """
     if impl == "sdpa":
         return dense_mask(batch)
@@ -262,39 +258,12 @@ def varlen_attention_forward(
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
+def register_varlen() -> None:
+    """Make :data:`VARLEN` a transformers attention implementation (idempotent). Called by
+    :func:`training_attention` when it picks it; call it before setting it on a model by hand."""
     AttentionInterface.register(VARLEN, varlen_attention_forward)
 
 
-_register()
-
-
-def forward(model: torch.nn.Module, batch: Batch, impl: str | None = None, **kwargs: Any) -> Any:
-    """Run ``model`` on a packed batch with the explicit mask for its attention implementation.
-
-    ``use_cache=False``: training forwards never need a cache, and the mask is the only document
-    boundary the model sees. Extra ``kwargs`` go to the model (e.g. ``output_hidden_states=True``).
-    """
-    configured = getattr(model.config, "_attn_implementation", None)
-    impl = impl or configured
-    if configured is not None and impl != configured:
-        raise ValueError(
-            f"mask for {impl!r} requested but the model runs {configured!r} attention; "
-            f"load the model with attn_implementation={impl!r} or pass impl={configured!r}"
-        )
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    batch = batch.to(device)
-    mask = build_mask(batch, impl, dtype=dtype)
-    return model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=mask,
-        use_cache=False,
-        **kwargs,
-    )
 
 
 def draw(batch: Batch, row: int = 0, names: dict[int, str] | None = None) -> str:

@@ -74,7 +74,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.template = template if isinstance(template, Template) else get_template(template, tokenizer)
         self.loss_on = loss_on
-        self.eot_id = tokenizer.convert_tokens_to_ids(self.template.end_of_turn)
+        self.eot_id = self.template.end_of_turn_id(tokenizer)
         backend: Tokenizer = tokenizer.backend_tokenizer
         self._plain = Tokenizer.from_str(backend.to_str())
         self._plain.encode_special_tokens = True  # contents: spell special tokens as text
@@ -246,37 +246,3 @@ def show(example: Example, tokenizer, color: bool = True) -> str:
             piece = piece.replace("\n", "\\n\n")
             parts.append(f"[{piece}]" if lab != IGNORE else piece)
     return "".join(parts)
-
-
-def render_file(model: str, template: str, input: str, out: str, loss_on: str = "assistant") -> int:
-    """`ctrltok render`: chats JSONL -> `{"input_ids", "labels"}` JSONL, in input order."""
-    import json
-
-    from transformers import AutoTokenizer
-
-    from ctrltok.core.models import resolve_model
-    from ctrltok.core.records import read_records
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    encoder = ChatEncoder(tokenizer, template, loss_on)
-    n = 0
-    with open(out, "w", encoding="utf-8") as fh:
-        chunk: list[tuple[str, dict]] = []
-
-        def flush() -> None:
-            convs = []
-            for where, rec in chunk:
-                if "messages" not in rec:
-                    raise ChatError(f"{where}: missing field `messages`")
-                convs.append(rec["messages"])
-            for ex in encoder.encode_many(convs, [w for w, _ in chunk]):
-                fh.write(json.dumps({"input_ids": ex.input_ids, "labels": ex.labels}) + "\n")
-            chunk.clear()
-
-        for where, rec in read_records(input):
-            chunk.append((where, rec))
-            n += 1
-            if len(chunk) == 512:
-                flush()
-        flush()
-    return n

@@ -121,9 +121,14 @@ class ConditionalConfig:
     supervise_control: bool = True
 
 
+CURATION_SCORES = (1, 2, 3, 4, 5)  # the curator's scale (backtranslate.keep_score is one of them)
+SCORE_AGGREGATES = ("median", "mean")  # backtranslate.score_aggregate
+
+
 @dataclass
 class BacktranslateConfig:
-    """Humpback (Li et al. 2023) with self-rewriting (seed 003); read by ``backtranslate.py``."""
+    """Humpback (Li et al. 2023) with self-rewriting (seed 003); read by :mod:`ctrltok.backtranslate`.
+    :meth:`check` holds the cross-field rules; :func:`validate` runs it for every recipe."""
 
     # segment: unlabelled documents -> candidate responses
     corpus: str = "python:pydoc_topics"  # python:pydoc_topics | .jsonl/.parquet | folder of .txt | datasets name
@@ -168,6 +173,25 @@ class BacktranslateConfig:
     generated_tag: str = "Answer with knowledge from web search."  # system prompt marking generated pairs
     batch_size: int = 8  # prompts per backend call
     report_samples: int = 3  # kept and dropped pairs shown side by side in the report
+
+    def check(self, source: str = "<recipe>") -> None:
+        """Cross-field checks; the error names the key as ``backtranslate.KEY``."""
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{source}: backtranslate.{key} {msg}")
+
+        if self.score_aggregate not in SCORE_AGGREGATES:
+            raise bad("score_aggregate", f"= {self.score_aggregate!r}; expected one of {list(SCORE_AGGREGATES)}")
+        if self.keep_score not in CURATION_SCORES:
+            raise bad("keep_score", f"= {self.keep_score}; expected 1..5")
+        for key in ("curation_samples", "iterations", "batch_size", "max_new_tokens", "rewrite_max_new_tokens",
+                    "curation_max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"= {getattr(self, key)}; expected >= 1")
+        if self.min_chars > self.max_chars:
+            raise bad("min_chars", f"= {self.min_chars} exceeds max_chars = {self.max_chars}")
+        if self.curation_samples > 1 and self.curation_temperature == 0:
+            raise bad("curation_temperature", "= 0 with curation_samples > 1: greedy samples are identical; "
+                      "set a temperature (e.g. 0.7) or curation_samples: 1")
 
 
 @dataclass
@@ -315,3 +339,5 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"{recipe.source}: data.kind = epe needs epe.sidecar (the annotation file)")
     if recipe.conditional and recipe.conditional.threshold is None and recipe.conditional.misaligned_fraction is None:
         raise ConfigError(f"{recipe.source}: conditional needs threshold or misaligned_fraction")
+    if recipe.backtranslate is not None:
+        recipe.backtranslate.check(recipe.source)

@@ -3,10 +3,10 @@
 A :class:`ConstitutionHead` is one linear layer from the model's final hidden state (after the
 final norm, what the LM head reads) to one logit per charter item. It is trained with a
 multi-label binary cross-entropy at the ``<assistant>`` positions that the encoders record in
-``Example.head_positions`` and ``packing.collate`` gathers into ``Batch.head_index``::
+``Example.head_positions`` and ``packing.collate`` gathers into ``Batch.head_index``. The loss
+model (:mod:`ctrltok.core.loss`) adds it to the LM loss, for training and every held-out loss::
 
-    hidden = model.get_decoder()(input_ids=..., position_ids=..., attention_mask=...).last_hidden_state
-    loss = lm_loss + head_weight * constitution_loss(head, hidden, batch.head_index, batch.head_targets)
+    loss = ce_sum / n_targets + head_weight * constitution_loss(head, hidden, index, targets, "sum") / n_head
 
 It is saved *beside* a checkpoint, never inside the model's weights, so the Hugging Face model
 still loads with plain ``transformers``::
@@ -15,16 +15,15 @@ still loads with plain ``transformers``::
     out/constitution_head.safetensors          # weight [C, H], bias [C]
     out/constitution_head.json                 # {"hidden_size": H, "labels": [charter ids], ...}
 
-Readout: :func:`read_constitution` renders a chat with the ``epe`` template and returns, for each
-assistant turn, ``{charter id: probability}`` read at the ``<assistant>`` token that opens it;
-``ctrltok constitution --model DIR --input chats.jsonl [--json]`` prints them.
+Readout: :func:`ctrltok.evaluation.epe.read_constitution` returns, for each assistant turn,
+``{charter id: probability}`` read at the ``<assistant>`` token that opens it; ``ctrltok
+constitution --model DIR --input chats.jsonl [--json]`` prints them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,61 +119,3 @@ def load_head(model_dir: str | Path) -> ConstitutionHead:
             raise ValueError(f"{d / WEIGHTS}: `{key}` should have shape {shape} per {CONFIG}, found {found}")
     head.proj.load_state_dict(state)
     return head.eval()
-
-
-@torch.no_grad()
-def read_constitution(model: Any, head: ConstitutionHead, tokenizer: Any, messages: list[dict]) -> list[dict[str, float]]:
-    """``{charter id: probability}`` for each assistant turn of ``messages`` (in order).
-
-    The chat is rendered with the ``epe`` template (injection-safe: a user typing ``<assistant>``
-    gets text tokens), and the head reads the hidden state at each ``<assistant>`` token that the
-    template writes, i.e. at the opening of each assistant turn, where it was trained.
-    """
-    from ctrltok.core.chat import encode_chat
-
-    assistant = tokenizer.convert_tokens_to_ids("<assistant>")
-    if tokenizer.convert_ids_to_tokens(assistant) != "<assistant>":
-        raise ValueError("the tokenizer has no <assistant> token; is this an `epe` checkpoint?")
-    ids = encode_chat(messages, tokenizer, "epe", loss_on="all").input_ids
-    cols = [i for i, t in enumerate(ids) if t == assistant]
-    if not cols:
-        return []
-    device = next(model.parameters()).device
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = decoder(input_ids=torch.tensor([ids], device=device), use_cache=False).last_hidden_state[0]
-    probs = torch.sigmoid(head.to(device)(hidden[cols].float())).cpu()
-    return [{label: float(p) for label, p in zip(head.labels, row)} for row in probs]
-
-
-def constitution_cli(model: str | Path, input: str | Path, as_json: bool = False, top: int = 5) -> None:
-    """``ctrltok constitution``: read the head for every assistant turn of a JSONL of chats."""
-    from ctrltok.core.models import load_model, resolve_model
-    from ctrltok.core.records import read_records
-
-    where = resolve_model(model)
-    head = load_head(where)
-    lm, tokenizer = load_model(model)
-    if as_json:
-        for i, (src, rec) in enumerate(read_records(input)):
-            if "messages" not in rec:
-                raise ValueError(f"{src}: expected a `messages` list")
-            for j, probs in enumerate(read_constitution(lm, head, tokenizer, rec["messages"])):
-                print(json.dumps({"chat": i, "turn": j, "charter": probs}))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from ctrltok.core.tokens import load_charter
-
-    titles = {c.id: c.title for c in load_charter()}
-    table = Table(title=f"constitution head of {where} (top {top} per assistant turn)")
-    for col in ("chat", "turn", "charter item", "probability"):
-        table.add_column(col)
-    for i, (src, rec) in enumerate(read_records(input)):
-        if "messages" not in rec:
-            raise ValueError(f"{src}: expected a `messages` list")
-        for j, probs in enumerate(read_constitution(lm, head, tokenizer, rec["messages"])):
-            for k, (cid, p) in enumerate(sorted(probs.items(), key=lambda kv: -kv[1])[:top]):
-                label = f"{cid} {titles.get(cid, '')}".strip()
-                table.add_row(str(i) if k == 0 else "", str(j) if k == 0 else "", label, f"{p:.3f}")
-    Console().print(table)

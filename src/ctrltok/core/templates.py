@@ -21,6 +21,14 @@ class Template:
     end_of_turn: str  # the token string that closes a turn
     presets: tuple[str, ...] = ()  # token presets the template needs
 
+    def end_of_turn_id(self, tokenizer) -> int | None:
+        """The id of :attr:`end_of_turn` in ``tokenizer``, or ``None`` when the tokenizer lacks it
+        (the one place this lookup is made: the encoder, generation config, stop rate all use it)."""
+        i = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        if i is None or (i == tokenizer.unk_token_id and self.end_of_turn != tokenizer.unk_token):
+            return None
+        return int(i)
+
 
 _SPECS = {
     "default": ("<|im_end|>", ()),

@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tokenizers import AddedToken
@@ -80,11 +81,12 @@ def load_charter(path: str | Path | None = None) -> list[CharterItem]:
     return items
 
 
-def _preset_epe(charter: str | Path | None) -> list[ControlToken]:
+def _preset_epe(charter: str | Path | Sequence[CharterItem] | None) -> list[ControlToken]:
     out = [ControlToken("<assistant>", "opens an assistant turn (template `epe`) and an inserted reflection; "
                         "the constitution head reads the hidden state here",
                         description="assistant reflection")]
-    for item in load_charter(charter):
+    items = charter if isinstance(charter, (list, tuple)) else load_charter(charter)
+    for item in items:
         out.append(ControlToken(item.token, f"charter item {item.id}: {item.title}", supervised=False, blocked=True,
                                 init="describe", description=f"{item.title}. {item.text}"))
     return out
@@ -111,8 +113,11 @@ PRESETS: dict[str, list[ControlToken]] = {
 }
 
 
-def resolve_tokens(presets: list[str], custom: list | None = None, charter: str | Path | None = None) -> list[ControlToken]:
-    """The tokens of the named presets plus custom ones, in order, without duplicates."""
+def resolve_tokens(presets: list[str], custom: list | None = None,
+                   charter: str | Path | Sequence[CharterItem] | None = None) -> list[ControlToken]:
+    """The tokens of the named presets plus custom ones, in order, without duplicates.
+
+    ``charter``: the EPE charter as loaded items (a run loads it once), or its path."""
     out: list[ControlToken] = []
     for name in presets:
         if name == "epe":
@@ -271,14 +276,15 @@ def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = "mean_n
     return surgery
 
 
-def apply_generation_config(model, surgery: Surgery, end_of_turn: str | None = None) -> None:
-    """Stop at the stop tokens (and the template's end of turn); never emit blocked or filler tokens."""
+def apply_generation_config(model, surgery: Surgery, end_of_turn_id: int | None = None) -> None:
+    """Stop at the stop tokens (and the template's end of turn, ``Template.end_of_turn_id``); never
+    emit blocked or filler tokens."""
     gc = model.generation_config
     eos = gc.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     stops = list(surgery.stop_ids)
-    if end_of_turn is not None:
-        stops.insert(0, surgery.tokenizer.convert_tokens_to_ids(end_of_turn))
+    if end_of_turn_id is not None:
+        stops.insert(0, end_of_turn_id)
     for i in stops:
         if i not in eos:
             eos.append(i)
@@ -287,24 +293,3 @@ def apply_generation_config(model, surgery: Surgery, end_of_turn: str | None = N
     gc.suppress_tokens = suppressed or None
     if gc.pad_token_id is None and surgery.tokenizer.pad_token_id is not None:
         gc.pad_token_id = surgery.tokenizer.pad_token_id
-
-
-def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", pad_to_multiple_of: int | None = None,
-                     out: str | Path = "out", template: str | None = None) -> Path:
-    """`ctrltok add-tokens`: load a model, add preset tokens, install templates, save a plain checkpoint."""
-    from ctrltok.core.models import load_model
-    from ctrltok.core.templates import get_template, install_templates
-
-    m, tok = load_model(model)
-    surgery = add_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)
-    install_templates(tok)
-    if template is None:  # the first preset that has a template of its own names the end of turn
-        template = next((p for p in presets if p in ("eot", "oasst", "epe")), "default")
-    end_of_turn = get_template(template, tok).end_of_turn
-    apply_generation_config(m, surgery, end_of_turn if end_of_turn in tok.get_vocab() else None)
-    out = Path(out)
-    m.save_pretrained(out)
-    tok.save_pretrained(out)
-    manifest = {**surgery.manifest(), "template": template, "end_of_turn": end_of_turn, "recipe": None, "complete": True}
-    (out / "ctrltok.json").write_text(json.dumps(manifest, indent=1))
-    return out

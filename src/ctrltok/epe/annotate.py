@@ -11,22 +11,29 @@ The parser is strict: both lines, in that order, nothing else but blank lines; c
 ids of the charter (at least one); the reflection 20-600 characters and not the document's own
 text. Every failure is counted under its reason and written to ``OUT.failures.jsonl``; accepted
 annotations go to ``OUT`` (the sidecar format of :mod:`ctrltok.epe.reflection`), one line per
-document, flushed as they come, so a killed run resumes where it stopped without losing or
-duplicating a document. LLM calls go through a ``complete(prompts, sampling)`` backend
-(:mod:`ctrltok.generation.completion`), so tests use a fake.
+document. The run is a stage of :mod:`ctrltok.core.stages`: one shard per batch in
+``OUT.parts/``, each renamed into place when its batch is answered, so a killed run resumes after
+the last answered batch without losing or duplicating a document; at the end the shards are
+appended to ``OUT`` and its failures file. Documents already in those files are not annotated
+again, so a grown corpus costs only its new documents. LLM calls go through a
+``complete(prompts, sampling)`` backend (:mod:`ctrltok.generation.completion`), so tests use a
+fake; ``ctrltok annotate`` (:mod:`ctrltok.cli.annotate`) loads the model by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
-from ctrltok.conditional.segment import split_sentences
-from ctrltok.core.records import read_records
-from ctrltok.core.tokens import CharterItem, load_charter
+from ctrltok.core.segment import split_sentences
+from ctrltok.core.stages import JsonlSink, Outcome, StageRun, atomic_write, read_jsonl
+from ctrltok.core.tokens import CharterItem
 from ctrltok.generation.completion import Backend, Sampling
 
 _ANSWER = re.compile(r"\A\s*Reflection:[ \t]*(?P<r>[^\n]+?)[ \t]*\n\s*Charter:[ \t]*(?P<c>[^\n]*?)[ \t]*\s*\Z")
@@ -85,80 +92,92 @@ def build_prompt(context: str, charter: list[CharterItem], tokenizer=None) -> st
     return content
 
 
-def annotate_records(records: list[tuple[str, dict]], backend: Backend, out: Path, charter: list[CharterItem],
+def _sibling(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name.replace(".jsonl", "") + suffix)
+
+
+def _doc_ids(paths: Iterable[Path], repair: bool = False) -> set[str]:
+    return {str(rec["doc_id"]) for path in paths for _, rec in read_jsonl(path, repair=repair) if "doc_id" in rec}
+
+
+def annotate_records(records: Iterable[tuple[str, dict]], backend: Backend, out: Path, charter: list[CharterItem],
                      tokenizer=None, window_chars: int = 1500, batch_size: int = 8,
                      sampling: Sampling | None = None, id_field: str = "id", text_field: str = "text") -> dict:
-    """Annotate documents not yet in ``out`` (or its failures file); returns the counts."""
+    """Annotate the documents not yet in ``out`` (or its failures file); returns the summary.
+
+    ``counts`` cover the whole job, including batches an earlier, killed invocation answered;
+    ``already annotated (resumed)`` counts the documents this invocation did not ask about.
+    """
     out = Path(out)
-    failures = out.with_name(out.name.replace(".jsonl", "") + ".failures.jsonl")
-    done: set[str] = set()
-    for path in (out, failures):
-        if path.exists():
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        done.add(json.loads(line)["doc_id"])
-                    except (json.JSONDecodeError, KeyError):
-                        pass  # a line cut by a kill: its document is simply redone
-            _drop_partial_line(path)
-    ids = {c.id for c in charter}
+    failures, summary_path = _sibling(out, ".failures.jsonl"), _sibling(out, ".summary.json")
+    folder = Path(f"{out}.parts")
+    records = list(records)
+    # Documents of an unfinished job are in its shards, not yet in OUT (or already there, when a
+    # kill came between the merge and the removal of the shards): they still belong to this job.
+    unfinished = StageRun(folder)
+    pending = _doc_ids(unfinished.shard_files(".jsonl") + unfinished.shard_files(".dropped.jsonl"))
+    done = _doc_ids([out, failures], repair=True) - pending
+    todo = [(w, rec) for w, rec in records if rec.get(id_field) is None or str(rec[id_field]) not in done]
     sampling = sampling or Sampling(max_new_tokens=160, temperature=0.0)
-    counts: Counter = Counter()
-    todo = []
-    for where, rec in records:
-        doc_id, text = rec.get(id_field), rec.get(text_field)
-        if not isinstance(doc_id, (str, int)) or not isinstance(text, str) or not text.strip():
-            counts["skipped: no id or no text"] += 1
-            continue
-        if str(doc_id) in done:
-            counts["already annotated (resumed)"] += 1
-            continue
-        todo.append((str(doc_id), text))
-    with open(out, "a", encoding="utf-8") as ok_fh, open(failures, "a", encoding="utf-8") as bad_fh:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            offsets = [insertion_offset(t) for _, t in batch]
-            contexts = [t[:o][-window_chars:] for (_, t), o in zip(batch, offsets)]
-            answers = backend.complete([build_prompt(c, charter, tokenizer) for c in contexts], sampling)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"backend returned {len(answers)} answers for {len(batch)} prompts")
-            for (doc_id, _), offset, context, answer in zip(batch, offsets, contexts, answers):
-                try:
-                    reflection, chosen = parse_answer(answer, ids, context)
-                except AnnotationParseError as exc:
-                    counts[f"failed: {exc.reason}"] += 1
-                    bad_fh.write(json.dumps({"doc_id": doc_id, "reason": exc.reason, "answer": answer}) + "\n")
-                    bad_fh.flush()
-                    continue
-                counts["annotated"] += 1
-                ok_fh.write(json.dumps({"doc_id": doc_id, "offset": offset, "reflection_3p": reflection,
-                                        "charter": chosen}) + "\n")
-                ok_fh.flush()
+    settings = {"documents": hashlib.sha256("\n".join(str(r.get(id_field, w)) for w, r in todo).encode()).hexdigest(),
+                "window_chars": window_chars, "sampling": dataclasses.asdict(sampling),
+                "charter": [c.id for c in charter], "id_field": id_field, "text_field": text_field}
+    run = StageRun(folder, shard_size=batch_size, settings=settings,
+                   sink=lambda base: JsonlSink(base, dropped="apart"))
+    ids = {c.id for c in charter}
+
+    def stage(items: Iterable[tuple[str, dict]]) -> Iterator[Outcome]:
+        batch: list[tuple[str, dict]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield from _annotate_batch(batch, backend, charter, ids, tokenizer, window_chars, sampling,
+                                           id_field, text_field)
+                batch = []
+        if batch:
+            yield from _annotate_batch(batch, backend, charter, ids, tokenizer, window_chars, sampling,
+                                       id_field, text_field)
+
+    stats = run.run(stage, todo)
+    doc_id = (lambda rec: rec["doc_id"])
+    run.merge(failures, ".dropped.jsonl", append=True, key=doc_id)
+    run.merge(out, append=True, key=doc_id)
+    counts = Counter({"annotated": stats.kept, **stats.drops,
+                      "already annotated (resumed)": len(records) - len(todo) + stats.resumed_at})
     attempted = sum(v for k, v in counts.items() if k == "annotated" or k.startswith("failed"))
     failed = sum(v for k, v in counts.items() if k.startswith("failed"))
-    summary = {"counts": dict(counts), "attempted": attempted,
+    summary = {"counts": {k: v for k, v in counts.items() if v}, "attempted": attempted,
                "parse_failure_rate": failed / attempted if attempted else 0.0, "sidecar": str(out),
-               "failures": str(failures)}
-    out.with_name(out.name.replace(".jsonl", "") + ".summary.json").write_text(json.dumps(summary, indent=1))
+               "failures": str(failures), "first_places": dict(stats.drops.examples)}
+    atomic_write(summary_path, json.dumps(summary, indent=1))
+    run.remove()
     return summary
 
 
-def _drop_partial_line(path: Path) -> None:
-    """A kill mid-write leaves a line without its newline: cut it so appends start clean."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
-def annotate_file(model: str, input: str, out: str, max_new_tokens: int = 160, charter: str | None = None,
-                  batch_size: int = 8) -> dict:
-    """`ctrltok annotate`: write an EPE sidecar for a corpus with a model (resumes)."""
-    from ctrltok.generation.completion import make_backend
-
-    backend = make_backend(model, kind="transformers")
-    summary = annotate_records(list(read_records(input)), backend, Path(out), load_charter(charter),
-                               tokenizer=getattr(backend, "tokenizer", None), batch_size=batch_size,
-                               sampling=Sampling(max_new_tokens=max_new_tokens))
-    print(json.dumps(summary, indent=1))
-    return summary
-
+def _annotate_batch(batch: list[tuple[str, dict]], backend: Backend, charter: list[CharterItem], ids: set[str],
+                    tokenizer, window_chars: int, sampling: Sampling, id_field: str,
+                    text_field: str) -> list[Outcome]:
+    """One outcome per document of the batch, in order; one backend call for the valid ones."""
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    asked = []
+    for j, (where, rec) in enumerate(batch):
+        doc_id, text = rec.get(id_field), rec.get(text_field)
+        if not isinstance(doc_id, (str, int)) or not isinstance(text, str) or not text.strip():
+            outcomes[j] = Outcome.dropped("skipped: no id or no text", where)
+        else:
+            asked.append((j, str(doc_id), text))
+    offsets = [insertion_offset(t) for _, _, t in asked]
+    contexts = [t[:o][-window_chars:] for (_, _, t), o in zip(asked, offsets)]
+    answers = backend.complete([build_prompt(c, charter, tokenizer) for c in contexts], sampling) if asked else []
+    if len(answers) != len(asked):
+        raise RuntimeError(f"backend returned {len(answers)} answers for {len(asked)} prompts")
+    for (j, doc_id, _), offset, context, answer in zip(asked, offsets, contexts, answers):
+        try:
+            reflection, chosen = parse_answer(answer, ids, context)
+        except AnnotationParseError as exc:
+            outcomes[j] = Outcome.dropped(f"failed: {exc.reason}", doc_id,
+                                          {"doc_id": doc_id, "reason": exc.reason, "answer": answer})
+            continue
+        outcomes[j] = Outcome.keep({"doc_id": doc_id, "offset": offset, "reflection_3p": reflection,
+                                    "charter": chosen}, doc_id)
+    return outcomes

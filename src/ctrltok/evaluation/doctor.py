@@ -1,4 +1,4 @@
-"""`ctrltok inspect`: a doctor for checkpoints.
+"""A doctor for checkpoints (what `ctrltok inspect` prints).
 
 Reports what a checkpoint holds (embedding rows, tokenizer length, added tokens with ids, named
 templates, tied or not, stop and suppressed ids) and what is wrong with it: a tokenizer shorter or
@@ -14,7 +14,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
 from ctrltok.core.templates import Template, missing_tokens
+from ctrltok.training.checkpoint import RunManifest
 
 
 @dataclass
@@ -36,8 +39,6 @@ class Report:
 
 
 def inspect_checkpoint(path: str | Path) -> Report:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
@@ -83,15 +84,14 @@ def inspect_checkpoint(path: str | Path) -> Report:
         suppressed = list(gc.suppress_tokens or [])
     except OSError:
         problems.append("no generation_config.json: generation will not stop at the end-of-turn token")
-    manifest_path = path / "ctrltok.json"
+    manifest = RunManifest.read(path)
     recipe = None
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        recipe = manifest.get("recipe")
-        eot = manifest.get("end_of_turn")
+    if manifest.exists:
+        recipe = manifest.values.get("recipe")
+        eot = manifest.end_of_turn
         if eot and tok.convert_tokens_to_ids(eot) not in stop_ids:
             problems.append(f"the template's end-of-turn token {eot!r} is not a stop id of the generation config")
-        for t in manifest.get("tokens", []):
+        for t in manifest.tokens:
             if t.get("blocked") and t["id"] not in suppressed:
                 problems.append(f"blocked token {t['text']!r} (id {t['id']}) is not suppressed at generation")
     if fillers and rows is not None:
@@ -104,36 +104,3 @@ def inspect_checkpoint(path: str | Path) -> Report:
         if bad:
             problems.append(f"generation config names ids past the embedding: {bad[:5]}")
     return Report(str(path), rows, n, tied, added, names, stop_ids, len(suppressed), suppressed[:8], recipe, problems)
-
-
-def print_report(report: Report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]{report.path}[/]")
-    console.print(f"  embedding rows   {report.model_rows if report.model_rows is None else f'{report.model_rows:,}'}")
-    console.print(f"  tokenizer length {report.tokenizer_length:,}")
-    console.print(f"  tied embeddings  {report.tied}")
-    console.print(f"  named templates  {', '.join(report.templates) or '(none)'}")
-    console.print(f"  stop ids         {report.stop_ids}")
-    console.print(f"  suppressed ids   {report.suppressed} (e.g. {report.suppressed_sample})")
-    table = Table("id", "token", "special", "atomic", title="added tokens")
-    shown = [t for t in report.added_tokens if t["id"] >= 17 or not t["token"].startswith("<")] or report.added_tokens
-    # Long runs (35 charter tokens) are shown by their ends; --json lists every token.
-    visible = shown if len(shown) <= 12 else shown[:6] + [None] + shown[-3:]
-    for t in visible:
-        if t is None:
-            hidden = shown[6:-3]
-            bad = sum(1 for x in hidden if not x["atomic"])
-            table.add_row("...", f"{len(hidden)} more ({hidden[0]['id']}..{hidden[-1]['id']})", "",
-                          "yes" if not bad else f"[red]{bad} NOT[/]")
-            continue
-        table.add_row(str(t["id"]), t["token"], str(t["special"]), "yes" if t["atomic"] else "[red]NO[/]")
-    console.print(table)
-    if report.problems:
-        console.print("[bold red]problems[/]")
-        for p in report.problems:
-            console.print(f"  - {p}")
-    else:
-        console.print("[bold green]no problems found[/]")

@@ -1,21 +1,24 @@
-"""Evaluation of an EPE checkpoint (seed 000): reflection loss, charter F1, and the equivalence check.
+"""Evaluation of an EPE checkpoint (seed 000): reflection loss, charter F1, the equivalence
+check; and reading the constitution head on a chat.
 
-``ctrltok eval --epe --model DIR`` calls :func:`evaluate_epe` and prints :func:`print_epe`::
+Everything here takes objects (model, head, tokenizer, :class:`~ctrltok.core.config.Recipe`);
+``ctrltok eval --epe`` and ``ctrltok constitution`` (:mod:`ctrltok.cli.eval`) load a checkpoint,
+read its recipe through :class:`~ctrltok.training.checkpoint.RunManifest`, call these and print::
 
-    result = evaluate_epe("runs/epe-cpu")                      # the run's own held-out documents
-    result = evaluate_epe("runs/epe-cpu", "docs.jsonl", "side.jsonl")   # every annotated document
-    print_epe(result)
+    recipe = RunManifest.read("runs/epe-cpu").recipe()
+    result = evaluate_epe(model, head, tokenizer, recipe)              # the run's own held-out documents
+    result = evaluate_epe(model, head, tokenizer, recipe, "docs.jsonl", "side.jsonl")   # every annotated document
 
-The held-out set is re-created exactly as training held it out: the recipe stored in the
-checkpoint's ``ctrltok.json`` (``recipe_values``) goes through ``config.recipe_from_mapping`` and
-``reflection.build_epe_examples``, whose ``eval`` part is the same seeded split (or ``data.eval``
-with ``epe.eval_sidecar``). With ``corpus`` and ``sidecar`` given, every document of that corpus
-with its annotations is evaluated instead.
+The held-out set is re-created exactly as training held it out: the recipe goes through
+:func:`ctrltok.training.data.build_examples`, whose ``eval`` part is the same seeded split (or
+``data.eval`` with ``epe.eval_sidecar``). With ``corpus`` and ``sidecar`` given, every document
+of that corpus with its annotations is evaluated instead.
 
-Each document is run alone in its own row (over-long documents are truncated to ``max_length``,
-like the training packer does, and counted), with the explicit mask of ``attention.build_mask``:
-the hole and the aliased positions come from the Example's structure, never from transformers'
-inference of documents from ``position_ids``.
+Each document is run alone in its own row (over-long documents are truncated to ``max_length``
+and counted, as the packer's default ``overlong = truncate`` does; the equivalence check needs each
+document from its start) through the one forward of :mod:`ctrltok.core.loss`,
+with the explicit mask of ``attention.build_mask``: the hole and the aliased positions come from
+the Example's structure, never from transformers' inference of documents from ``position_ids``.
 
 What is reported:
 
@@ -43,22 +46,24 @@ The plain document is the Example's context tokens: by the snapping rule
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ctrltok.core.attention import build_mask
+from ctrltok.core.chat import encode_chat
+from ctrltok.core.config import DataConfig, Recipe
 from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.heads import ConstitutionHead
+from ctrltok.core.loss import base_model, hidden_states, logits
 from ctrltok.core.packing import collate, slice_example
+from ctrltok.epe.reflection import charter_ids, insert_reflection, read_annotated
+from ctrltok.training.data import build_examples
 
 EQUIVALENCE_ATOL = 1e-4
 THRESHOLD = 0.5
-MANIFEST = "ctrltok.json"
 
 
 # -- charter F1 ------------------------------------------------------------------------------
@@ -127,77 +132,68 @@ def plain_document(example: Example) -> Example:
 
 
 # -- evaluation ------------------------------------------------------------------------------
-def _manifest(model_dir: Path) -> dict:
-    path = model_dir / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad or 0)
 
 
-def _recipe(model_dir: Path, manifest: dict):
-    from ctrltok.core.config import recipe_from_mapping
-
-    values = manifest.get("recipe_values")
-    if not isinstance(values, dict):
-        return None
-    values = {k: v for k, v in values.items() if k != "source" and v is not None}
-    return recipe_from_mapping(values, f"{model_dir / MANIFEST}:recipe_values")
-
-
-def _examples(model_dir: Path, recipe: Any, tokenizer: Any, corpus: str | None, sidecar: str | None,
-              order: list[str]) -> tuple[list[Example], str]:
-    from ctrltok.epe.reflection import (
-        build_epe_examples,
-        insert_reflection,
-        read_annotated,
-    )
-
+def epe_documents(recipe: Recipe | None, tokenizer: Any, corpus: str | None = None, sidecar: str | None = None,
+                  order: list[str] | None = None) -> tuple[list[Example], str]:
+    """``(examples, description)``: the run's held-out documents (training's own split, by
+    :func:`ctrltok.training.data.build_examples`), or every annotated document of ``corpus`` +
+    ``sidecar`` (those with at least one reflection). ``order``: the charter ids in head order."""
     if (corpus is None) != (sidecar is None):
         raise ValueError("evaluate_epe: give both `corpus` and `sidecar` (--data and --sidecar), or neither "
                          "to use the run's own held-out documents")
     if corpus is not None:
+        order = order if order is not None else charter_ids(recipe.tokens.charter if recipe is not None else None)
         column = recipe.epe.reflection_column if recipe is not None and recipe.epe else "reflection_3p"
         text_field = recipe.data.text_field if recipe is not None else "text"
         docs = read_annotated(corpus, sidecar, order, column, "id", text_field)
         examples = [insert_reflection(d.text, d.annotations, tokenizer, order, source=d.where) for d in docs]
         return [ex for ex in examples if ex.head_positions], f"{corpus} + {sidecar}"
     if recipe is None:
-        raise ValueError(f"{model_dir / MANIFEST}: no `recipe_values` to re-create the held-out split from; "
+        raise ValueError("no recipe (ctrltok.json `recipe_values`) to re-create the held-out split from; "
                          "pass corpus and sidecar (--data and --sidecar)")
     if recipe.data.kind != "epe":
-        raise ValueError(f"{model_dir / MANIFEST}: recipe_values.data.kind = {recipe.data.kind!r}, not 'epe'; "
+        raise ValueError(f"{recipe.source}: data.kind = {recipe.data.kind!r}, not 'epe'; "
                          "this checkpoint was not trained with reflections")
-    held = build_epe_examples(recipe, tokenizer).eval
+    held = build_examples(recipe, tokenizer).eval
     if not held:
-        raise ValueError(f"{model_dir / MANIFEST}: the run held out no documents (data.eval unset, "
+        raise ValueError(f"{recipe.source}: the run held out no documents (data.eval unset, "
                          f"data.eval_fraction = {recipe.data.eval_fraction}); pass corpus and sidecar")
     where = recipe.data.eval or f"{recipe.data.train} (held-out {recipe.data.eval_fraction:g}, seed {recipe.train.seed})"
     return held, str(where)
 
 
-@torch.no_grad()
-def _forward(model: Any, example: Example, impl: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Hidden states ``[T, H]`` and logits ``[T, V]`` of one example alone in a row, explicit mask."""
-    batch = collate([[example]], pad_id)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    batch = batch.to(device)
-    mask = build_mask(batch, impl, dtype=dtype)
-    hidden = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-                                 use_cache=False).last_hidden_state[0]
-    logits = model.get_output_embeddings()(hidden).float()
-    return hidden, logits, batch
+def evaluate_epe(model: Any, head: ConstitutionHead, tokenizer: Any, recipe: Recipe | None,
+                 corpus: str | None = None, sidecar: str | None = None, max_length: int | None = None,
+                 impl: str | None = None) -> dict:
+    """Evaluate an EPE model and its head on the run's held-out documents (or ``corpus`` + ``sidecar``).
+
+    ``recipe`` is the run's (``RunManifest.recipe()``; ``None`` without one, then ``corpus`` and
+    ``sidecar`` are needed). ``max_length`` defaults to the run's ``data.max_length``
+    (``DataConfig``'s 512 without a recipe). Returns the metrics described in the module docstring
+    plus ``data`` (what was evaluated) and ``max_length``.
+    """
+    order = charter_ids(recipe.tokens.charter if recipe is not None else None)
+    if order != list(head.labels):
+        raise ValueError(f"the constitution head's labels ({len(head.labels)}) differ from the charter of the run "
+                         f"({len(order)}); was tokens.charter changed after training?")
+    examples, described = epe_documents(recipe, tokenizer, corpus, sidecar, order)
+    if max_length is None:
+        max_length = recipe.data.max_length if recipe is not None else DataConfig().max_length
+    result = evaluate_examples(model, head, examples, _pad_id(tokenizer), max_length=max_length, impl=impl)
+    return {"data": described, "max_length": max_length, **result}
 
 
 @torch.no_grad()
 def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id: int,
                       max_length: int | None = None, impl: str | None = None) -> dict:
     """The metrics of :func:`evaluate_epe` for a loaded model, head and encoded EPE examples."""
-    impl = impl or model.config._attn_implementation
+    impl = impl or base_model(model).config._attn_implementation
     head = head.to(next(model.parameters()).device)
+    lm_head = base_model(model).get_output_embeddings()
     refl_sum = ctx_sum = bce_sum = 0.0
     refl_n = ctx_n = 0
     probs, gold, docs = [], [], []
@@ -207,10 +203,12 @@ def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id
             ex = slice_example(ex, 0, max_length)
             truncated += 1
         inside = _inside(ex)
-        hidden, logits, batch = _forward(model, ex, impl, pad_id)
-        targets = batch.targets[0]
+        batch = collate([[ex]], pad_id)
+        hidden = hidden_states(model, batch, impl)[0]
+        full = lm_head(hidden).float()
+        targets = batch.targets[0].to(full.device)
         sup = targets != IGNORE
-        ce = F.cross_entropy(logits[sup], targets[sup], reduction="none")
+        ce = F.cross_entropy(full[sup], targets[sup], reduction="none")
         # targets[t] is token t+1: it is a reflection target when token t+1 lies in a region.
         in_region = torch.tensor(inside[1:] + [False], device=targets.device)[sup]
         refl_sum += float(ce[in_region].sum())
@@ -225,10 +223,10 @@ def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id
             gold.append(g.cpu())
         # Equivalence: the context tokens' logits against the plain document's.
         plain = plain_document(ex)
-        _, ref, _ = _forward(model, plain, impl, pad_id)
+        ref = logits(model, collate([[plain]], pad_id), impl)[0]
         cols = [i for i, r in enumerate(inside) if not r]
         first = ex.head_positions[0] if ex.head_positions else len(ex)
-        got = logits[cols]
+        got = full[cols]
         diff = (got - ref).abs().amax(dim=1)
         pre = [k for k, i in enumerate(cols) if i < first]
         post = [k for k, i in enumerate(cols) if i > first]
@@ -270,69 +268,24 @@ def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id
     }
 
 
-def evaluate_epe(model_dir: str | Path, corpus: str | None = None, sidecar: str | None = None,
-                 max_length: int | None = None) -> dict:
-    """Evaluate an EPE checkpoint on its held-out documents (or ``corpus`` + ``sidecar``).
+# -- reading the head on a chat --------------------------------------------------------------
+@torch.no_grad()
+def read_constitution(model: Any, head: ConstitutionHead, tokenizer: Any, messages: list[dict]) -> list[dict[str, float]]:
+    """``{charter id: probability}`` for each assistant turn of ``messages`` (in order).
 
-    ``max_length`` defaults to the run's ``data.max_length`` (512 without a manifest). Returns the
-    metrics described in the module docstring plus ``model`` and ``data`` (what was evaluated).
+    The chat is rendered with the ``epe`` template (injection-safe: a user typing ``<assistant>``
+    gets text tokens), and the head reads the hidden state at each ``<assistant>`` token that the
+    template writes, i.e. at the opening of each assistant turn, where it was trained. The hidden
+    states come from the one forward of :func:`ctrltok.core.loss.hidden_states` (the chat alone in
+    one row, causal mask).
     """
-    from ctrltok.core.heads import load_head
-    from ctrltok.core.models import load_model, resolve_model
-    from ctrltok.epe.reflection import charter_ids
-
-    where = resolve_model(model_dir)
-    if not isinstance(where, Path):
-        raise ValueError(f"{model_dir}: an EPE evaluation needs a local checkpoint directory (with its head)")
-    manifest = _manifest(where)
-    recipe = _recipe(where, manifest)
-    head = load_head(where)
-    order = charter_ids(recipe.tokens.charter if recipe is not None else None)
-    if order != head.labels:
-        raise ValueError(f"{where}: the constitution head's labels ({len(head.labels)}) differ from the charter "
-                         f"of the run ({len(order)}); was tokens.charter changed after training?")
-    attn = recipe.model.attn if recipe is not None and recipe.model.attn in ("sdpa", "eager") else "sdpa"
-    model, tokenizer = load_model(where, attn=attn)
-    examples, described = _examples(where, recipe, tokenizer, corpus, sidecar, order)
-    if max_length is None:
-        max_length = recipe.data.max_length if recipe is not None else 512
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = evaluate_examples(model, head, examples, int(pad_id or 0), max_length=max_length, impl=attn)
-    return {"model": str(where), "data": described, "max_length": max_length, **result}
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
-    return str(x)
-
-
-def print_epe(result: dict, console: Any = None) -> None:
-    """``result`` of :func:`evaluate_epe` as rich tables (to stderr, so ``--json`` keeps stdout)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(stderr=True)
-    eq = result["equivalence"]
-    table = Table(title=f"EPE evaluation of {result.get('model', 'model')} on {result.get('data', 'data')}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("note")
-    truncated = result.get("truncated_documents", 0)
-    table.add_row("documents", str(result["documents"]),
-                  f"{truncated} truncated to {result.get('max_length')} tokens" if truncated else "")
-    table.add_row("reflection loss", _fmt(result["reflection_loss"]), f"mean CE over {result['reflection_targets']} reflection targets")
-    table.add_row("context loss", _fmt(result["context_loss"]), f"mean CE over {result['context_targets']} other targets")
-    table.add_row("head BCE", _fmt(result["head_bce"]), f"{result['positions']} <assistant> positions")
-    table.add_row("charter micro-F1", _fmt(result["micro_f1"]),
-                  f"threshold {result['threshold']:g}; P {_fmt(result['micro_precision'], 3)} R {_fmt(result['micro_recall'], 3)}")
-    table.add_row("charter macro-F1", _fmt(result["macro_f1"]),
-                  f"over {len(result['macro_labels'])} labels present in gold or predictions")
-    table.add_row("equivalence pre (max |diff|)", f"{eq['pre_max_abs_diff']:.2e}", "logits before the reflection vs plain document")
-    table.add_row("equivalence post (max |diff|)", f"{eq['post_max_abs_diff']:.2e}",
-                  f"{eq['post_tokens']} post-reflection tokens vs plain document")
-    verdict = "[green]PASS[/green]" if eq["passed"] else "[red]FAIL[/red]"
-    table.add_row("equivalence", verdict, f"both < {eq['atol']:g}")
-    console.print(table)
+    assistant = tokenizer.convert_tokens_to_ids("<assistant>")
+    if tokenizer.convert_ids_to_tokens(assistant) != "<assistant>":
+        raise ValueError("the tokenizer has no <assistant> token; is this an `epe` checkpoint?")
+    example = encode_chat(messages, tokenizer, "epe", loss_on="all")
+    cols = [i for i, t in enumerate(example.input_ids) if t == assistant]
+    if not cols:
+        return []
+    hidden = hidden_states(model, collate([[example]], _pad_id(tokenizer)))[0]
+    probs = torch.sigmoid(head.to(hidden.device)(hidden[cols].float())).cpu()
+    return [{label: float(p) for label, p in zip(head.labels, row)} for row in probs]

@@ -1,97 +1,82 @@
-"""Evaluation of a model with control tokens: held-out loss on supervised tokens and the
-end-of-turn stop rate, before and after training (``ctrltok eval``).
+"""Evaluation of a chat model with control tokens: held-out loss on supervised tokens and the
+end-of-turn stop rate, before and after training (what ``ctrltok eval`` reports for a chat run).
 
 Two numbers tell whether an SFT run taught its end-of-turn token (LIMA's ``<EOT>``, OASST's
 ``<|endoftext|>``):
 
 * ``eval_loss``: mean cross-entropy per supervised target on held-out conversations, computed
-  exactly as training does (``chat.ChatEncoder`` labels, ``packing.pack`` rows, the explicit
-  document mask from ``attention.build_mask``, the one shift in ``packing.collate``), so it is
-  comparable with the training curve. Packing does not change it (tested against a per-conversation
-  hand computation).
+  exactly as training computes its own eval loss: ``chat.ChatEncoder`` labels, the rows of
+  :func:`ctrltok.training.data.make_rows` under the run's ``data.max_length``, ``data.overlong``
+  and ``data.packing`` (``DataConfig()``'s defaults for a model without a recipe), and the one
+  forward of :mod:`ctrltok.core.loss`. So it is comparable with the training curve. Packing does
+  not change it (tested against a per-conversation hand computation).
 * ``eot_stop_rate``: the share of generations that end with the template's end-of-turn token
   within ``max_new_tokens``. The prompt of a conversation is every message before its last
   assistant message; the first ``n_generate`` such prompts are generated greedily with
   :func:`ctrltok.generation.generate.generate` (the checkpoint's stop and suppressed ids apply).
   ``any_stop_rate`` counts any stop id (a base model often stops at its own EOS instead).
 
-The core takes objects, so a model that is not on disk evaluates too (the demo's "before": the
-base model with the new tokens added by ``train.prepare_model``)::
+Everything here takes objects, so a model that is not on disk evaluates too (the demo's "before":
+the base model with the new tokens added by ``training.setup.prepare_model``)::
 
-    before = evaluate_model(model, tokenizer, conversations, "eot")
-    after = evaluate("runs/eot", "ctrltok:instructions", limit=32)
-    print_comparison(before, after)           # a rich table; compare() gives the same as a dict
+    before = evaluate_model(base, tokenizer, conversations, "eot", data=recipe.data)
+    after = evaluate_model(trained, tokenizer, conversations, "eot", data=recipe.data)
+    compare(before, after)          # {metric: {"before", "after", "delta"}}
+
+Loading checkpoints by name, reading ``--data`` and printing tables is the command layer's
+(:mod:`ctrltok.cli.eval`).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from ctrltok.core.attention import build_mask
-from ctrltok.core.chat import ChatEncoder
-from ctrltok.core.example import IGNORE, Example
-from ctrltok.core.packing import collate, pack
+from ctrltok.core.chat import ChatEncoder, ChatError
+from ctrltok.core.config import DataConfig, Recipe
+from ctrltok.core.conversation import to_conversation
+from ctrltok.core.example import Example
+from ctrltok.core.loss import LossModel, base_model
+from ctrltok.core.loss import heldout_loss as batches_loss
+from ctrltok.core.records import read_records
 from ctrltok.core.templates import get_template
 from ctrltok.generation.generate import generate
-
-# Scalars that are better when lower / higher (for the comparison table's verdict column).
-LOWER_IS_BETTER = ("eval_loss", "perplexity")
-HIGHER_IS_BETTER = ("eot_stop_rate",)
+from ctrltok.training.checkpoint import RunManifest
+from ctrltok.training.data import make_rows, split_heldout, to_batch
+from ctrltok.training.setup import prepare_model
 
 
 # -- held-out loss -------------------------------------------------------------------------
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     return int(pad)
 
 
-@torch.no_grad()
-def heldout_loss(model, examples: list[Example], pad_id: int, max_length: int = 512,
+def heldout_loss(model, examples: list[Example], pad: int, data: DataConfig | None = None,
                  rows_per_batch: int = 4) -> dict:
-    """Sum and mean of the cross-entropy over every supervised target of ``examples``, packed.
+    """Mean cross-entropy over every supervised target of ``examples``, in the rows training makes.
 
-    Logits are computed only where a target exists (the LM head runs on the selected hidden
-    states), which keeps memory at ``targets x vocab`` instead of ``rows x T x vocab``.
+    ``data`` (the run's data section; ``DataConfig()`` when ``None``) decides the rows:
+    ``max_length``, ``overlong`` (truncate / split / error) and ``packing``, by
+    :func:`ctrltok.training.data.make_rows`; what was cut or split is counted in the result.
+    The forward is :func:`ctrltok.core.loss.heldout_loss`'s (LM head on the supervised positions only).
     """
-    result = pack(examples, max_length, "truncate")
-    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    data = data or DataConfig()
+    rows, stats = make_rows(examples, data)
+    impl = getattr(base_model(model).config, "_attn_implementation", None) or "sdpa"
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings()
-    was = model.training
-    model.eval()
-    ce_sum, n = 0.0, 0
-    try:
-        for i in range(0, len(result.rows), rows_per_batch):
-            batch = collate(result.rows[i:i + rows_per_batch], pad_id).to(device)
-            mask = build_mask(batch, impl, dtype=dtype)
-            sel = batch.targets != IGNORE
-            if not bool(sel.any()):
-                continue
-            if decoder is not None and head is not None:
-                hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-                                 use_cache=False).last_hidden_state
-                logits = head(hidden[sel]).float()
-            else:  # a model without the decoder/head split: full logits
-                logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-                               use_cache=False).logits[sel].float()
-            ce_sum += float(F.cross_entropy(logits, batch.targets[sel], reduction="sum"))
-            n += int(sel.sum())
-    finally:
-        model.train(was)
-    stats = result.stats
-    return {"eval_loss": ce_sum / n if n else None, "eval_targets": n, "ce_sum": ce_sum,
-            "truncated_examples": stats.truncated_examples, "truncated_tokens": stats.truncated_tokens}
+    batches = [to_batch(rows[i:i + rows_per_batch], pad, data.packing) for i in range(0, len(rows), rows_per_batch)]
+    out = batches_loss(LossModel(model), batches, impl, device)
+    out.update({"max_length": data.max_length, "overlong": data.overlong,
+                "truncated_examples": stats.get("truncated_examples", 0),
+                "truncated_tokens": stats.get("truncated_tokens", 0)})
+    if stats.get("split_examples"):
+        out["split_examples"] = stats["split_examples"]
+    return out
 
 
 # -- stop rate -----------------------------------------------------------------------------
@@ -118,22 +103,27 @@ def stop_counts(results: list[dict], eot_id: int | None) -> dict:
             "mean_new_tokens": sum(r["n_tokens"] for r in results) / n if n else None}
 
 
-# -- the core ------------------------------------------------------------------------------
-def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: str, *, n_generate: int = 16,
-                   max_new_tokens: int = 64, loss_on: str = "assistant", max_length: int = 512,
-                   examples: list[Example] | None = None, batch_size: int = 8, rows_per_batch: int = 4,
-                   sources: list[str] | None = None) -> dict:
+# -- the metric function of a chat run -----------------------------------------------------
+def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: str, *,
+                   data: DataConfig | None = None, loss_on: str | None = None, n_generate: int = 16,
+                   max_new_tokens: int = 64, examples: list[Example] | None = None, batch_size: int = 8,
+                   rows_per_batch: int = 4, sources: list[str] | None = None) -> dict:
     """Held-out loss and end-of-turn stop rate of a loaded model on ``conversations``.
 
-    ``examples`` (already encoded, e.g. a recipe's held-out split from ``dataset.build_examples``)
-    replace the encoding of ``conversations`` for the loss; the stop rate always uses
-    ``conversations``. Examples without a supervised target are counted in ``skipped_no_targets``.
+    ``data``: the run's data section, whose ``max_length`` / ``overlong`` / ``packing`` make the
+    rows of the loss and whose ``loss_on`` chooses the supervised turns (``loss_on`` overrides it);
+    ``DataConfig()`` when ``None``. ``examples`` (already encoded, e.g. a recipe's held-out split
+    from ``training.data.build_examples``) replace the encoding of ``conversations`` for the loss;
+    the stop rate always uses ``conversations``. Examples without a supervised target are counted
+    in ``skipped_no_targets``.
     """
+    data = data or DataConfig()
+    loss_on = loss_on or data.loss_on
     tmpl = get_template(template, tokenizer)
-    eot_id = tokenizer.convert_tokens_to_ids(tmpl.end_of_turn)
-    if eot_id is None or (eot_id == tokenizer.unk_token_id and tmpl.end_of_turn != tokenizer.unk_token):
+    eot_id = tmpl.end_of_turn_id(tokenizer)
+    if eot_id is None:
         raise ValueError(f"template {template!r} ends turns with {tmpl.end_of_turn!r}, which the tokenizer lacks; "
-                         f"add the token preset(s) {list(tmpl.presets)} first (train.prepare_model does)")
+                         f"add the token preset(s) {list(tmpl.presets)} first (training.setup.prepare_model does)")
     if examples is None:
         encoder = ChatEncoder(tokenizer, tmpl, loss_on)
         examples = encoder.encode_many(conversations, sources) if conversations else []
@@ -141,8 +131,11 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
     out: dict[str, Any] = {"template": template, "end_of_turn": tmpl.end_of_turn, "loss_on": loss_on,
                            "conversations": len(conversations), "examples": len(examples),
                            "skipped_no_targets": len(examples) - len(usable)}
-    loss = heldout_loss(model, usable, _pad_id(tokenizer), max_length, rows_per_batch) if usable else \
-        {"eval_loss": None, "eval_targets": 0, "truncated_examples": 0, "truncated_tokens": 0}
+    if usable:
+        loss = heldout_loss(model, usable, pad_id(tokenizer), data, rows_per_batch)
+    else:
+        loss = {"eval_loss": None, "eval_targets": 0, "max_length": data.max_length, "overlong": data.overlong,
+                "truncated_examples": 0, "truncated_tokens": 0}
     loss.pop("ce_sum", None)
     out.update(loss)
     out["perplexity"] = math.exp(min(out["eval_loss"], 700.0)) if out["eval_loss"] is not None else None
@@ -159,147 +152,77 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
     return out
 
 
-def load_conversations(data: str | os.PathLike, limit: int | None = None) -> tuple[list[list[dict]], list[str]]:
-    """Chat records (``messages``, instruction/output, prompt/response) from a file, folder,
-    ``ctrltok:<resource>`` or datasets name, with where each came from."""
-    from ctrltok.core.chat import validate_messages
-    from ctrltok.core.records import read_records
-    from ctrltok.training.data import to_messages
-
+# -- which conversations -------------------------------------------------------------------
+def load_conversations(data: str | os.PathLike, limit: int | None = None, on_error: str = "raise",
+                       text_field: str = "text") -> tuple[list[list[dict]], list[str]]:
+    """Chat records (any layout :func:`ctrltok.core.conversation.to_conversation` reads) from a
+    file, folder, ``ctrltok:<resource>`` or datasets name, with where each came from; the first
+    ``limit`` of them. With ``on_error = "skip"`` records that are no conversation are left out."""
     convs, wheres = [], []
-    for where, rec in read_records(str(data)):
+    for where, rec in read_records(str(data), on_error, None, text_field):
         if limit is not None and len(convs) >= limit:
             break
-        convs.append(validate_messages(to_messages(rec, where), where))
-        wheres.append(where)
-    return convs, wheres
-
-
-def evaluate(model_dir_or_name: str | os.PathLike, data: str, template: str | None = None, n_generate: int = 16,
-             max_new_tokens: int = 64, loss_on: str = "assistant", max_length: int = 512,
-             limit: int | None = None, batch_size: int = 8) -> dict:
-    """``ctrltok eval``: load a checkpoint (its template from ``ctrltok.json`` unless given) and
-    evaluate it on the chat records of ``data`` (the first ``limit`` of them)."""
-    from ctrltok.generation.generate import load_for_generation
-
-    model, tokenizer, saved = load_for_generation(model_dir_or_name)
-    convs, wheres = load_conversations(data, limit)
-    result = evaluate_model(model, tokenizer, convs, template or saved, n_generate=n_generate,
-                            max_new_tokens=max_new_tokens, loss_on=loss_on, max_length=max_length,
-                            batch_size=batch_size, sources=wheres)
-    return {"model": str(model_dir_or_name), "data": str(data), **result}
-
-
-def _manifest(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / "ctrltok.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def heldout_conversations(model_dir: str | os.PathLike, limit: int | None = None) -> tuple[list[list[dict]], list[str], str]:
-    """The held-out conversations of the run that wrote ``model_dir``: its ``data.eval`` set, or the
-    same ``eval_fraction`` split of ``data.train`` that ``dataset.build_examples`` held out (same
-    seed, same ``limit``). Without a manifest: the shipped set's split with the default recipe.
-    Returns ``(conversations, sources, description)``."""
-    import random
-
-    from ctrltok.core.config import Recipe
-
-    values = _manifest(model_dir).get("recipe_values") or {}
-    default = Recipe()
-    data = {**vars(default.data), **(values.get("data") or {})}
-    seed = (values.get("train") or {}).get("seed", default.train.seed)
-    if data.get("eval"):
-        convs, wheres = load_conversations(data["eval"], limit)
-        return convs, wheres, str(data["eval"])
-    from ctrltok.core.chat import ChatError, validate_messages
-    from ctrltok.core.records import read_records
-    from ctrltok.training.data import to_messages
-
-    # The same records and the same draw as dataset.build_examples: the split is over records as
-    # read (after `limit`), shuffled with the training seed; records that fail to become a
-    # conversation are dropped after the split, as the encoder does under on_error = skip.
-    on_error = data.get("on_error") or "raise"
-    pairs = list(read_records(data["train"], on_error))
-    if data.get("limit"):
-        pairs = pairs[: data["limit"]]
-    fraction = float(data.get("eval_fraction") or 0.0)
-    if fraction <= 0 or len(pairs) < 2:
-        raise ValueError(f"{model_dir}: the run held out no data (data.eval unset, data.eval_fraction = {fraction}); "
-                         "pass --data with held-out chats")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:max(1, int(round(len(order) * fraction)))])
-    convs, wheres = [], []
-    for i, (where, rec) in enumerate(pairs):
-        if i not in held:
-            continue
         try:
-            convs.append(validate_messages(to_messages(rec, where), where))
+            convs.append(to_conversation(rec, where))
         except ChatError:
             if on_error != "skip":
                 raise
             continue
         wheres.append(where)
+    return convs, wheres
+
+
+def heldout_conversations(manifest: RunManifest, limit: int | None = None) -> tuple[list[list[dict]], list[str], str]:
+    """The held-out conversations of the run ``manifest`` records: its ``data.eval`` set, or the
+    records of ``data.train`` that :func:`ctrltok.training.data.split_heldout` held out of training
+    (the same records as read, the same ``data.limit``, the same seed). Without a recipe in the
+    manifest: the split of the default recipe (the shipped set). Returns
+    ``(conversations, sources, description)``; ``limit`` keeps the first ones.
+    """
+    recipe = manifest.recipe() or Recipe()
+    data = recipe.data
+    if data.eval:
+        convs, wheres = load_conversations(data.eval, limit, data.on_error, data.text_field)
+        return convs, wheres, str(data.eval)
+    where = manifest.path or "the default recipe"
+    if data.kind != "chat":
+        raise ValueError(f"{where}: the run trained on data.kind = {data.kind!r}, not chats; "
+                         "pass --data with held-out chats")
+    pairs = list(read_records(data.train, data.on_error, None, data.text_field))
+    if data.limit:
+        pairs = pairs[: data.limit]
+    _, held = split_heldout(pairs, data.eval_fraction, recipe.train.seed)
+    if not held:
+        raise ValueError(f"{where}: the run held out no data (data.eval unset, data.eval_fraction = "
+                         f"{data.eval_fraction}); pass --data with held-out chats")
+    # Records that fail to become a conversation are dropped after the split, as the encoder does
+    # under on_error = skip, so the rest are exactly the held-out examples of training.
+    convs, wheres = [], []
+    for src, rec in held:
+        try:
+            convs.append(to_conversation(rec, src))
+        except ChatError:
+            if data.on_error != "skip":
+                raise
+            continue
+        wheres.append(src)
     if limit is not None:
         convs, wheres = convs[:limit], wheres[:limit]
-    return convs, wheres, f"{data['train']} (held-out {fraction:g})"
+    return convs, wheres, f"{data.train} (held-out {data.eval_fraction:g})"
 
 
-def prepare_base(name: str | os.PathLike, model_dir: str | os.PathLike, template: str):
-    """A base model with the same control tokens as the checkpoint in ``model_dir`` (the "before"),
-    made by ``train.prepare_model`` from the run's own recipe values."""
-    from ctrltok.core.config import Recipe, recipe_from_mapping
-    from ctrltok.training.train import prepare_model
-
-    values = {k: v for k, v in (_manifest(model_dir).get("recipe_values") or {}).items()
-              if k != "source" and v is not None}
-    recipe = recipe_from_mapping(values, "<ctrltok.json>") if values else Recipe()
+def prepare_base(recipe: Recipe | None, name: str | os.PathLike, template: str):
+    """``(model, tokenizer)``: the base model ``name`` given the same control tokens as a run (the
+    "before"), made by :func:`ctrltok.training.setup.prepare_model` from the run's recipe (the
+    default recipe when ``None``) with its model swapped for ``name``."""
+    recipe = copy.deepcopy(recipe) if recipe is not None else Recipe()
     recipe.model.name = str(name)
     recipe.data.template = template
-    model, tokenizer, _ = prepare_model(recipe)
-    return model.eval(), tokenizer
+    prepared = prepare_model(recipe)
+    return prepared.model.eval(), prepared.tokenizer
 
 
-def evaluate_cli(model: str | os.PathLike, data: str | None = None, template: str | None = None,
-                 before: str | os.PathLike | None = None, n_generate: int = 16, max_new_tokens: int = 64,
-                 loss_on: str = "assistant", max_length: int = 512, limit: int | None = None,
-                 batch_size: int = 8, console=None) -> dict:
-    """``ctrltok eval``: evaluate a checkpoint (and, with ``before``, a base model given the same
-    tokens) on ``data`` or on the run's own held-out split. Prints a table to stderr (stdout stays
-    free for ``--json``) and returns the result, or ``{"before", "after", "comparison"}``."""
-    from rich.console import Console
-
-    from ctrltok.generation.generate import load_for_generation
-
-    console = console or Console(stderr=True)
-    after_model, tokenizer, saved = load_for_generation(model)
-    template = template or saved
-    if data:
-        convs, wheres = load_conversations(data, limit)
-        described = str(data)
-    else:
-        convs, wheres, described = heldout_conversations(model, limit)
-    kwargs = dict(n_generate=n_generate, max_new_tokens=max_new_tokens, loss_on=loss_on, max_length=max_length,
-                  batch_size=batch_size, sources=wheres)
-    after = {"model": str(model), "data": described,
-             **evaluate_model(after_model, tokenizer, convs, template, **kwargs)}
-    if before is None:
-        console.print(result_table(after, title=f"{model} on {described}"))
-        return after
-    del after_model
-    base_model, base_tokenizer = prepare_base(before, model, template)
-    base = {"model": str(before), "data": described,
-            **evaluate_model(base_model, base_tokenizer, convs, template, **kwargs)}
-    print_comparison(base, after, console, samples=3)
-    return {"before": base, "after": after, "comparison": compare(base, after)}
-
-
-# -- reporting -----------------------------------------------------------------------------
+# -- comparing two results -----------------------------------------------------------------
 def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -314,76 +237,3 @@ def compare(before: dict, after: dict) -> dict:
             continue
         out[k] = {"before": b, "after": a, "delta": a - b if _numeric(a) and _numeric(b) else None}
     return out
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def _verdict(metric: str, delta: float | None) -> str:
-    if delta is None or delta == 0:
-        return ""
-    better = (metric in LOWER_IS_BETTER and delta < 0) or (metric in HIGHER_IS_BETTER and delta > 0)
-    worse = (metric in LOWER_IS_BETTER and delta > 0) or (metric in HIGHER_IS_BETTER and delta < 0)
-    return "[green]better[/]" if better else "[red]worse[/]" if worse else ""
-
-
-def comparison_table(before: dict, after: dict, title: str = "before vs after"):
-    """A rich Table of :func:`compare`."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col, justify in (("metric", "left"), ("before", "right"), ("after", "right"), ("delta", "right"), ("", "left")):
-        table.add_column(col, justify=justify)
-    for metric, row in compare(before, after).items():
-        delta = row["delta"]
-        table.add_row(metric, _fmt(row["before"]), _fmt(row["after"]),
-                      "-" if delta is None else f"{delta:+.4f}" if isinstance(delta, float) else f"{delta:+d}",
-                      _verdict(metric, delta))
-    return table
-
-
-def result_table(result: dict, title: str = "evaluation"):
-    """A rich Table of one result's scalar fields."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in result.items():
-        if not isinstance(v, (list, dict)):
-            table.add_row(k, _fmt(v))
-    return table
-
-
-def print_comparison(before: dict, after: dict, console=None, samples: int = 0) -> None:
-    """Print the before/after table (and the first ``samples`` generation pairs)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = console or Console()
-    console.print(comparison_table(before, after))
-    for b, a in list(zip(before.get("generations", []), after.get("generations", [])))[:samples]:
-        console.print(f"[bold]prompt[/] {escape(b['prompt'])}")
-        for name, g in (("before", b), ("after", a)):
-            end = "[green]<end of turn>[/]" if g["ended_with_eot"] else ("[yellow]<other stop>[/]" if g["stopped"]
-                                                                           else "[red]<cut at limit>[/]")
-            console.print(f"  [dim]{name}[/] {escape(g['text'])} {end}")
-
-
-def print_result(result: dict, console=None) -> None:
-    from rich.console import Console
-
-    (console or Console()).print(result_table(result))
-
-
-def write_json(result: dict, path: str | os.PathLike) -> Path:
-    """Write a result (or a ``{"before", "after", "comparison"}`` dict) as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path

@@ -1,5 +1,10 @@
-"""Generation from a ctrltok checkpoint: one call for a batch of conversations, a JSONL batch mode
-and an interactive chat (``ctrltok generate`` / ``ctrltok chat``).
+"""The one batched generator, and replies to conversations from a ctrltok checkpoint.
+
+:func:`generate_batch` is the only code in ctrltok that calls ``model.generate``: token-id prompts
+in, generated ids out. The conversation API below (:func:`generate`, :func:`chat_session`, used by
+``ctrltok generate`` / ``ctrltok chat`` and held-out evaluation), the LLM backend
+(:class:`ctrltok.generation.completion.TransformersBackend`) and the conditional evaluation
+(:func:`ctrltok.evaluation.conditional.conditional_eval`) all call it.
 
     model, tokenizer, template = load_for_generation("runs/eot")      # template from ctrltok.json
     out = generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], template)
@@ -13,79 +18,68 @@ What it guarantees:
 * **Stops and blocks come from the checkpoint.** The model's ``generation_config`` is the base:
   generation stops at its ``eos_token_id`` list (plus the template's end-of-turn token, in case a
   model was not prepared by ctrltok) and its ``suppress_tokens`` (blocked control tokens, filler
-  rows) get ``-inf`` logits from transformers' own processor, so they are never emitted.
-* **Batched == one at a time.** Prompts are sorted by length and left-padded; transformers derives
-  positions from the attention mask, so greedy batched output equals one-prompt-at-a-time output
-  (tested)::
+  rows), together with any ids the caller adds, get ``-inf`` logits, so they are never emitted.
+* **Batched == one at a time.** Prompts are sorted by length (longest first, so similar lengths
+  share a batch and memory peaks early) and left-padded; transformers derives positions from the
+  attention mask, so greedy batched output equals one-prompt-at-a-time output (tested)::
 
       row 0   .  .  a  b  c | g g g      attention_mask 0 0 1 1 1 | 1 1 1
       row 1   d  e  f  g  h | g g g      attention_mask 1 1 1 1 1 | 1 1 1
 
-Each result is ``{"text", "ids", "stopped", "n_tokens"}``: ``ids`` are the generated ids up to and
-including the stop id, ``text`` decodes them without the stop id (other special tokens are kept,
-so a model that writes control markup shows it), ``stopped`` says a stop id came within
-``max_new_tokens``.
+  With ``share_prefix`` the prompts' common prefix (a template's system turn) is encoded once per
+  batch and its KV cache shared by every row: ``[shared prefix | left padding | rest]``.
+* **Seeded, and the caller's RNG left alone.** Sampling draws from a forked RNG seeded with
+  ``seed``: the same prompts, settings and batch size give the same ids.
+
+Each :func:`generate` result is ``{"text", "ids", "stopped", "n_tokens"}``: ``ids`` are the
+generated ids up to and including the stop id, ``text`` decodes them without the stop id (other
+special tokens are kept, so a model that writes control markup shows it), ``stopped`` says a stop
+id came within ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-import sys
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import torch
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
-from ctrltok.core.chat import get_encoder, validate_messages
-from ctrltok.core.records import RecordError
+from ctrltok.core.chat import get_encoder
+from ctrltok.core.models import load_model
 from ctrltok.core.templates import get_template
+from ctrltok.training.checkpoint import RunManifest
 
-MANIFEST = "ctrltok.json"  # the same file train.save_final writes
-DEFAULT_TEMPLATE = "default"
-
-
-def checkpoint_template(model_dir: str | os.PathLike) -> str:
-    """The template a checkpoint was trained with (``ctrltok.json``), else ``default``."""
-    path = Path(model_dir) / MANIFEST
-    if not path.exists():
-        return DEFAULT_TEMPLATE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); pass --template explicitly") from exc
-    return manifest.get("template") or DEFAULT_TEMPLATE
+MIN_SHARED_PREFIX = 4  # tokens; below this the extra forward call for a shared prefix costs more than it saves
 
 
 def load_for_generation(model_dir: str | os.PathLike, dtype: str = "float32",
                         attn: str = "sdpa") -> tuple[Any, Any, str]:
-    """``(model, tokenizer, template_name)`` for a checkpoint folder, alias or hub name."""
-    from ctrltok.core.models import load_model
-
+    """``(model, tokenizer, template_name)`` for a checkpoint folder, alias or hub name; the
+    template is the one the run manifest names (``default`` without one)."""
     model, tokenizer = load_model(model_dir, dtype=dtype, attn=attn)
-    return model, tokenizer, checkpoint_template(model_dir)
+    return model, tokenizer, RunManifest.read(model_dir).template
+
+
+def eos_ids(generation_config: Any, tokenizer: Any = None) -> list[int]:
+    """The generation_config's eos ids (the tokenizer's eos when it names none), in order."""
+    eos = generation_config.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(dict.fromkeys(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])))
 
 
 def stop_ids(model, tokenizer, template: str) -> list[int]:
     """Ids that end generation: the generation_config's eos ids, then the template's end of turn."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-    eot = _token_id(tokenizer, get_template(template, tokenizer).end_of_turn)
+    ids = eos_ids(model.generation_config, tokenizer)
+    eot = get_template(template, tokenizer).end_of_turn_id(tokenizer)
     if eot is not None and eot not in ids:
         ids.append(eot)
     return ids
-
-
-def _token_id(tokenizer, text: str | None) -> int | None:
-    if not text:
-        return None
-    i = tokenizer.convert_tokens_to_ids(text)
-    if i is None or (i == tokenizer.unk_token_id and text != tokenizer.unk_token):
-        return None
-    return int(i)
 
 
 def prompt_ids(tokenizer, conversations: list[list[dict]], template: str) -> list[list[int]]:
@@ -96,17 +90,17 @@ def prompt_ids(tokenizer, conversations: list[list[dict]], template: str) -> lis
 
 
 class SuppressMask:
-    """``-inf`` logits for the ids of ``generation_config.suppress_tokens``, from a mask built once.
+    """``-inf`` logits for a set of ids, from a mask built once.
 
-    Same effect as transformers' ``SuppressTokensLogitsProcessor``, which this replaces inside
-    :func:`generate_ids`: that one calls ``torch.isin(arange(vocab), ids)`` at every step, and on this
-    machine (torch 2.13 CPU) ``isin`` over a 49k vocabulary with 63 or more ids costs about 1 s per
-    call against about 0.05 s for a mask fill, so a blocked-token list the size of EPE's or the
-    filler padding dominated the time per generated token. The saved checkpoint keeps
-    ``suppress_tokens``, so plain ``transformers`` still never emits them (tested as well).
+    Same effect as transformers' ``SuppressTokensLogitsProcessor``, which :func:`generate_batch`
+    replaces with it: that one calls ``torch.isin(arange(vocab), ids)`` at every step, which is far
+    slower than a mask fill for a blocked-token list the size of EPE's or the filler padding, and
+    dominated the time per generated token. Like the built-in one it runs before temperature,
+    top-k and top-p. The saved checkpoint keeps ``suppress_tokens``, so plain ``transformers``
+    still never emits them (tested as well).
     """
 
-    def __init__(self, ids: list[int]):
+    def __init__(self, ids: Sequence[int]):
         self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
         self._mask: torch.Tensor | None = None
 
@@ -118,19 +112,57 @@ class SuppressMask:
         return scores.masked_fill(self._mask, float("-inf"))
 
 
-def _generation_config(model, tokenizer, stops: list[int], max_new_tokens: int, temperature: float):
+class StopStrings:
+    """Stopping criterion: a row is done once its *generated* text contains a stop string.
+
+    transformers' own ``stop_strings`` also matches across the prompt/generation boundary; callers
+    want "the answer contains the stop string", so only generated tokens are decoded (with
+    ``decode``). It records, per row, how many tokens had been generated when it fired.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], prompt_len: int) -> None:
+        self.decode = decode
+        self.stop = list(stop)
+        self.prompt_len = prompt_len
+        self.fired_at: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            if row in self.fired_at:
+                done[row] = True
+                continue
+            text = self.decode(ids)
+            if any(s in text for s in self.stop):
+                self.fired_at[row] = len(ids)
+                done[row] = True
+        return done
+
+
+def generation_config(model, *, max_new_tokens: int, temperature: float, top_p: float | None, n: int,
+                      stops: Sequence[int], pad_id: int | None) -> Any:
+    """The model's generation_config with these settings on top (``top_p=None`` keeps the model's).
+
+    Greedy decoding (``temperature == 0``) generates one sequence per prompt whatever ``n``; the
+    sampling knobs are cleared so transformers does not warn about them. The pad id is the
+    config's, else ``pad_id``, else the first stop id; it fills left padding (masked out) and the
+    rows that stopped early (cut off again).
+    """
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
-    config.max_length = None  # max_new_tokens is the only limit
-    config.eos_token_id = stops or None
+    config.max_length = None  # max_new_tokens is the only length limit
+    config.eos_token_id = list(stops) or None
     config.do_sample = temperature > 0
     if temperature > 0:
         config.temperature = temperature
+        if top_p is not None:
+            config.top_p = top_p
+        config.num_return_sequences = n
     else:
-        config.temperature = config.top_p = config.top_k = None  # greedy: silence sampling warnings
-    config.num_return_sequences = 1
+        config.temperature = config.top_p = config.top_k = None
+        config.num_return_sequences = 1
     if config.pad_token_id is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
+        pad = pad_id if pad_id is not None else (stops[0] if stops else None)
         if pad is None:
             raise ValueError("the tokenizer has no pad token and the model no eos id; set tokenizer.pad_token")
         config.pad_token_id = int(pad)
@@ -138,57 +170,159 @@ def _generation_config(model, tokenizer, stops: list[int], max_new_tokens: int, 
     return config
 
 
-def generate_ids(model, tokenizer, prompts: list[list[int]], template: str, max_new_tokens: int = 128,
-                 temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
-    """Like :func:`generate`, for prompts that are already ids."""
+def shared_prefix_cache(model, batch: list[list[int]], copies: int = 1,
+                        min_shared: int = MIN_SHARED_PREFIX) -> tuple[Any, int]:
+    """KV cache of the prompts' common prefix (the chat template's system turn), computed once.
+
+    Rendered prompts usually start with the same template header; encoding it once and repeating
+    its cache for every row (``copies`` sequences per prompt) saves that share of the prefill.
+    Positions still come from the attention mask, so the padding that then sits between the
+    prefix and the rest is invisible. Returns ``(None, 0)`` when there is nothing worth sharing.
+    """
+    if len(batch) < 2:
+        return None, 0
+    shared = 0
+    for column in zip(*batch):
+        if any(t != column[0] for t in column):
+            break
+        shared += 1
+    shared = min(shared, min(len(ids) for ids in batch) - 1)  # each row keeps a token to feed
+    if shared < min_shared:
+        return None, 0
+    cache = DynamicCache(config=model.config)
+    prefix = torch.tensor([batch[0][:shared]], dtype=torch.long, device=_device(model))
+    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # generate() expands inputs for num_return_sequences but not a given cache: do it here.
+    cache.batch_repeat_interleave(len(batch) * copies)
+    return cache, shared
+
+
+def _device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float | None, n: int,
+           batch_size: int) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, ids in enumerate(prompts):
-        if not ids:
+        if not len(ids):
             raise ValueError(f"prompt {i} has no tokens")
-    stops = stop_ids(model, tokenizer, template)
-    config = _generation_config(model, tokenizer, stops, max_new_tokens, temperature)
-    stop_set = set(stops)
-    from transformers import LogitsProcessorList
 
+
+def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                   top_p: float | None = None, n: int = 1, seed: int = 0, batch_size: int = 8,
+                   stop_ids: Sequence[int] | None = None, suppress_ids: Sequence[int] = (),
+                   pad_id: int | None = None, stop_strings: Sequence[str] = (),
+                   decode: Callable[[list[int]], str] | None = None,
+                   share_prefix: bool = False) -> list[list[int]]:
+    """``n`` continuations of each token-id prompt: new ids only, prompt-major (``n`` of prompt 0,
+    then of prompt 1, ...).
+
+    Each continuation runs up to and including its first id in ``stop_ids`` (default: the
+    model's ``generation_config.eos_token_id``), or up to the token that completed one of
+    ``stop_strings`` in ``decode(ids)`` (then ``decode`` is required), or ``max_new_tokens``.
+    ``temperature == 0`` is greedy (one generation per prompt, repeated ``n`` times); otherwise
+    sampling at ``temperature`` and ``top_p`` (``None``: the model's). ``suppress_ids`` are
+    blocked on top of the model's ``suppress_tokens``. ``batch_size`` counts sequences per
+    ``model.generate`` call, samples included: a batch holds ``max(1, batch_size // n)`` prompts
+    when sampling. ``pad_id`` is used when the model's generation_config names no pad token.
+    """
+    prompts = [[int(t) for t in ids] for ids in prompts]
+    _check(prompts, max_new_tokens, temperature, top_p, n, batch_size)
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need decode= (ids -> text) to be matched")
+    if not prompts:
+        return []
+    stops = [int(i) for i in (eos_ids(model.generation_config) if stop_ids is None else stop_ids)]
+    config = generation_config(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
+                               stops=stops, pad_id=pad_id)
     processors = LogitsProcessorList()
-    if config.suppress_tokens:
-        processors.append(SuppressMask(list(config.suppress_tokens)))
-        # Not None: generate() fills None fields from model.generation_config, which would bring
-        # the slow processor back.
-        config.suppress_tokens = []
+    suppress = set(config.suppress_tokens or []) | {int(i) for i in suppress_ids}
+    if suppress:
+        processors.append(SuppressMask(sorted(suppress)))
+    # Not None: generate() fills None fields from model.generation_config, which would bring the
+    # slow built-in processor back.
+    config.suppress_tokens = []
+    greedy = temperature == 0
+    per_prompt = 1 if greedy else n
+    per_batch = batch_size if greedy else max(1, batch_size // n)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-    results: list[dict | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+    results: list[list[list[int]]] = [[] for _ in prompts]
+    device = _device(model)
+    stop_set = set(stops)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
         torch.manual_seed(seed)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), config.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                n = len(prompts[i])
-                input_ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
-                mask[row, width - n:] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config, logits_processor=processors)
-            for row, i in enumerate(chunk):
-                results[i] = _result(out[row, width:].tolist(), stop_set, tokenizer)
-    return results  # type: ignore[return-value]
+        for start in range(0, len(order), per_batch):
+            chunk = order[start:start + per_batch]
+            rows = _generate_rows(model, [prompts[i] for i in chunk], config, processors, stop_set,
+                                  stop_strings, decode, share_prefix, device)
+            for j, i in enumerate(chunk):
+                got = rows[j * per_prompt:(j + 1) * per_prompt]
+                results[i] = [list(got[0]) for _ in range(n)] if greedy else got
+    return [ids for group in results for ids in group]
 
 
-def _result(generated: list[int], stops: set[int], tokenizer) -> dict:
+def _generate_rows(model, batch: list[list[int]], config: Any, processors: LogitsProcessorList, stops: set[int],
+                   stop_strings: Sequence[str], decode: Callable[[list[int]], str] | None, share_prefix: bool,
+                   device: torch.device) -> list[list[int]]:
+    """One ``model.generate`` call: ``[shared prefix | left padding | rest of the prompt]`` per row
+    (plain left padding without a shared prefix), each output row cut at its stop."""
+    cache, shared = (shared_prefix_cache(model, batch, config.num_return_sequences or 1) if share_prefix
+                     else (None, 0))
+    width = shared + max(len(ids) - shared for ids in batch)
+    input_ids = torch.full((len(batch), width), int(config.pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, :shared] = torch.tensor(ids[:shared], dtype=torch.long)
+        attention_mask[row, :shared] = 1
+        input_ids[row, width - len(ids) + shared:] = torch.tensor(ids[shared:], dtype=torch.long)
+        attention_mask[row, width - len(ids) + shared:] = 1
+    criteria = StoppingCriteriaList()
+    stopper = None
+    if stop_strings:
+        stopper = StopStrings(decode, stop_strings, width)  # type: ignore[arg-type]
+        criteria.append(stopper)
+    extra = {"past_key_values": cache} if cache is not None else {}
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         generation_config=config, logits_processor=processors, stopping_criteria=criteria, **extra)
+    return [_cut(generated, stops, stopper.fired_at.get(row) if stopper else None)
+            for row, generated in enumerate(out[:, width:].tolist())]
+
+
+def _cut(generated: list[int], stops: set[int], fired_at: int | None) -> list[int]:
+    """Up to and including the first stop id, or up to a stop string that completed before it."""
     end = next((k for k, t in enumerate(generated) if t in stops), None)
-    ids = generated if end is None else generated[:end + 1]
-    body = ids if end is None else ids[:-1]
+    if fired_at is not None and (end is None or fired_at <= end):
+        return generated[:fired_at]
+    return generated if end is None else generated[:end + 1]
+
+
+# -- conversations -------------------------------------------------------------------------
+def generate_ids(model, tokenizer, prompts: list[list[int]], template: str, max_new_tokens: int = 128,
+                 temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """Like :func:`generate`, for prompts that are already ids."""
+    stops = stop_ids(model, tokenizer, template)
+    outs = generate_batch(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                          batch_size=batch_size, stop_ids=stops, pad_id=tokenizer.pad_token_id)
+    stop_set = set(stops)
+    return [_result(ids, stop_set, tokenizer) for ids in outs]
+
+
+def _result(ids: list[int], stops: set[int], tokenizer) -> dict:
+    stopped = bool(ids) and ids[-1] in stops
+    body = ids[:-1] if stopped else ids
     return {"text": tokenizer.decode(body, skip_special_tokens=False), "ids": ids,
-            "stopped": end is not None, "n_tokens": len(ids)}
+            "stopped": stopped, "n_tokens": len(ids)}
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int = 128,
@@ -198,60 +332,6 @@ def generate(model, tokenizer, conversations: list[list[dict]], template: str, m
         raise TypeError("conversations must be a list of conversations (lists of messages), not one conversation")
     prompts = prompt_ids(tokenizer, conversations, template)
     return generate_ids(model, tokenizer, prompts, template, max_new_tokens, temperature, seed, batch_size)
-
-
-# -- batch mode ----------------------------------------------------------------------------
-def _conversation(rec: dict, where: str) -> list[dict]:
-    if "messages" in rec:
-        return validate_messages(rec["messages"], where)
-    if isinstance(rec.get("prompt"), str):
-        msgs = [{"role": "user", "content": rec["prompt"]}]
-        if isinstance(rec.get("system"), str):
-            msgs.insert(0, {"role": "system", "content": rec["system"]})
-        return msgs
-    raise RecordError(f"{where}: expected a field `messages` (a list of messages) or `prompt` (a string); "
-                     f"found fields {sorted(rec)}")
-
-
-def generate_file(model_dir: str | os.PathLike, input_jsonl: str | os.PathLike, out_jsonl: str | os.PathLike,
-                  template: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                  batch_size: int = 8) -> int:
-    """Reply to every line of ``input_jsonl`` (``{"messages": [...]}`` or ``{"prompt": "..."}``).
-
-    Each output line is the input record plus ``output`` (the text), ``output_ids``, ``stopped`` and
-    ``n_tokens``, in input order, written batch by batch. Returns the number of lines written.
-    """
-    from ctrltok.core.records import read_records  # noqa: F811
-
-    model, tokenizer, saved = load_for_generation(model_dir)
-    template = template or saved
-    records = list(read_records(str(input_jsonl)))
-    convs = [_conversation(rec, where) for where, rec in records]
-    out_path = Path(out_jsonl)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    written = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for start in range(0, len(convs), batch_size):
-            outs = generate(model, tokenizer, convs[start:start + batch_size], template, max_new_tokens,
-                            temperature, seed + start, batch_size)
-            for (_, rec), res in zip(records[start:start + batch_size], outs):
-                line = {**rec, "output": res["text"], "output_ids": res["ids"], "stopped": res["stopped"],
-                        "n_tokens": res["n_tokens"]}
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                written += 1
-            fh.flush()
-    os.replace(tmp, out_path)  # a half-written file never looks finished
-    return written
-
-
-def generate_prompts(model_dir: str | os.PathLike, prompts: list[str], template: str | None = None,
-                     max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                     batch_size: int = 8) -> list[dict]:
-    """``ctrltok generate --prompt TEXT``: each prompt as one user message."""
-    model, tokenizer, saved = load_for_generation(model_dir)
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    return generate(model, tokenizer, convs, template or saved, max_new_tokens, temperature, seed, batch_size)
 
 
 # -- interactive ---------------------------------------------------------------------------
@@ -290,15 +370,3 @@ def chat_session(model, tokenizer, template: str, stdin: IO[str], stdout: IO[str
         stdout.write(res["text"] + ("" if res["stopped"] else " [...]") + "\n")
         stdout.flush()
     return history
-
-
-def chat_loop(model_dir: str | os.PathLike, template: str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.0, seed: int = 0, system: str | None = None,
-              stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> list[dict]:
-    """``ctrltok chat``: an interactive conversation with a checkpoint on stdin/stdout."""
-    model, tokenizer, saved = load_for_generation(model_dir)
-    stdout = stdout or sys.stdout
-    template = template or saved
-    stdout.write(f"chatting with {model_dir} (template {template!r}); /exit or Ctrl-D ends, /reset clears\n")
-    return chat_session(model, tokenizer, template, stdin or sys.stdin, stdout, max_new_tokens, temperature,
-                        seed, system)

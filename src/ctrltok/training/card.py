@@ -28,6 +28,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, StrictUndefined
+from matplotlib.figure import (
+    Figure,  # the object API renders with Agg and touches no global state
+)
+
+from ctrltok.core.models import ALIASES
+from ctrltok.core.templates import get_template
+
 CARD = "README.md"
 CARD_TEMPLATE = "model_card.md.jinja"
 GROUP_MIN = 4  # runs at least this long collapse into one table row
@@ -183,10 +191,6 @@ def base_model_id(name: str | None) -> str | None:
     """A hub id for the front matter's ``base_model``, or None for a local path."""
     if not name:
         return None
-    try:
-        from ctrltok.core.models import ALIASES
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        ALIASES = {}
     if str(name).lower() in ALIASES:
         return EMBEDDED_HUB_ID
     if _HUB_ID.match(str(name)) and not Path(str(name)).exists():
@@ -233,7 +237,11 @@ def _evaluation(manifest: dict) -> dict:
 
 
 def card_context(out_dir: Path, manifest: dict) -> dict:
-    """Every fact the card template prints, gathered from the manifest and the checkpoint's files."""
+    """Every fact the card template prints, gathered from the manifest and the checkpoint's files.
+
+    Long on purpose: it is one flat gathering of the template's variables, read beside
+    ``model_card.md.jinja``; split into helpers, a reader would chase each field across functions.
+    """
     out_dir = Path(out_dir)
     manifest = manifest if isinstance(manifest, dict) else {}
     values = manifest.get("recipe_values") if isinstance(manifest.get("recipe_values"), dict) else {}
@@ -275,10 +283,8 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
     trained = manifest.get("template")
     if trained and trained not in templates:
         try:
-            from ctrltok.core.templates import get_template
-
             templates[trained] = get_template(trained).source
-        except (ImportError, ValueError, OSError):
+        except (ValueError, OSError):
             templates[trained] = ""
     template_rows = [{"name": n, "use": _template_use(n, s), "trained": n == trained} for n, s in templates.items()]
 
@@ -374,8 +380,6 @@ def _yaml_str(value: Any) -> str:
 
 def render_card(out_dir: Path, manifest: dict) -> str:
     """The card's Markdown text for the checkpoint in ``out_dir``."""
-    from jinja2 import Environment, StrictUndefined
-
     env = Environment(undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                       autoescape=False)
     env.filters.update(code=_code, tcode=_tcode, cell=_cell, prose=_prose, yaml=_yaml_str)
@@ -426,10 +430,6 @@ def plot_curves(metrics_jsonl: Path, png: Path) -> Path | None:
     eval_head = _series(records, "eval_head_bce")
     if not loss[0] and not eval_loss[0]:
         return None
-    from matplotlib.figure import (
-        Figure,  # the object API renders with Agg and touches no global state
-    )
-
     panels = 2 if head[0] or eval_head[0] else 1
     fig = Figure(figsize=(6.4 * panels, 4.0), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]

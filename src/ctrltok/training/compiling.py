@@ -6,13 +6,12 @@ RMSNorms. Attention stays eager because it is where ctrltok's masks live: the pe
 (``ctrltok_varlen``) cuts each row by data-dependent document lengths, which a compiled graph would
 either break on or recompile for at every new set of lengths. What inductor buys here is fusion of
 the elementwise chains around the matrix products (norm, scale, SiLU, product, and their backward),
-which run as separate passes over memory in eager mode: about 9% off a full SmolLM2-135M training
-step on this 2-core CPU, measured interleaved against eager on the same rows (see
-``bench/README.md``).
+which run as separate passes over memory in eager mode (the gain, measured interleaved against
+eager on the same rows, is in ``bench/README.md``).
 
 Why per module and not the whole model. All layers share one compiled graph (torch inlines
 ``nn.Module`` instances, so layer 7's MLP reuses layer 0's code with its own weights): one
-compilation of ~10-20 s on a CPU, once per process and grad mode (training, then no-grad eval).
+compilation, once per process and grad mode (training, then no-grad eval).
 Shapes are compiled dynamic, so rows of any length reuse it.
 
 What it leaves alone. Only the bound ``forward`` of each module is replaced, as an instance
@@ -40,7 +39,7 @@ _MARK = "_ctrltok_compiled"
 @functools.cache
 def compile_unavailable() -> str | None:
     """None when ``torch.compile`` (inductor) compiles and runs a small function in this process,
-    else the reason (for example no C++ compiler on a CPU-only machine). Checked once, ~2 s."""
+    else the reason (for example no C++ compiler on a CPU-only machine). Checked once per process."""
     try:
         fn = torch.compile(lambda x: torch.nn.functional.silu(x) * x + 1.0, dynamic=False)
         x = torch.linspace(-1.0, 1.0, 8)

@@ -16,12 +16,20 @@ left out, never silently trained on.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Sequence, TypeVar
 
+from ctrltok.conditional.encode import encode_labelled
 from ctrltok.core.chat import ChatEncoder, ChatError
 from ctrltok.core.config import DataConfig, Recipe
+from ctrltok.core.conversation import to_conversation
 from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.packing import Batch, collate, pack, pad_batch, slice_example
 from ctrltok.core.records import RecordError, Skips, read_records
+from ctrltok.core.tokens import CharterItem, load_charter
+from ctrltok.epe.reflection import insert_reflection, read_annotated
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,20 +40,21 @@ class Encoded:
     records: int = 0
 
 
-def to_messages(rec: dict, where: str) -> list[dict]:
-    if "messages" in rec:
-        return rec["messages"]
-    if isinstance(rec.get("conversations"), list) and all(isinstance(c, str) for c in rec["conversations"]):
-        # LIMA's layout: utterances alternating user / assistant.
-        roles = ("user", "assistant")
-        return [{"role": roles[i % 2], "content": c} for i, c in enumerate(rec["conversations"])]
-    if "instruction" in rec and ("output" in rec or "response" in rec):
-        prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec.get("output", rec.get("response"))}]
-    if "prompt" in rec and "response" in rec:
-        return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
-    raise ChatError(f"{where}: missing field `messages` (or instruction/output, prompt/response); "
-                    f"found fields {sorted(rec)}")
+def heldout_indices(n: int, fraction: float, seed: int) -> set[int]:
+    """The held-out split, the one draw every command uses: of ``n`` items (records as read, after
+    ``data.limit``), a seeded shuffle's first ``round(n * fraction)`` (at least 1). Empty when
+    ``fraction`` is 0 or there are fewer than 2 items (nothing would be left to train on)."""
+    if fraction <= 0 or n < 2:
+        return set()
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[:max(1, int(round(n * fraction)))])
+
+
+def split_heldout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """``(train, held out)`` by :func:`heldout_indices`, each in the original order."""
+    held = heldout_indices(len(items), fraction, seed)
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def _encode_chats(pairs: list[tuple[str, dict]], tokenizer, data: DataConfig, skips: Skips) -> list[Example]:
@@ -53,10 +62,7 @@ def _encode_chats(pairs: list[tuple[str, dict]], tokenizer, data: DataConfig, sk
     convs, wheres = [], []
     for where, rec in pairs:
         try:
-            msgs = to_messages(rec, where)
-            from ctrltok.core.chat import validate_messages
-
-            validate_messages(msgs, where)
+            msgs = to_conversation(rec, where)
         except ChatError as exc:
             if data.on_error == "skip":
                 skips.add(str(exc).split(": ", 1)[-1].split(";")[0], where)
@@ -94,8 +100,6 @@ def encode_records(pairs: list[tuple[str, dict]], tokenizer, recipe: Recipe, ski
     elif data.kind == "text":
         examples = _encode_text(pairs, tokenizer, data, skips)
     elif data.kind == "labelled":
-        from ctrltok.conditional.encode import encode_labelled
-
         aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
         misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")
         supervise = recipe.conditional.supervise_control if recipe.conditional else True
@@ -114,31 +118,78 @@ def encode_records(pairs: list[tuple[str, dict]], tokenizer, recipe: Recipe, ski
     return kept
 
 
-def build_examples(recipe: Recipe, tokenizer) -> Encoded:
-    """Read and encode the train (and eval) data of a recipe; hold out `eval_fraction` if no eval set."""
+def _epe_examples(recipe: Recipe, tokenizer, charter: list[CharterItem]) -> Encoded:
+    """EPE data (``data.train`` corpus + ``epe.sidecar``): reflections inserted, holes and aliased
+    positions set (:mod:`ctrltok.epe.reflection`). Evaluation documents come from ``data.eval``
+    with ``epe.eval_sidecar`` when given, else the held-out split of the corpus."""
+    data, epe = recipe.data, recipe.epe
+    if epe is None or not epe.sidecar:
+        raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
+    skips = Skips()
+    order = [c.id for c in charter]
+
+    def encode(corpus: str, sidecar: str) -> list[Example]:
+        docs = list(read_annotated(corpus, sidecar, order, epe.reflection_column, "id", data.text_field,
+                                   data.on_error, skips))
+        if data.limit:
+            docs = docs[: data.limit]
+        return [insert_reflection(d.text, d.annotations, tokenizer, order, reflection_weight=epe.reflection_weight,
+                                  context_weight=epe.context_weight, source=d.where) for d in docs]
+
+    train = encode(data.train, epe.sidecar)
+    records = len(train)
+    if data.eval:
+        evals = encode(data.eval, epe.eval_sidecar or epe.sidecar)
+    else:
+        train, evals = split_heldout(train, data.eval_fraction, recipe.train.seed)
+    return Encoded(train, evals, skips, records)
+
+
+def build_examples(recipe: Recipe, tokenizer, charter: list[CharterItem] | None = None) -> Encoded:
+    """Read and encode the train (and eval) data of a recipe; hold out `eval_fraction` if no eval set.
+
+    ``charter``: the EPE charter the run already loaded (read from ``tokens.charter`` if not given).
+    """
     data = recipe.data
     skips = Skips()
     if data.kind == "epe":
-        from ctrltok.epe.reflection import build_epe_examples
-
-        return build_epe_examples(recipe, tokenizer)
+        return _epe_examples(recipe, tokenizer, charter if charter is not None else load_charter(recipe.tokens.charter))
     train_pairs = list(read_records(data.train, data.on_error, skips, data.text_field))
     if data.limit:
         train_pairs = train_pairs[: data.limit]
     n_records = len(train_pairs)
     if data.eval:
         eval_pairs = list(read_records(data.eval, data.on_error, skips, data.text_field))
-    elif data.eval_fraction > 0 and len(train_pairs) > 1:
-        order = list(range(len(train_pairs)))
-        random.Random(recipe.train.seed).shuffle(order)
-        k = max(1, int(round(len(order) * data.eval_fraction)))
-        held = set(order[:k])
-        eval_pairs = [p for i, p in enumerate(train_pairs) if i in held]
-        train_pairs = [p for i, p in enumerate(train_pairs) if i not in held]
     else:
-        eval_pairs = []
+        train_pairs, eval_pairs = split_heldout(train_pairs, data.eval_fraction, recipe.train.seed)
     train = encode_records(train_pairs, tokenizer, recipe, skips)
     evals = encode_records(eval_pairs, tokenizer, recipe, skips)
     if not train:
         raise RecordError(f"{data.train}: no usable training examples (skips: {skips.summary()})")
     return Encoded(train, evals, skips, n_records)
+
+
+def make_rows(examples: list[Example], data: DataConfig) -> tuple[list[list[Example]], dict]:
+    """Rows as the run trains on them: packed (``data.packing``) or one example per row, over-long
+    examples handled by ``data.overlong`` and counted. Training and every held-out loss use this."""
+    d = data
+    if d.packing:
+        result = pack(examples, d.max_length, d.overlong)
+        return result.rows, asdict(result.stats)
+    rows, stats = [], {"examples": len(examples), "truncated_examples": 0, "truncated_tokens": 0}
+    for ex in examples:
+        if len(ex) > d.max_length:
+            if d.overlong == "error":
+                raise ValueError(f"{ex.source}: {len(ex)} tokens > data.max_length = {d.max_length}")
+            stats["truncated_examples"] += 1
+            stats["truncated_tokens"] += len(ex) - d.max_length
+            ex = slice_example(ex, 0, d.max_length)
+        rows.append([ex])
+    stats["rows"] = len(rows)
+    return rows, stats
+
+
+def to_batch(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
+    if packed:
+        return collate(rows, pad_id)
+    return pad_batch([r[0] for r in rows], pad_id)

@@ -1,0 +1,52 @@
+"""The record of backtranslation's stages: one candidate (instruction, response) pair, and the
+stage files (``<stage>.jsonl``, one pair per line, kept or with ``drop`` set) that hold them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctrltok.core.config import CURATION_SCORES
+from ctrltok.core.stages import Outcome, read_jsonl
+
+SCORES = CURATION_SCORES
+
+
+@dataclass
+class Pair:
+    """One candidate (instruction, response) pair as it moves through the stages."""
+
+    id: str  # stable: "<document id>#<segment index>"
+    source: str  # the document it came from
+    response: str
+    instruction: str = ""
+    original_response: str | None = None  # the segment as found, once rewritten
+    curator_outputs: list[str] = field(default_factory=list)
+    scores: list[int | None] = field(default_factory=list)  # per sample; None = did not parse
+    score: float | None = None  # aggregate of the samples in 1..5
+    drop: str | None = None  # reason, or None when kept
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> Pair:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown or "id" not in data or "response" not in data:
+            raise ValueError(f"{where}: not a backtranslation record (keys {sorted(data)})")
+        return cls(**data)
+
+    def outcome(self) -> Outcome:
+        """The pair as a stage outcome: written whole (drops inline), counted under its drop reason."""
+        return Outcome(dataclasses.asdict(self), self.drop, self.id)
+
+
+def read_pairs(path: Path) -> Iterator[Pair]:
+    """The pairs of a stage file, kept and dropped."""
+    for where, record in read_jsonl(path):
+        yield Pair.from_json(record, where)
+
+
+def kept(path: Path) -> Iterator[Pair]:
+    """The pairs of a stage file that the stage kept: the next stage's inputs."""
+    return (p for p in read_pairs(path) if p.drop is None)

@@ -1,0 +1,242 @@
+"""Backtranslation's LLM stages, each a generator over :class:`Pair` records that yields every
+input once, kept or with ``drop`` set to a reason (the shape :mod:`ctrltok.core.stages` runs)::
+
+    augment  (M_yx)  the backward model writes the instruction each candidate answers
+    rewrite  (M0)    the seed model rewrites the answer for that instruction (seed 003)
+    curate   (M0/Mi) the curator scores the pair 1-5, ``curation_samples`` times
+    select           pairs scoring at least ``keep_score`` are kept
+
+Models are reached through one :class:`ChatModel` (rendering + a ``complete(prompts, sampling)``
+backend), so tests run every stage with fakes. The curation parser is strict: the last non-empty
+line must be ``Score: N``. Anything else is a parse failure, a number outside 1-5 is counted
+apart, and the report shows both rates.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+from ctrltok.backtranslate.pairs import SCORES, Pair
+from ctrltok.backtranslate.segment import normalise
+from ctrltok.core.config import BacktranslateConfig, ConfigError
+from ctrltok.generation.completion import Backend, Prompt, Sampling
+
+Message = dict[str, str]
+
+
+@dataclass
+class ChatModel:
+    """A backend plus the chat rendering of its model: conversations in, completions out.
+
+    ``render`` turns a conversation into a prompt ending in the assistant's generation prompt:
+    token ids (the default factory: injection-safe, so a document that spells ``<|im_end|>`` stays
+    text) or a string (tests' fakes). ``encode_text`` encodes an answer prefix as plain text, for
+    id prompts.
+    """
+
+    backend: Backend
+    render: Callable[[list[Message]], Prompt]
+    encode_text: Callable[[str], list[int]] | None = None
+
+    def prompt(self, conversation: list[Message], answer_prefix: str = "") -> Prompt:
+        rendered = self.render(conversation)
+        if not answer_prefix:
+            return rendered
+        if isinstance(rendered, str):
+            return rendered + answer_prefix
+        if self.encode_text is None:
+            raise ValueError("an answer prefix on id prompts needs ChatModel.encode_text")
+        return list(rendered) + self.encode_text(answer_prefix)
+
+    def chat(self, conversations: list[list[Message]], sampling: Sampling, answer_prefix: str = "") -> list[str]:
+        """Completions of each conversation; ``answer_prefix`` is written at the start of the
+        assistant's reply (a prefill) and is not part of the returned text."""
+        outs = self.backend.complete([self.prompt(c, answer_prefix) for c in conversations], sampling)
+        want = len(conversations) * max(1, sampling.n)
+        if len(outs) != want:  # a backend bug would otherwise shift every later record
+            raise RuntimeError(f"backend returned {len(outs)} completions for {want} requested")
+        return outs
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_text(ref: str, key: str) -> str:
+    """A prompt: ``ctrltok:<file>`` (package data under ctrltok/resources) or a path."""
+    if ref.startswith("ctrltok:"):
+        target = resources.files("ctrltok") / "resources" / ref.split(":", 1)[1]
+        if not target.is_file():
+            raise ConfigError(f"backtranslate.{key} = {ref!r}: no such resource in ctrltok/resources")
+        return target.read_text(encoding="utf-8").strip()
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backtranslate.{key} = {ref!r}: no such file")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def fill(template: str, key: str, **values: str) -> str:
+    """Fill ``{name}`` placeholders; plain replace, since responses are full of braces."""
+    for name, value in values.items():
+        if "{" + name + "}" not in template:
+            raise ConfigError(f"backtranslate.{key}: the prompt has no {{{name}}} placeholder")
+    out = template
+    for name, value in values.items():
+        out = out.replace("{" + name + "}", value)
+    return out
+
+
+# --------------------------------------------------------------------------- augment, rewrite
+
+
+def _batches(items: Iterable[Pair], size: int) -> Iterator[list[Pair]]:
+    batch: list[Pair] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_LABEL = re.compile(r"^\s*(?:\*\*|#+\s*)?(?:instruction|user|question|prompt|query|request|human)"
+                    r"(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.I)
+_QUOTES = ('""', "''", "``", "\u201c\u201d")
+
+
+def clean_instruction(raw: str, response: str, cfg: BacktranslateConfig) -> tuple[str, str | None]:
+    """Strict cleanup of M_yx's output: trim, drop one leading role label and wrapping quotes.
+    Returns ``(instruction, drop reason or None)``."""
+    text = _LABEL.sub("", raw.strip(), count=1).strip()
+    if len(text) >= 2 and text[0] + text[-1] in _QUOTES:
+        text = text[1:-1].strip()
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.splitlines()))
+    if len(text) < cfg.min_instruction_chars or not any(c.isalpha() for c in text):
+        return text, "instruction_empty"
+    if len(text) > cfg.max_instruction_chars:
+        return text, "instruction_too_long"
+    norm = normalise(text)
+    if len(norm) >= 20 and norm in normalise(response):
+        return text, "instruction_copies_response"  # the backward model echoed the answer
+    return text, None
+
+
+def augment(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, seed: int = 0) -> Iterator[Pair]:
+    """M_yx writes the instruction each candidate answers (prompt: its system prompt + the response)."""
+    system = load_text(cfg.backward_system, "backward_system")
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        n=1, seed=seed)
+    for batch in _batches(pairs, cfg.batch_size):
+        convs = [[{"role": "system", "content": system}, {"role": "user", "content": p.response}] for p in batch]
+        for pair, raw in zip(batch, model.chat(convs, sampling)):
+            instruction, reason = clean_instruction(raw, pair.response, cfg)
+            yield replace(pair, instruction=instruction, drop=reason)
+
+
+_PREFACE = re.compile(r"^(?:sure|certainly|here(?:'s| is| are)|rewritten)[^\n]{0,100}:[ \t]*\n", re.I)
+
+
+def clean_rewrite(raw: str) -> str:
+    """Trim and remove a one-line preface ("Here is the rewritten answer:") the prompt asked not for."""
+    return _PREFACE.sub("", raw.strip(), count=1).strip()
+
+
+def distinct_ngrams(text: str, n: int = 4) -> float:
+    """Share of distinct word n-grams; 1.0 for text that never repeats itself."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+# Whole pydoc topics score >= 0.76 and segments about 0.9; a small model stuck in a loop scores
+# 0.15-0.5 (measured on SmolLM2-135M rewrites). Curation should catch those too, but a small
+# curator rarely does, and a loop is never a good answer.
+MIN_DISTINCT_NGRAMS = 0.7
+
+
+def rewrite_issue(text: str) -> str | None:
+    """Why a cleaned rewrite is unusable, or None."""
+    if sum(c.isalpha() for c in text) < 20:
+        return "rewrite_empty"
+    if "Draft answer:" in text or "Instruction:\n" in text:
+        return "rewrite_echoes_prompt"  # the model copied the prompt's scaffolding
+    if distinct_ngrams(text) < MIN_DISTINCT_NGRAMS:
+        return "rewrite_repetitive"
+    return None
+
+
+def rewrite(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, seed: int = 0) -> Iterator[Pair]:
+    """The seed model rewrites each response for its instruction; the segment stays in
+    ``original_response``. An unusable rewrite (:func:`rewrite_issue`) is dropped with its reason,
+    not silently replaced by the original."""
+    prompt = load_text(cfg.rewrite_prompt, "rewrite_prompt")
+    sampling = Sampling(max_new_tokens=cfg.rewrite_max_new_tokens, temperature=cfg.rewrite_temperature,
+                        top_p=cfg.top_p, n=1, seed=seed)
+    for batch in _batches(pairs, cfg.batch_size):
+        convs = [[{"role": "user", "content": fill(prompt, "rewrite_prompt", instruction=p.instruction,
+                                                   response=p.response)}] for p in batch]
+        for pair, raw in zip(batch, model.chat(convs, sampling)):
+            text = clean_rewrite(raw)
+            reason = rewrite_issue(text)
+            yield replace(pair, response=text if reason is None else pair.response,
+                          original_response=pair.response, drop=reason)
+
+
+# --------------------------------------------------------------------------- curate, select
+
+_SCORE = re.compile(r"Score:[ \t]*([0-9]{1,9})")
+
+
+def parse_score(text: str) -> int | None:
+    """The strict parser: the last non-empty line, stripped, must be exactly ``Score: N``.
+
+    Returns N (which may be outside 1..5: the caller counts that apart) or None. "Score: 4/5",
+    "**Score: 4**", "score: 4", "Score: 4." and a score followed by more text all fail."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    match = _SCORE.fullmatch(lines[-1])
+    return int(match.group(1)) if match else None
+
+
+def aggregate(scores: list[int | None], how: str) -> float | None:
+    valid = [s for s in scores if s in SCORES]
+    if not valid:
+        return None
+    return float(statistics.median(valid)) if how == "median" else sum(valid) / len(valid)
+
+
+def curate(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, seed: int = 0) -> Iterator[Pair]:
+    """The curator scores each pair ``curation_samples`` times; the score is the median (or mean,
+    ``score_aggregate``) of the samples that parsed to 1..5. A pair with none is dropped as
+    ``score_unparsed`` (or ``score_out_of_range`` when every failing sample was a number outside 1..5)."""
+    prompt = load_text(cfg.curation_prompt, "curation_prompt")
+    n = cfg.curation_samples
+    sampling = Sampling(max_new_tokens=cfg.curation_max_new_tokens, temperature=cfg.curation_temperature,
+                        top_p=cfg.top_p, n=n, seed=seed)
+    for batch in _batches(pairs, cfg.batch_size):
+        convs = [[{"role": "user", "content": fill(prompt, "curation_prompt", instruction=p.instruction,
+                                                   response=p.response)}] for p in batch]
+        prefix = cfg.curation_answer_prefix
+        outs = model.chat(convs, sampling, answer_prefix=prefix)
+        if prefix:
+            # Prefilled: the reply starts with the prefix; its first line must complete the strict form.
+            outs = [prefix + (o.split("\n", 1)[0]) for o in outs]
+        for i, pair in enumerate(batch):
+            raw = outs[i * n:(i + 1) * n]  # prompt-major
+            scores = [parse_score(t) for t in raw]
+            score = aggregate(scores, cfg.score_aggregate)
+            reason = None
+            if score is None:
+                reason = "score_unparsed" if any(s is None for s in scores) else "score_out_of_range"
+            yield replace(pair, curator_outputs=raw, scores=scores, score=score, drop=reason)
+
+
+def select(pairs: Iterable[Pair], keep_score: int) -> Iterator[Pair]:
+    for pair in pairs:
+        yield replace(pair, drop=None if pair.score is not None and pair.score >= keep_score else "score_below_keep")
