@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from ctrltok.core.attention import training_attention
     from ctrltok.core.loss import LossModel, run_batch
     from ctrltok.core.packing import pack
+    from ctrltok.data.encode import to_batch
     from ctrltok.training.compiling import compile_blocks, compile_unavailable
-    from ctrltok.training.data import to_batch
     from ctrltok.training.train import make_optimizer
 
     if compile_unavailable():

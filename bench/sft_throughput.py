@@ -225,8 +225,8 @@ def run_ctrltok(gate: Gate, model, tokenizer, examples, args, packed: bool, attn
 
     from ctrltok.core.attention import training_attention
     from ctrltok.core.loss import LossModel, run_batch
+    from ctrltok.data.encode import to_batch
     from ctrltok.training.compiling import compile_blocks, compile_unavailable
-    from ctrltok.training.data import to_batch
     from ctrltok.training.train import make_optimizer
 
     if packed:

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from ctrltok.cli.eval import eval_epe
 from ctrltok.core.config import recipe_from_mapping
+from ctrltok.data.encode import build_examples
 from ctrltok.epe.reflection import Insert, layout
 from ctrltok.evaluation.epe import (
     EQUIVALENCE_ATOL,
@@ -26,7 +27,6 @@ from ctrltok.evaluation.epe import (
     reflection_regions,
 )
 from ctrltok.training.checkpoint import RunManifest
-from ctrltok.training.data import build_examples
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "epe-cpu.yaml"
 

@@ -213,7 +213,7 @@ def test_heldout_split_is_the_trainers(smol_tokenizer, tmp_path):
     from dataclasses import asdict
 
     from ctrltok.core.config import Recipe
-    from ctrltok.training.data import build_examples
+    from ctrltok.data.encode import build_examples
 
     recipe = Recipe(name="split")
     recipe.train.seed = 7

@@ -10,7 +10,7 @@ from ctrltok.core.chat import ChatError
 from ctrltok.core.config import recipe_from_mapping
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.records import RecordError, Skips, read_records
-from ctrltok.training.data import build_examples
+from ctrltok.data.encode import build_examples
 
 
 def _write(tmp_path, lines: list[bytes]):

@@ -19,6 +19,7 @@ from ctrltok.core.example import IGNORE
 from ctrltok.core.loss import logits as forward_logits
 from ctrltok.core.packing import collate, pack
 from ctrltok.core.records import RecordError, Skips, resource_path
+from ctrltok.data.encode import build_examples
 from ctrltok.epe.reflection import (
     Annotation,
     Insert,
@@ -29,7 +30,6 @@ from ctrltok.epe.reflection import (
     read_documents,
     read_sidecar,
 )
-from ctrltok.training.data import build_examples
 
 register_varlen()  # the per-document SDPA path is set on test models by name
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctrltok.core.config import recipe_from_mapping
 from ctrltok.core.loss import LossModel
-from ctrltok.training.data import make_rows, to_batch
+from ctrltok.data.encode import make_rows, to_batch
 from ctrltok.training.setup import prepare_model
 from ctrltok.training.train import accumulate, train
 
@@ -44,7 +44,7 @@ def test_accumulation_1x8_equals_8x1(tiny_dir):
     r = recipe_from_mapping(recipe(tiny_dir))
     prepared = prepare_model(r)
     model, tok = prepared.model, prepared.tokenizer
-    from ctrltok.training.data import build_examples
+    from ctrltok.data.encode import build_examples
 
     rows, _ = make_rows(build_examples(r, tok).train, r.data)
     rows = rows[:8]
@@ -114,8 +114,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_dir):
     kernels round differently), state_dict names unchanged, and uncompile_blocks restores eager."""
     from accelerate import Accelerator
 
+    from ctrltok.data.encode import build_examples
     from ctrltok.training.compiling import compile_blocks, uncompile_blocks
-    from ctrltok.training.data import build_examples
 
     _needs_compile()
     r = recipe_from_mapping(recipe(tiny_dir))

@@ -80,9 +80,9 @@ def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: 
     from ctrltok.core.config import load_recipe
     from ctrltok.core.models import load_model, resolve_model
     from ctrltok.core.templates import get_template
+    from ctrltok.data.encode import build_examples
     from ctrltok.evaluation.evaluate import evaluate_model, load_conversations
     from ctrltok.generation.generate import generate
-    from ctrltok.training.data import build_examples
     from ctrltok.training.setup import prepare_model
     from ctrltok.training.train import train
 

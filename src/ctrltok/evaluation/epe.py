@@ -10,7 +10,7 @@ read its recipe through :class:`~ctrltok.training.checkpoint.RunManifest`, call 
     result = evaluate_epe(model, head, tokenizer, recipe, "docs.jsonl", "side.jsonl")   # every annotated document
 
 The held-out set is re-created exactly as training held it out: the recipe goes through
-:func:`ctrltok.training.data.build_examples`, whose ``eval`` part is the same seeded split (or
+:func:`ctrltok.data.encode.build_examples`, whose ``eval`` part is the same seeded split (or
 ``data.eval`` with ``epe.eval_sidecar``). With ``corpus`` and ``sidecar`` given, every document
 of that corpus with its annotations is evaluated instead.
 
@@ -59,8 +59,8 @@ from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.heads import ConstitutionHead
 from ctrltok.core.loss import base_model, hidden_states, logits
 from ctrltok.core.packing import collate, slice_example
+from ctrltok.data.encode import build_examples
 from ctrltok.epe.reflection import charter_ids, insert_reflection, read_annotated
-from ctrltok.training.data import build_examples
 
 EQUIVALENCE_ATOL = 1e-4
 THRESHOLD = 0.5
@@ -140,7 +140,7 @@ def _pad_id(tokenizer: Any) -> int:
 def epe_documents(recipe: Recipe | None, tokenizer: Any, corpus: str | None = None, sidecar: str | None = None,
                   order: list[str] | None = None) -> tuple[list[Example], str]:
     """``(examples, description)``: the run's held-out documents (training's own split, by
-    :func:`ctrltok.training.data.build_examples`), or every annotated document of ``corpus`` +
+    :func:`ctrltok.data.encode.build_examples`), or every annotated document of ``corpus`` +
     ``sidecar`` (those with at least one reflection). ``order``: the charter ids in head order."""
     if (corpus is None) != (sidecar is None):
         raise ValueError("evaluate_epe: give both `corpus` and `sidecar` (--data and --sidecar), or neither "

@@ -6,7 +6,7 @@ Two numbers tell whether an SFT run taught its end-of-turn token (LIMA's ``<EOT>
 
 * ``eval_loss``: mean cross-entropy per supervised target on held-out conversations, computed
   exactly as training computes its own eval loss: ``chat.ChatEncoder`` labels, the rows of
-  :func:`ctrltok.training.data.make_rows` under the run's ``data.max_length``, ``data.overlong``
+  :func:`ctrltok.data.encode.make_rows` under the run's ``data.max_length``, ``data.overlong``
   and ``data.packing`` (``DataConfig()``'s defaults for a model without a recipe), and the one
   forward of :mod:`ctrltok.core.loss`. So it is comparable with the training curve. Packing does
   not change it (tested against a per-conversation hand computation).
@@ -42,9 +42,9 @@ from ctrltok.core.loss import LossModel, base_model
 from ctrltok.core.loss import heldout_loss as batches_loss
 from ctrltok.core.records import read_records
 from ctrltok.core.templates import get_template
+from ctrltok.data.encode import make_rows, split_heldout, to_batch
 from ctrltok.generation.generate import generate
 from ctrltok.training.checkpoint import RunManifest
-from ctrltok.training.data import make_rows, split_heldout, to_batch
 from ctrltok.training.setup import prepare_model
 
 
@@ -62,7 +62,7 @@ def heldout_loss(model, examples: list[Example], pad: int, data: DataConfig | No
 
     ``data`` (the run's data section; ``DataConfig()`` when ``None``) decides the rows:
     ``max_length``, ``overlong`` (truncate / split / error) and ``packing``, by
-    :func:`ctrltok.training.data.make_rows`; what was cut or split is counted in the result.
+    :func:`ctrltok.data.encode.make_rows`; what was cut or split is counted in the result.
     The forward is :func:`ctrltok.core.loss.heldout_loss`'s (LM head on the supervised positions only).
     """
     data = data or DataConfig()
@@ -174,7 +174,7 @@ def load_conversations(data: str | os.PathLike, limit: int | None = None, on_err
 
 def heldout_conversations(manifest: RunManifest, limit: int | None = None) -> tuple[list[list[dict]], list[str], str]:
     """The held-out conversations of the run ``manifest`` records: its ``data.eval`` set, or the
-    records of ``data.train`` that :func:`ctrltok.training.data.split_heldout` held out of training
+    records of ``data.train`` that :func:`ctrltok.data.encode.split_heldout` held out of training
     (the same records as read, the same ``data.limit``, the same seed). Without a recipe in the
     manifest: the split of the default recipe (the shipped set). Returns
     ``(conversations, sources, description)``; ``limit`` keeps the first ones.

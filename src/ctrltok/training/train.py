@@ -57,11 +57,11 @@ from ctrltok.core.heads import ConstitutionHead, save_head
 from ctrltok.core.loss import LossModel, heldout_loss, run_batch
 from ctrltok.core.packing import Batch
 from ctrltok.core.tokens import apply_generation_config
+from ctrltok.data.encode import build_examples, make_rows, to_batch
 from ctrltok.training import checkpoint as ckpt
 from ctrltok.training.card import plot_curves, write_card
 from ctrltok.training.checkpoint import RunManifest
 from ctrltok.training.compiling import uncompile_blocks
-from ctrltok.training.data import build_examples, make_rows, to_batch
 from ctrltok.training.setup import (
     Prepared,
     apply_lora,
