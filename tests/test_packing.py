@@ -304,3 +304,16 @@ def test_every_token_is_placed_once_or_counted(lengths, max_length, overlong):
         assert result.stats.truncated_examples == sum(1 for n in lengths if n > max_length)
     batch = collate(result.rows, pad_id=0, pad_to=max_length)
     assert batch.n_targets == sum(len(ex) - 1 for row in result.rows for ex in row)
+
+
+def test_chunk_lays_documents_end_to_end_and_drops_nothing():
+    """``overlong="chunk"``: the picture in the packing docstring (a(5) b(4) c(3), rows of 6)."""
+    examples = _examples([5, 4, 3])
+    result = pack(examples, max_length=6, overlong="chunk")
+    assert [[len(p) for p in row] for row in result.rows] == [[5, 1], [3, 3]]
+    flat = [t for row in result.rows for p in row for t in p.input_ids]
+    assert flat == [t for ex in examples for t in ex.input_ids]  # every token, in order
+    assert (result.stats.tokens, result.stats.padding, result.stats.split_pieces, result.stats.split_examples) == \
+        (12, 0, 2, 1)
+    second = result.rows[1][0]  # b's continuation is a document of its own: positions restart
+    assert second.positions == [0, 1, 2]

@@ -32,6 +32,8 @@ class ModelConfig:
     name: str = "smollm2-135m"  # alias of the embedded default, a local path, or a hub name
     dtype: str = "float32"  # float32 | bfloat16 | float16 (bf16 on GPUs; this CPU has no native bf16)
     attn: str = "auto"  # auto (per-document SDPA for packed training on CPU, sdpa elsewhere) | sdpa | eager | flex_attention | ctrltok_varlen
+    init: str = "pretrained"  # pretrained | scratch (the architecture from the model's config, fresh weights)
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the model's config (e.g. n_layer: 12)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class DataConfig:
     template: str = "default"
     loss_on: str = "assistant"  # assistant | all | last
     max_length: int = 512
-    overlong: str = "truncate"  # truncate | split | error
+    overlong: str = "auto"  # auto (chunk for text and labelled, truncate otherwise) | chunk | truncate | split | error
     packing: bool = True
     on_error: str = "raise"  # raise | skip (counted, with reasons)
     text_field: str = "text"
@@ -78,6 +80,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # any name transformers.get_scheduler knows
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
+    num_tokens: int | None = None  # a token budget: train for ceil(num_tokens / tokens per step) steps
     micro_batch_size: int = 1  # packed rows (or padded examples) per forward
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -226,6 +229,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, found {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, found {value!r}")
@@ -317,14 +324,17 @@ _CHOICES = {
     "model.attn": ("auto", "sdpa", "eager", "flex_attention", "ctrltok_varlen"),
     "data.kind": ("chat", "text", "labelled", "epe"),
     "data.loss_on": ("assistant", "all", "last"),
-    "data.overlong": ("truncate", "split", "error"),
+    "data.overlong": ("chunk", "truncate", "split", "error"),
+    "model.init": ("pretrained", "scratch"),
     "data.on_error": ("raise", "skip"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
 
 
 def validate(recipe: Recipe) -> None:
-    """Cross-field checks that a type alone cannot express."""
+    """Cross-field checks that a type alone cannot express; resolves ``data.overlong: auto``."""
+    if recipe.data.overlong == "auto":  # recorded resolved, so a run's manifest says what it did
+        recipe.data.overlong = "chunk" if recipe.data.kind in ("text", "labelled") else "truncate"
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(recipe, section), key)

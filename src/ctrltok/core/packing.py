@@ -40,6 +40,14 @@ Over-long examples (longer than ``max_length``) follow the ``overlong`` policy:
   shift never crosses a document boundary), so one target per cut is lost; ``stats.split_pieces``
   counts the pieces.
 * ``"error"``: raise ``ValueError`` naming the example's source and length.
+* ``"chunk"`` (pretraining text; the default for ``text`` and ``labelled`` data): no best fit. The
+  documents are laid end to end in input order and the stream is cut into rows of exactly
+  ``max_length`` tokens (the last row may be shorter), as GPT-2-style pretraining does, so no token
+  is dropped and no row is padded. A document cut by a row boundary continues as a new document in
+  the next row (positions restart, it does not see its first part), and one target is lost per
+  cut; ``stats.split_pieces`` counts the cuts.
+
+    docs a(5) b(4) c(3), max_length 6:   row 0: a0..a4 b0   row 1: b1 b2 b3 c0 c1 c2
 
 Slicing an example clips its ``blocked`` spans to the slice (dropping spans that become empty),
 keeps only the head positions that fall inside it, and re-bases its positions to start at 0.
@@ -55,7 +63,7 @@ import torch
 
 from ctrltok.core.example import IGNORE, Example
 
-Overlong = Literal["truncate", "split", "error"]
+Overlong = Literal["truncate", "split", "error", "chunk"]
 
 
 @dataclass
@@ -156,8 +164,8 @@ def slice_example(example: Example, start: int, end: int) -> Example:
 
 def _fit(examples: list[Example], max_length: int, overlong: Overlong, stats: PackStats) -> list[Example]:
     """Apply the over-long policy; every cut token is counted in ``stats``."""
-    if overlong not in ("truncate", "split", "error"):
-        raise ValueError(f"overlong must be 'truncate', 'split' or 'error', got {overlong!r}")
+    if overlong not in ("truncate", "split", "error", "chunk"):
+        raise ValueError(f"overlong must be 'chunk', 'truncate', 'split' or 'error', got {overlong!r}")
     out: list[Example] = []
     for i, ex in enumerate(examples):
         n = len(ex)
@@ -182,8 +190,37 @@ def _fit(examples: list[Example], max_length: int, overlong: Overlong, stats: Pa
     return out
 
 
+def chunk(examples: list[Example], max_length: int) -> PackResult:
+    """``overlong="chunk"``: documents end to end in input order, cut into rows of ``max_length``."""
+    stats = PackStats(examples=len(examples))
+    rows: list[list[Example]] = [[]]
+    room = max_length
+    for i, ex in enumerate(examples):
+        if len(ex) == 0:
+            raise ValueError(f"{ex.source or f'example {i}'}: empty example (0 tokens) cannot be packed")
+        start = 0
+        while start < len(ex):
+            if room == 0:
+                rows.append([])
+                room = max_length
+            end = min(len(ex), start + room)
+            whole = start == 0 and end == len(ex)
+            rows[-1].append(ex if whole else slice_example(ex, start, end))
+            if not whole:
+                stats.split_pieces += 1
+                stats.split_examples += start == 0
+            room -= end - start
+            start = end
+    rows = [r for r in rows if r]
+    stats.rows = len(rows)
+    stats.tokens = sum(len(p) for r in rows for p in r)
+    stats.padding = stats.rows * max_length - stats.tokens
+    return PackResult(rows=rows, stats=stats)
+
+
 def pack(examples: list[Example], max_length: int, overlong: Overlong = "truncate") -> PackResult:
-    """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing.
+    """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing
+    (``overlong="chunk"``: end to end instead, see :func:`chunk`).
 
     Longest first (ties keep input order); each goes into the open row with the least room that
     still fits it, or opens a new row. Deterministic for a given input order. Rows keep their
@@ -191,6 +228,8 @@ def pack(examples: list[Example], max_length: int, overlong: Overlong = "truncat
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if overlong == "chunk":
+        return chunk(examples, max_length)
     stats = PackStats(examples=len(examples))
     items = _fit(examples, max_length, overlong, stats)
     order = sorted(range(len(items)), key=lambda i: (-len(items[i]), i))

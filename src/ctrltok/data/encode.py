@@ -173,7 +173,7 @@ def make_rows(examples: list[Example], data: DataConfig) -> tuple[list[list[Exam
     """Rows as the run trains on them: packed (``data.packing``) or one example per row, over-long
     examples handled by ``data.overlong`` and counted. Training and every held-out loss use this."""
     d = data
-    if d.packing:
+    if d.packing or d.overlong == "chunk":  # chunked rows are full rows by construction
         result = pack(examples, d.max_length, d.overlong)
         return result.rows, asdict(result.stats)
     rows, stats = [], {"examples": len(examples), "truncated_examples": 0, "truncated_tokens": 0}
