@@ -102,12 +102,12 @@ def trained(tmp_path_factory, tiny_model_dir) -> Path:
 
 def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
     result = eval_epe(trained)  # loads the checkpoint, prints the table to stderr
-    # epe-cpu holds out eval_fraction 0.15 of the 12 documents used: round(1.8) = 2, the same two
-    # documents (by source) that training's build_examples held out.
+    # epe-cpu holds out eval_fraction 0.15 of the 12 documents used (the keyed draw picks the same
+    # documents, by source, that training's build_examples held out).
     manifest = json.loads((trained / "ctrltok.json").read_text())
     values = {k: v for k, v in manifest["recipe_values"].items() if k != "source" and v is not None}
     held = build_examples(recipe_from_mapping(values), AutoTokenizer.from_pretrained(trained)).eval
-    assert result["documents"] == len(held) == 2
+    assert result["documents"] == len(held) > 0
     assert [d["source"] for d in result["equivalence"]["per_document"]] == [ex.source for ex in held]
     assert result["max_length"] == 256
     for key in ("reflection_loss", "context_loss", "head_bce"):
@@ -123,7 +123,7 @@ def test_evaluate_trained_checkpoint_on_its_held_out_split(trained, capsys):
     assert result["head_bce"] == pytest.approx(summary["eval_head_bce"], rel=1e-5)
     for key in ("micro_f1", "macro_f1"):
         assert result[key] is None or 0.0 <= result[key] <= 1.0, key
-    assert result["positions"] == 2
+    assert result["positions"] == sum(len(ex.head_positions) for ex in held)
     eq = result["equivalence"]
     assert eq["passed"] and eq["atol"] == EQUIVALENCE_ATOL
     assert eq["post_tokens"] > 0 and eq["post_max_abs_diff"] < EQUIVALENCE_ATOL

@@ -78,3 +78,46 @@ def test_recipe_data_with_bad_records(tmp_path, tiny_model_dir):
     enc = build_examples(lenient, tok)
     assert len(enc.train) == 2
     assert enc.skips.summary() == {"malformed JSON": 1, "messages[0].role = 'robot'": 1}
+
+
+def test_gzipped_jsonl_is_read_not_refused_as_invalid_utf8(tmp_path):
+    import gzip
+
+    p = tmp_path / "chats.jsonl.gz"
+    p.write_bytes(gzip.compress(GOOD + b"\n" + GOOD + b"\n"))
+    skips = Skips()
+    assert len(list(read_records(p, on_error="skip", skips=skips))) == 2
+    assert not skips
+
+
+def test_a_source_may_be_a_path_a_mapping_or_a_list(tmp_path):
+    p = _write(tmp_path, [GOOD, GOOD])
+    as_path = list(read_records(p))
+    assert list(read_records(str(p))) == as_path
+    assert list(read_records({"path": str(p)})) == as_path
+    assert list(read_records([p])) == as_path  # a mixture of one source is that source
+    assert sorted(read_records([p, {"path": str(p), "weight": 2.0}], seed=3)) == sorted(as_path * 2)
+
+
+def test_data_train_string_and_set_override_unchanged(tmp_path):
+    from ctrltok.core.records import read_sources
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("hello")
+    recipe = recipe_from_mapping({"data": {"kind": "text", "train": ["x.jsonl", "y.jsonl"]}},
+                                 overrides=[f"data.train={tmp_path / 'd'}"])
+    assert recipe.data.train == str(tmp_path / "d")
+    assert list(read_sources(recipe.data, recipe.train.seed)) == [(str(tmp_path / "d" / "a.txt"),
+                                                                   {"id": "a", "text": "hello"})]
+    assert recipe_from_mapping({}).data.train == "ctrltok:instructions"
+
+
+def test_eval_sources_are_read_like_train(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    a = _write(tmp_path, [GOOD] * 3)
+    b = tmp_path / "held.json"
+    b.write_text(json.dumps([json.loads(GOOD)] * 2))
+    recipe = recipe_from_mapping({"data": {"train": str(a), "eval": [str(b), {"path": str(a), "weight": 0.5}]}})
+    enc = build_examples(recipe, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert len(enc.train) == 3 and len(enc.eval) == 5

@@ -19,7 +19,7 @@ from ctrltok.core.example import IGNORE
 from ctrltok.core.loss import logits as forward_logits
 from ctrltok.core.packing import collate, pack
 from ctrltok.core.records import RecordError, Skips, resource_path
-from ctrltok.data.encode import build_examples
+from ctrltok.data.encode import build_examples, heldout_indices
 from ctrltok.epe.reflection import (
     Annotation,
     Insert,
@@ -297,7 +297,8 @@ def test_build_epe_examples_from_a_recipe(epe_tokenizer):
         epe=EpeConfig(sidecar=str(resource_path("epe_sidecar")), reflection_weight=2.0, context_weight=0.5),
     )
     encoded = build_examples(recipe, epe_tokenizer)
-    assert (len(encoded.train), len(encoded.eval), encoded.records) == (30, 10, 40)
+    held = len(heldout_indices(40, 0.25, recipe.train.seed))
+    assert (len(encoded.train), len(encoded.eval), encoded.records) == (40 - held, held, 40) and held > 0
     assistant = epe_tokenizer.convert_tokens_to_ids("<assistant>")
     for ex in encoded.train + encoded.eval:
         assert ex.input_ids.count(assistant) == 1 and len(ex.head_targets[0]) == 35

@@ -52,6 +52,13 @@ def _a_recipe(p):
     p.add_argument("--out", default=None)
 
 
+def _a_prepare(p):
+    p.add_argument("recipe", help="the recipe YAML whose data section to prepare")
+    p.add_argument("--set", action="append", default=[], metavar="dotted.key=value", help="override a recipe value")
+    p.add_argument("--out", required=True, help="the prepared folder to write (a rerun resumes it)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: data.workers)")
+
+
 def _a_generate(p):
     p.add_argument("--model", required=True)
     p.add_argument("--template", default=None)
@@ -114,6 +121,7 @@ COMMANDS = {
     "add-tokens": ("ctrltok.cli.tokens:add_tokens", _a_add_tokens, "add control tokens, save a checkpoint"),
     "render": ("ctrltok.cli.tokens:render", _a_render, "encode chats to input_ids and labels"),
     "inspect": ("ctrltok.cli.tokens:inspect", _a_inspect, "check a checkpoint's tokens, templates, generation config"),
+    "prepare": ("ctrltok.cli.prepare:prepare", _a_prepare, "encode a recipe's data once into memory-mapped shards"),
     "train": ("ctrltok.cli.run:train", _a_recipe, "train a recipe"),
     "generate": ("ctrltok.cli.generate:generate", _a_generate, "generate replies"),
     "chat": ("ctrltok.cli.generate:chat", _a_chat, "interactive chat"),

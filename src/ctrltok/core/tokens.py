@@ -218,14 +218,10 @@ def _init_rows(weight: torch.Tensor, new: list[int], strategies: list[str], old_
         weight.data[row] = value.to(weight.dtype)
 
 
-def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = "mean_noise",
-               pad_to_multiple_of: int | None = None, seed: int = 0) -> Surgery:
-    """Add control tokens to a tokenizer and model, initialise their rows, pad with fillers.
-
-    Returns a :class:`Surgery` with the model and tokenizer (changed in place) and the explicit id
-    of every token. Refuses a tokenizer/model size mismatch before changing anything.
-    """
-    check_sizes(model, tokenizer)
+def add_tokens_to_tokenizer(tokenizer, tokens: list[ControlToken], pad_to_multiple_of: int | None = None,
+                            ) -> tuple[dict[str, int], list[int], list[int]]:
+    """The tokenizer half of :func:`add_tokens` (what ``ctrltok prepare`` needs to encode without
+    loading the model's weights): ``(ids of every token, new ids, filler ids)``."""
     old_rows = len(tokenizer)
     ids: dict[str, int] = {}
     new_tokens: list[ControlToken] = []
@@ -248,7 +244,6 @@ def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = "mean_n
         ids[tok.text] = tokenizer.convert_tokens_to_ids(tok.text)
     new_ids = [ids[t.text] for t in new_tokens]
     assert new_ids == list(range(old_rows, old_rows + len(new_ids))), "new tokens did not get consecutive rows"
-
     filler_ids: list[int] = []
     if pad_to_multiple_of:
         n = len(tokenizer)
@@ -257,7 +252,20 @@ def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = "mean_n
         if fillers:
             tokenizer.add_tokens([AddedToken(f, special=True, normalized=False) for f in fillers], special_tokens=True)
             filler_ids = list(range(n, target))
+    return ids, new_ids, filler_ids
 
+
+def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = "mean_noise",
+               pad_to_multiple_of: int | None = None, seed: int = 0) -> Surgery:
+    """Add control tokens to a tokenizer and model, initialise their rows, pad with fillers.
+
+    Returns a :class:`Surgery` with the model and tokenizer (changed in place) and the explicit id
+    of every token. Refuses a tokenizer/model size mismatch before changing anything.
+    """
+    check_sizes(model, tokenizer)
+    old_rows = len(tokenizer)
+    ids, new_ids, filler_ids = add_tokens_to_tokenizer(tokenizer, tokens, pad_to_multiple_of)
+    new_tokens = [t for t in tokens if ids.get(t.text) in new_ids]
     tied = is_tied(model)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     gen = torch.Generator().manual_seed(seed)

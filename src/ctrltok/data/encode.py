@@ -1,33 +1,25 @@
-"""A recipe's `data` section -> encoded Examples, with every skip counted.
+"""A recipe's `data` section -> encoded Examples in memory, the held-out split, rows as trained.
 
-Dispatches on ``data.kind``:
-
-* ``chat``: records with ``messages`` (also accepted: ``instruction``/``input``/``output`` as in
-  Alpaca, ``prompt``/``response``, ``instruction``/``response``), encoded by :mod:`ctrltok.core.chat`;
-* ``text``: plain next-token prediction over ``data.text_field``, special-token spellings in the
-  text kept as text;
-* ``labelled``: the output of ``ctrltok label`` (conditional training, :mod:`ctrltok.conditional.label`);
-* ``epe``: a corpus plus a sidecar of reflections (:mod:`ctrltok.epe.reflection`).
-
+The encoding per ``data.kind`` is :class:`ctrltok.data.documents.DocumentEncoder`'s (the one
+``ctrltok prepare`` runs); this module reads the inputs, splits them, and counts every skip.
 Examples with no supervised token (for instance a reply cut off by truncation) are reported and
-left out, never silently trained on.
+left out, never silently trained on. Training streams prepared data (:mod:`ctrltok.data.prepare`);
+this in-memory path serves evaluation, small tools and the equality tests.
 """
 
 from __future__ import annotations
 
-import random
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Sequence, TypeVar
 
-from ctrltok.conditional.encode import encode_labelled
-from ctrltok.core.chat import ChatEncoder, ChatError
 from ctrltok.core.config import DataConfig, Recipe
-from ctrltok.core.conversation import to_conversation
-from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.example import Example
 from ctrltok.core.packing import Batch, collate, pack, pad_batch, slice_example
-from ctrltok.core.records import RecordError, Skips, read_records
+from ctrltok.core.records import RecordError, Skips, read_sources
 from ctrltok.core.tokens import CharterItem, load_charter
-from ctrltok.epe.reflection import insert_reflection, read_annotated
+from ctrltok.data.documents import DocumentEncoder, is_held_out
+from ctrltok.epe.reflection import read_annotated
 
 T = TypeVar("T")
 
@@ -41,14 +33,10 @@ class Encoded:
 
 
 def heldout_indices(n: int, fraction: float, seed: int) -> set[int]:
-    """The held-out split, the one draw every command uses: of ``n`` items (records as read, after
-    ``data.limit``), a seeded shuffle's first ``round(n * fraction)`` (at least 1). Empty when
-    ``fraction`` is 0 or there are fewer than 2 items (nothing would be left to train on)."""
-    if fraction <= 0 or n < 2:
-        return set()
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return set(order[:max(1, int(round(n * fraction)))])
+    """The held-out split, the one draw every command uses: which of ``n`` inputs (as read, after
+    ``data.limit``) are held out, by the keyed per-input draw of :func:`ctrltok.data.documents.is_held_out`
+    (what ``ctrltok prepare`` routes by, so prepared and in-memory splits are the same)."""
+    return {i for i in range(n) if is_held_out(i, fraction, seed)}
 
 
 def split_heldout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
@@ -57,113 +45,54 @@ def split_heldout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def _encode_chats(pairs: list[tuple[str, dict]], tokenizer, data: DataConfig, skips: Skips) -> list[Example]:
-    encoder = ChatEncoder(tokenizer, data.template, data.loss_on)
-    convs, wheres = [], []
-    for where, rec in pairs:
-        try:
-            msgs = to_conversation(rec, where)
-        except ChatError as exc:
-            if data.on_error == "skip":
-                skips.add(str(exc).split(": ", 1)[-1].split(";")[0], where)
-                continue
-            raise
-        convs.append(msgs)
-        wheres.append(where)
+def _encode(items: list, encoder: DocumentEncoder, skips: Skips) -> list[Example]:
+    """Encode inputs with the one :class:`DocumentEncoder`; drops are counted in ``skips``."""
     out: list[Example] = []
-    for i in range(0, len(convs), 256):
-        out.extend(encoder.encode_many(convs[i:i + 256], wheres[i:i + 256]))
+    for i in range(0, len(items), 256):
+        for result in encoder.encode(items[i:i + 256]):
+            if isinstance(result, tuple):
+                skips.add(*result)
+            else:
+                out.extend(result)
     return out
 
 
-def _encode_text(pairs: list[tuple[str, dict]], tokenizer, data: DataConfig, skips: Skips) -> list[Example]:
-    texts, wheres = [], []
-    for where, rec in pairs:
-        text = rec.get(data.text_field)
-        if not isinstance(text, str) or not text.strip():
-            reason = f"field `{data.text_field}` missing or not text" if not isinstance(text, str) else "empty text"
-            if data.on_error == "skip":
-                skips.add(reason, where)
-                continue
-            raise RecordError(f"{where}: {reason}")
-        texts.append(text)
-        wheres.append(where)
-    eos = tokenizer.eos_token_id
-    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
-    return [Example(ids + [eos], ids + [eos], source=w) for ids, w in zip(enc, wheres)]
-
-
-def encode_records(pairs: list[tuple[str, dict]], tokenizer, recipe: Recipe, skips: Skips) -> list[Example]:
+def _inputs(recipe: Recipe, which: str, skips: Skips, order: list[str] | None) -> list:
+    """The inputs of ``data.train`` (or ``data.eval``) as read, after ``data.limit`` for train."""
     data = recipe.data
-    if data.kind == "chat":
-        examples = _encode_chats(pairs, tokenizer, data, skips)
-    elif data.kind == "text":
-        examples = _encode_text(pairs, tokenizer, data, skips)
-    elif data.kind == "labelled":
-        aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
-        misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")
-        supervise = recipe.conditional.supervise_control if recipe.conditional else True
-        # No max_length here: over-long documents go to the packer, which applies data.overlong and
-        # counts what it cuts. Each document ends with the EOS so the model learns where text ends.
-        examples = [encode_labelled(rec, tokenizer, aligned, misaligned, None, supervise_control=supervise,
-                                    eos_id=tokenizer.eos_token_id, source=where) for where, rec in pairs]
+    if data.kind == "epe":
+        sidecar = recipe.epe.sidecar if which == "train" else (recipe.epe.eval_sidecar or recipe.epe.sidecar)
+        source = data.train if which == "train" else data.eval
+        items = read_annotated(source, sidecar, order, recipe.epe.reflection_column, "id", data.text_field,
+                               data.on_error, skips)
     else:
-        raise ValueError(f"data.kind = {data.kind!r} is encoded by its own module")
-    kept = []
-    for ex in examples:
-        if not any(lab != IGNORE for lab in ex.labels[1:]):
-            skips.add("no supervised tokens", ex.source)
-            continue
-        kept.append(ex)
-    return kept
-
-
-def _epe_examples(recipe: Recipe, tokenizer, charter: list[CharterItem]) -> Encoded:
-    """EPE data (``data.train`` corpus + ``epe.sidecar``): reflections inserted, holes and aliased
-    positions set (:mod:`ctrltok.epe.reflection`). Evaluation documents come from ``data.eval``
-    with ``epe.eval_sidecar`` when given, else the held-out split of the corpus."""
-    data, epe = recipe.data, recipe.epe
-    if epe is None or not epe.sidecar:
-        raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
-    skips = Skips()
-    order = [c.id for c in charter]
-
-    def encode(corpus: str, sidecar: str) -> list[Example]:
-        docs = list(read_annotated(corpus, sidecar, order, epe.reflection_column, "id", data.text_field,
-                                   data.on_error, skips))
-        if data.limit:
-            docs = docs[: data.limit]
-        return [insert_reflection(d.text, d.annotations, tokenizer, order, reflection_weight=epe.reflection_weight,
-                                  context_weight=epe.context_weight, source=d.where) for d in docs]
-
-    train = encode(data.train, epe.sidecar)
-    records = len(train)
-    if data.eval:
-        evals = encode(data.eval, epe.eval_sidecar or epe.sidecar)
-    else:
-        train, evals = split_heldout(train, data.eval_fraction, recipe.train.seed)
-    return Encoded(train, evals, skips, records)
+        items = read_sources(data, recipe.train.seed, skips, which=which)
+    return list(itertools.islice(items, data.limit) if data.limit and which == "train" else items)
 
 
 def build_examples(recipe: Recipe, tokenizer, charter: list[CharterItem] | None = None) -> Encoded:
-    """Read and encode the train (and eval) data of a recipe; hold out `eval_fraction` if no eval set.
+    """Read and encode the train (and eval) data of a recipe in memory; hold out ``eval_fraction``
+    (the keyed draw) when there is no eval set. The same encoding and split ``ctrltok prepare``
+    streams to disk (tested equal), for small data, evaluation and tests.
 
     ``charter``: the EPE charter the run already loaded (read from ``tokens.charter`` if not given).
     """
     data = recipe.data
-    skips = Skips()
     if data.kind == "epe":
-        return _epe_examples(recipe, tokenizer, charter if charter is not None else load_charter(recipe.tokens.charter))
-    train_pairs = list(read_records(data.train, data.on_error, skips, data.text_field))
-    if data.limit:
-        train_pairs = train_pairs[: data.limit]
-    n_records = len(train_pairs)
+        if recipe.epe is None or not recipe.epe.sidecar:
+            raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
+        charter = charter if charter is not None else load_charter(recipe.tokens.charter)
+    encoder = DocumentEncoder(recipe, tokenizer, charter)
+    order = [c.id for c in charter] if charter is not None else None
+    skips = Skips()
+    train_items = _inputs(recipe, "train", skips, order)
+    n_records = len(train_items)
     if data.eval:
-        eval_pairs = list(read_records(data.eval, data.on_error, skips, data.text_field))
+        eval_items = _inputs(recipe, "eval", skips, order)
     else:
-        train_pairs, eval_pairs = split_heldout(train_pairs, data.eval_fraction, recipe.train.seed)
-    train = encode_records(train_pairs, tokenizer, recipe, skips)
-    evals = encode_records(eval_pairs, tokenizer, recipe, skips)
+        train_items, eval_items = split_heldout(train_items, data.eval_fraction, recipe.train.seed)
+    train = _encode(train_items, encoder, skips)
+    evals = _encode(eval_items, encoder, skips)
     if not train:
         raise RecordError(f"{data.train}: no usable training examples (skips: {skips.summary()})")
     return Encoded(train, evals, skips, n_records)

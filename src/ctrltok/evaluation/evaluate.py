@@ -30,6 +30,7 @@ Loading checkpoints by name, reading ``--data`` and printing tables is the comma
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 from typing import Any
@@ -40,9 +41,10 @@ from ctrltok.core.conversation import to_conversation
 from ctrltok.core.example import Example
 from ctrltok.core.loss import LossModel, base_model
 from ctrltok.core.loss import heldout_loss as batches_loss
-from ctrltok.core.records import read_records
+from ctrltok.core.records import read_records, read_sources
 from ctrltok.core.templates import get_template
-from ctrltok.data.encode import make_rows, split_heldout, to_batch
+from ctrltok.data.documents import is_held_out
+from ctrltok.data.encode import make_rows, to_batch
 from ctrltok.generation.generate import generate
 from ctrltok.training.checkpoint import RunManifest
 from ctrltok.training.setup import prepare_model
@@ -159,7 +161,8 @@ def load_conversations(data: str | os.PathLike, limit: int | None = None, on_err
     file, folder, ``ctrltok:<resource>`` or datasets name, with where each came from; the first
     ``limit`` of them. With ``on_error = "skip"`` records that are no conversation are left out."""
     convs, wheres = [], []
-    for where, rec in read_records(str(data), on_error, None, text_field):
+    source = str(data) if isinstance(data, os.PathLike) else data  # a path, or a source spec (list, mapping)
+    for where, rec in read_records(source, on_error, None, text_field):
         if limit is not None and len(convs) >= limit:
             break
         try:
@@ -188,10 +191,10 @@ def heldout_conversations(manifest: RunManifest, limit: int | None = None) -> tu
     if data.kind != "chat":
         raise ValueError(f"{where}: the run trained on data.kind = {data.kind!r}, not chats; "
                          "pass --data with held-out chats")
-    pairs = list(read_records(data.train, data.on_error, None, data.text_field))
-    if data.limit:
-        pairs = pairs[: data.limit]
-    _, held = split_heldout(pairs, data.eval_fraction, recipe.train.seed)
+    # The same records as training read (the mixture, the seed, data.limit), the same keyed draw.
+    records = itertools.islice(read_sources(data, recipe.train.seed), data.limit) if data.limit else \
+        read_sources(data, recipe.train.seed)
+    held = [pair for i, pair in enumerate(records) if is_held_out(i, data.eval_fraction, recipe.train.seed)]
     if not held:
         raise ValueError(f"{where}: the run held out no data (data.eval unset, data.eval_fraction = "
                          f"{data.eval_fraction}); pass --data with held-out chats")
@@ -200,7 +203,7 @@ def heldout_conversations(manifest: RunManifest, limit: int | None = None) -> tu
     convs, wheres = [], []
     for src, rec in held:
         try:
-            convs.append(to_conversation(rec, src))
+            convs.append(to_conversation(rec, src))  # an OASST tree: its best thread
         except ChatError:
             if data.on_error != "skip":
                 raise

@@ -12,15 +12,18 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer
 
 from ctrltok.core.config import Recipe
-from ctrltok.core.models import load_model
+from ctrltok.core.models import load_model, resolve_model
 from ctrltok.core.templates import Template, get_template, install_templates
 from ctrltok.core.tokens import (
     FILLER_FORMAT,
     CharterItem,
+    ControlToken,
     Surgery,
     add_tokens,
+    add_tokens_to_tokenizer,
     apply_generation_config,
     check_sizes,
     is_tied,
@@ -45,18 +48,14 @@ class Prepared:
 
 def prepare_model(recipe: Recipe) -> Prepared:
     """Load the base model, add the recipe's control tokens, install templates."""
-    model, tokenizer = load_model(recipe.model.name, dtype=recipe.model.dtype, attn=recipe.model.attn)
+    model, tokenizer = load_model(recipe.model.name, dtype=recipe.model.dtype, attn=recipe.model.attn,
+                                  init=recipe.model.init, config_overrides=recipe.model.config,
+                                  seed=recipe.train.seed, source=recipe.source)
     template = get_template(recipe.data.template, tokenizer)
-    presets = list(recipe.tokens.presets) + [p for p in template.presets if p not in recipe.tokens.presets]
-    charter = load_charter(recipe.tokens.charter) if "epe" in presets or recipe.data.kind == "epe" else None
-    tokens = resolve_tokens(recipe.tokens.presets, recipe.tokens.custom, charter)
-    for preset in template.presets:
-        if preset not in recipe.tokens.presets:
-            tokens += [t for t in resolve_tokens([preset], charter=charter) if t not in tokens]
-    vocab = tokenizer.get_vocab()
-    have = [t for t in tokens if t.text in vocab and not t.reuse]
-    if have and len(have) == len([t for t in tokens if not t.reuse]):
+    tokens, charter = _recipe_tokens(recipe, template)
+    if _carries(tokenizer, tokens):
         # A ctrltok checkpoint already carries these tokens: nothing to add, keep its rows.
+        vocab = tokenizer.get_vocab()
         surgery = Surgery(model, tokenizer, tokens, {t.text: vocab[t.text] for t in tokens}, [],
                           filler_ids=_filler_ids(tokenizer))
     else:
@@ -69,6 +68,39 @@ def prepare_model(recipe: Recipe) -> Prepared:
     install_templates(tokenizer)
     check_sizes(model, tokenizer)
     return Prepared(model, tokenizer, surgery, template, eot_id, charter)
+
+
+def _recipe_tokens(recipe: Recipe, template: Template) -> tuple[list[ControlToken], list[CharterItem] | None]:
+    """The recipe's tokens plus the presets its template needs, and the charter (read once, EPE)."""
+    presets = list(recipe.tokens.presets) + [p for p in template.presets if p not in recipe.tokens.presets]
+    charter = load_charter(recipe.tokens.charter) if "epe" in presets or recipe.data.kind == "epe" else None
+    tokens = resolve_tokens(recipe.tokens.presets, recipe.tokens.custom, charter)
+    for preset in template.presets:
+        if preset not in recipe.tokens.presets:
+            tokens += [t for t in resolve_tokens([preset], charter=charter) if t not in tokens]
+    return tokens, charter
+
+
+def _carries(tokenizer: Any, tokens: list[ControlToken]) -> bool:
+    """A ctrltok checkpoint already carries these tokens: nothing to add, keep its rows."""
+    vocab = tokenizer.get_vocab()
+    have = [t for t in tokens if t.text in vocab and not t.reuse]
+    return bool(have) and len(have) == len([t for t in tokens if not t.reuse])
+
+
+def prepare_tokenizer(recipe: Recipe) -> tuple[Any, list[CharterItem] | None]:
+    """The tokenizer exactly as :func:`prepare_model` leaves it (the recipe's tokens added, fillers,
+    templates), without the model's weights: what ``ctrltok prepare`` encodes with. Returns it and
+    the charter."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model.name))
+    template = get_template(recipe.data.template, tokenizer)
+    tokens, charter = _recipe_tokens(recipe, template)
+    if not _carries(tokenizer, tokens):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        add_tokens_to_tokenizer(tokenizer, tokens, recipe.tokens.pad_to_multiple_of)
+    install_templates(tokenizer)
+    return tokenizer, charter
 
 
 def _filler_ids(tokenizer) -> list[int]:

@@ -52,12 +52,14 @@ from transformers import get_scheduler
 
 from ctrltok.core.attention import VARLEN, loading_attention, training_attention
 from ctrltok.core.config import ConfigError, Recipe
-from ctrltok.core.example import Example
 from ctrltok.core.heads import ConstitutionHead, save_head
 from ctrltok.core.loss import LossModel, heldout_loss, run_batch
 from ctrltok.core.packing import Batch
 from ctrltok.core.tokens import apply_generation_config
-from ctrltok.data.encode import build_examples, make_rows, to_batch
+from ctrltok.data.encode import to_batch
+from ctrltok.data.loader import RowSource, prepared_rows, rank_rows
+from ctrltok.data.prepare import prepared_for
+from ctrltok.data.store import PreparedData
 from ctrltok.training import checkpoint as ckpt
 from ctrltok.training.card import plot_curves, write_card
 from ctrltok.training.checkpoint import RunManifest
@@ -71,21 +73,6 @@ from ctrltok.training.setup import (
 
 
 # -- data order --------------------------------------------------------------------------------
-def row_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n_rows))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def step_rows(rows: list, step: int, per_step: int, seed: int) -> list:
-    """The rows of optimizer step `step` (0-based): a pure function of the seed and the step."""
-    out = []
-    for g in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(g, len(rows))
-        out.append(rows[row_order(len(rows), seed, epoch)[i]])
-    return out
-
-
 def make_optimizer(groups, **kwargs) -> torch.optim.AdamW:
     """AdamW, fused where torch has the kernel (CPU and CUDA since torch 2.4: one pass over each
     tensor instead of several, the same update up to float rounding; transformers' Trainer
@@ -119,16 +106,39 @@ def accumulate(loss_model, accelerator, batches: list[Batch], impl: str, device,
     return ce_step, head_step, n_in, n_sup
 
 
-def evaluate_loss(loss_model, rows: list[list[Example]], recipe: Recipe, pad_id: int, impl: str, device) -> dict:
-    """Mean CE per supervised target (and head BCE) over the eval rows, by :func:`core.loss.heldout_loss`.
+def evaluate_loss(loss_model, rows: RowSource, recipe: Recipe, pad_id: int, impl: str, device) -> dict:
+    """Mean CE per supervised target (and head BCE) over every held-out row, by
+    :func:`core.loss.heldout_loss`, a micro-batch at a time (memory flat in the eval set's size).
 
     Called on the main process only, with the *unwrapped* module.
     """
-    mb = recipe.train.micro_batch_size
-    batches = [to_batch(rows[i:i + mb], pad_id, recipe.data.packing) for i in range(0, len(rows), mb)]
+    packed = recipe.data.packing or recipe.data.overlong == "chunk"
+    batches = (to_batch(r, pad_id, packed) for r in rows.all_rows(recipe.train.micro_batch_size))
     out = heldout_loss(loss_model, batches, impl, device)
     out.pop("ce_sum", None)
     return out
+
+
+def _data(accelerator: Accelerator, recipe: Recipe, prepared: Prepared) -> tuple[PreparedData, RowSource, RowSource]:
+    """The run's data, prepared (or read from ``data.train`` when it names a prepared folder), and
+    its row plans. The main process prepares first; then each node's first process (a node without
+    the shared filesystem prepares its own copy); the others open what is there."""
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        data = prepared_for(recipe, prepared.tokenizer, prepared.charter, workers=recipe.data.workers)
+        rows = prepared_rows(data, "train", recipe.data)
+        eval_rows = prepared_rows(data, "eval", recipe.data)
+    return data, rows, eval_rows
+
+
+def total_steps(recipe: Recipe, n_rows: int, per_step: int) -> int:
+    """``train.max_steps``, else the token budget ``train.num_tokens`` (in row capacity: a step
+    holds ``per_step * max_length`` token slots), else ``train.epochs`` over the rows."""
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    if t.num_tokens:
+        return max(1, math.ceil(t.num_tokens / (per_step * recipe.data.max_length)))
+    return max(1, math.ceil(t.epochs * n_rows / per_step))
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -215,9 +225,9 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     # setup
     prepared = prepare_model(recipe)
     tokenizer = prepared.tokenizer
-    encoded = build_examples(recipe, tokenizer, prepared.charter)
-    rows, pack_stats = make_rows(encoded.train, recipe.data)
-    eval_rows, _ = make_rows(encoded.eval, recipe.data) if encoded.eval else ([], {})
+    data, rows, eval_rows = _data(accelerator, recipe, prepared)
+    pack_stats = rows.plan.stats
+    packed = recipe.data.packing or recipe.data.overlong == "chunk"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     impl = training_attention(recipe.model.attn, accelerator.device)
     loss_model, compiled = _loss_model(prepared, recipe, impl)
@@ -225,8 +235,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     t = recipe.train
     per_process = t.micro_batch_size * t.grad_accum
     per_step = per_process * world
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / per_step))
-    optimizer, scheduler = _optimizer(loss_model, recipe, total_steps)
+    steps = total_steps(recipe, len(rows), per_step)
+    optimizer, scheduler = _optimizer(loss_model, recipe, steps)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     device = accelerator.device
 
@@ -235,37 +245,48 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
 
     start = 0
     metrics_path = out_dir / "metrics.jsonl"
+    # The loader's position is the step: what a checkpoint must also match is the data and the plan.
+    position = {"data": data.manifest["data_key"], "tokenizer": data.manifest["tokenizer"], "plan": rows.key,
+                "rows": len(rows), "per_step": per_step}
     last = ckpt.latest_checkpoint(out_dir)
     if last is not None:
         state = ckpt.load_checkpoint(last, accelerator.unwrap_model(loss_model), optimizer, scheduler)
         start = state["step"]
+        saved = state.get("loader")
+        if saved is not None and saved != position:
+            raise ConfigError(f"{last}: this checkpoint read other data or rows ({saved}); this run's are {position}. "
+                              "Resume with the same data and row settings, or train into a new --out")
         if main:
             _truncate_metrics(metrics_path, start)
+    skips = data.manifest.get("skips", {})
     if main:
         summary = {"event": "setup", "step": start, "rows": len(rows), "eval_rows": len(eval_rows),
-                   "records": encoded.records, "skips": encoded.skips.summary(), "pack": pack_stats,
-                   "total_steps": total_steps, "processes": world, "attention": impl, "compile": compiled,
+                   "records": data.manifest["inputs"], "skips": skips, "pack": pack_stats,
+                   "prepared": str(data.path), "total_steps": steps, "processes": world, "attention": impl,
+                   "compile": compiled,
                    "new_ids": prepared.surgery.new_ids,
                    "trainable_params": sum(p.numel() for p in loss_model.parameters() if p.requires_grad)}
         if start == 0:
             _log(metrics_path, summary)
-            if eval_rows:
+            if len(eval_rows):
                 _log(metrics_path, {"step": 0, **held_out()})
-        if encoded.skips:
-            print(f"skipped records: {encoded.skips.summary()} (first places: {encoded.skips.examples})")
+        if skips:
+            print(f"skipped records: {skips} (first places: {data.manifest.get('skip_places')})")
 
     # the loop
     progress = progress and os.environ.get("CTRLTOK_PROGRESS", "1") != "0"
-    bar = _progress(progress and main, total_steps, start, recipe.name)
+    bar = _progress(progress and main, steps, start, recipe.name)
     tokens_in = tokens_sup = 0
     t0 = time.perf_counter()
-    for step in range(start, total_steps):
-        global_rows = step_rows(rows, step, per_step, t.seed)
-        mine = global_rows[rank * per_process:(rank + 1) * per_process]
+    for step in range(start, steps):
+        mine = rank_rows(rows, step, per_step, rank, per_process, t.seed)  # this rank's share only
         micro = [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        batches = [to_batch(m, pad_id, recipe.data.packing) for m in micro]
-        n_step = sum(ex.n_supervised for r in global_rows for ex in r)
-        n_head = sum(len(ex.head_positions) for r in global_rows for ex in r)
+        batches = [to_batch(m, pad_id, packed) for m in micro]
+        # The step's targets over all ranks, for the per-target mean: one small all-reduce.
+        counts = torch.tensor([sum(ex.n_supervised for r in mine for ex in r),
+                               sum(len(ex.head_positions) for r in mine for ex in r)], dtype=torch.float64,
+                              device=accelerator.device)
+        n_step, n_head = (int(c) for c in (accelerator.reduce(counts, "sum") if world > 1 else counts))
         # DDP averages gradients over processes; scale back so the loss is a per-target mean overall.
         n_targets, n_head_div = max(n_step, 1) / world, max(n_head, 1) / world
         ce_step, head_step, n_in, n_sup = accumulate(loss_model, accelerator, batches, impl, device, n_targets,
@@ -284,17 +305,17 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
             record["grad_norm"] = float(grad_norm)
         if n_head:
             record["head_bce"] = head_step / max(n_head / world, 1)
-        if main and (done % max(t.log_every, 1) == 0 or done == total_steps):
+        if main and (done % max(t.log_every, 1) == 0 or done == steps):
             _log(metrics_path, record)
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=record["loss"], tps=record["supervised_tokens_per_s"])
-        if t.eval_every and done % t.eval_every == 0 and eval_rows and done < total_steps and main:
+        if t.eval_every and done % t.eval_every == 0 and len(eval_rows) and done < steps and main:
             _log(metrics_path, {"step": done, **held_out()})
-        if t.save_every and done % t.save_every == 0 and done < total_steps:
+        if t.save_every and done % t.save_every == 0 and done < steps:
             accelerator.wait_for_everyone()
             if main:
                 ckpt.save_checkpoint(out_dir, done, accelerator.unwrap_model(loss_model), optimizer, scheduler,
-                                     {"recipe": recipe.name})
+                                     {"recipe": recipe.name, "loader": position})
         if os.environ.get("CTRLTOK_FAULT_KILL_AFTER_STEP") == str(done):
             # Fault injection for the resume test: a real SIGKILL, no cleanup, at a known step.
             os.kill(os.getpid(), 9)
@@ -304,12 +325,12 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     # final eval and save
     accelerator.wait_for_everyone()
     if main:
-        final_eval = held_out() if eval_rows else {}
+        final_eval = held_out() if len(eval_rows) else {}
         if final_eval:
-            _log(metrics_path, {"step": total_steps, **final_eval})
+            _log(metrics_path, {"step": steps, **final_eval})
         save_final(out_dir, accelerator.unwrap_model(loss_model), prepared, recipe,
-                   {"pack": pack_stats, "skips": encoded.skips.summary(), "records": encoded.records,
-                    "steps": total_steps, "processes": world, "attention": impl, "compile": compiled,
+                   {"pack": pack_stats, "skips": skips, "records": data.manifest["inputs"],
+                    "documents": data.manifest["splits"], "steps": steps, "processes": world, "attention": impl, "compile": compiled,
                     **final_eval})
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,197 @@
+"""``ctrltok prepare``: one streaming pass over a recipe's data into prepared shards.
+
+Records are read as a stream (never a list), encoded by :class:`~ctrltok.data.documents.DocumentEncoder`
+in ``workers`` processes (chunks in flight are bounded, results in input order), routed to the
+train or held-out split by the keyed draw, and written by the resumable stage runner
+(:mod:`ctrltok.core.stages`) as Arrow shards (:mod:`ctrltok.data.store`). A killed prepare, rerun,
+resumes at its first unfinished shard and ends byte-identical to an uninterrupted one; the manifest
+is written last, so a folder with a manifest is complete.
+
+``ctrltok train`` calls :func:`prepared_for` on raw data: it prepares into a cache folder named by
+the data section's hash and the tokenizer's fingerprint (``$CTRLTOK_CACHE/prepared/...``), so a
+small run stays one command and a resumed or repeated run never tokenizes again. What the cache
+key covers: the ``data`` section except the row settings (``max_length``, ``overlong``,
+``packing``: those shape rows, not documents), ``conditional``, ``epe``, ``train.seed`` (the
+held-out draw) and the tokenizer with the recipe's tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ctrltok.core.config import Recipe
+from ctrltok.core.models import cache_dir
+from ctrltok.core.records import Skips, read_sources
+from ctrltok.core.stages import Outcome, StageRun, map_ordered
+from ctrltok.core.tokens import CharterItem
+from ctrltok.data.documents import DocumentEncoder, is_held_out
+from ctrltok.data.store import (
+    MANIFEST,
+    PARTS,
+    SPLITS,
+    ArrowShardSink,
+    PreparedData,
+    fingerprint,
+    id_type,
+    shard_files,
+    tokenizer_fingerprint,
+    write_manifest,
+)
+from ctrltok.epe.reflection import read_annotated
+
+ROW_SETTINGS = ("max_length", "overlong", "packing")  # shape rows, not documents: not in the data key
+CHUNK = 64  # inputs per worker task
+SHARD_SIZE = 4096  # inputs per shard: a kill redoes at most this many
+
+
+def data_key(recipe: Recipe) -> dict[str, Any]:
+    """What the prepared documents depend on, besides the tokenizer (see the module docstring)."""
+    data = {k: v for k, v in asdict(recipe.data).items() if k not in ROW_SETTINGS}
+    return {"data": data, "conditional": asdict(recipe.conditional) if recipe.conditional else None,
+            "epe": asdict(recipe.epe) if recipe.epe else None, "seed": recipe.train.seed}
+
+
+def _inputs(recipe: Recipe, which: str, sidecar: str | None, order: list[str] | None, skips: Skips) -> Iterator[Any]:
+    data = recipe.data
+    if data.kind == "epe":
+        items: Iterable[Any] = read_annotated(data.train if which == "train" else data.eval, sidecar, order,
+                                              recipe.epe.reflection_column, "id", data.text_field, data.on_error, skips)
+    else:
+        items = read_sources(data, recipe.train.seed, skips, which=which)
+    return itertools.islice(items, data.limit) if data.limit and which == "train" else iter(items)
+
+
+# Worker state, one encoder per process (built by the pool's initializer).
+_ENCODER: DocumentEncoder | None = None
+
+
+def _init_worker(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None) -> None:
+    global _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    _ENCODER = DocumentEncoder(recipe, tokenizer, charter)
+
+
+def _encode_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    return list(zip((i for i, _ in chunk), _ENCODER.encode([item for _, item in chunk])))
+
+
+def _stage(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None, workers: int,
+           split: str | None) -> Callable[[Iterable[tuple[int, Any]]], Iterator[Outcome]]:
+    """The prepare stage: ``(input index, item)`` -> one :class:`Outcome` per input. ``split``
+    forces every document into one split (a separate eval set); else the keyed draw routes them."""
+    fraction, seed = recipe.data.eval_fraction, recipe.train.seed
+
+    def stage(items: Iterable[tuple[int, Any]]) -> Iterator[Outcome]:
+        chunks = iter(lambda it=iter(items): list(itertools.islice(it, CHUNK)), [])
+        results = map_ordered(_encode_chunk, chunks, processes=workers, initializer=_init_worker,
+                              initargs=(recipe, tokenizer, charter))
+        for chunk in results:
+            for index, result in chunk:
+                if isinstance(result, tuple):
+                    yield Outcome.dropped(result[0], result[1])
+                    continue
+                where = result[0].source
+                to = split or ("eval" if is_held_out(index, fraction, seed) else "train")
+                tokens = sum(len(ex) for ex in result)
+                yield Outcome.keep((to, result), where, counts={f"{to}_documents": len(result), f"{to}_tokens": tokens,
+                                                                f"{to}_supervised": sum(ex.n_supervised for ex in result)})
+
+    return stage
+
+
+def _run(folder: Path, recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None, which: str,
+         sidecar: str | None, split: str | None, workers: int, shard_size: int, settings: dict,
+         read_skips: Skips, progress: Callable[[int], None] | None) -> tuple[StageRun, Any]:
+    run = StageRun(folder, shard_size, settings, sink=partial(ArrowShardSink, ids=id_type(len(tokenizer))))
+    order = [c.id for c in charter] if charter else None
+    inputs: Iterable[tuple[int, Any]] = enumerate(_inputs(recipe, which, sidecar, order, read_skips))
+    if progress is not None:
+        inputs = _counting(inputs, progress)
+    return run, run.run(_stage(recipe, tokenizer, charter, workers, split), inputs)
+
+
+def _counting(items: Iterable[Any], progress: Callable[[int], None], every: int = 1024) -> Iterator[Any]:
+    for n, item in enumerate(items, 1):
+        if n % every == 0:
+            progress(n)
+        yield item
+
+
+def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Sequence[CharterItem] | None = None,
+            workers: int = 1, shard_size: int = SHARD_SIZE,
+            progress: Callable[[int], None] | None = None) -> PreparedData:
+    """Encode ``recipe``'s data with ``tokenizer`` (already carrying the recipe's tokens) into ``out``.
+
+    Resumes an unfinished folder made with the same settings; refuses one made with others. A
+    finished folder (its manifest present) is opened as it is.
+    """
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        return PreparedData.open(out, tokenizer)
+    data = recipe.data
+    if data.kind == "epe" and (recipe.epe is None or not recipe.epe.sidecar):
+        raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
+    key = data_key(recipe)
+    settings = {"key": fingerprint(key), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    skips = Skips()
+    sidecar = recipe.epe.sidecar if data.kind == "epe" else None
+    run, stats = _run(out / PARTS, recipe, tokenizer, charter, "train", sidecar, None if not data.eval else "train",
+                      workers, shard_size, settings, skips, progress)
+    files = {s: shard_files(out / PARTS, run.committed(), s) for s in SPLITS}
+    counts, inputs = dict(stats.counts), stats.outcomes
+    drops = Skips()
+    _merge(drops, stats.drops)
+    if data.eval:  # a separate held-out set: every document of it goes to "eval"
+        eval_sidecar = (recipe.epe.eval_sidecar or recipe.epe.sidecar) if data.kind == "epe" else None
+        eval_run, eval_stats = _run(out / "eval-parts", recipe, tokenizer, charter, "eval", eval_sidecar, "eval",
+                                    workers, shard_size, settings, skips, progress)
+        files["eval"] = [f"../eval-parts/{name}" for name in shard_files(out / "eval-parts", eval_run.committed(), "eval")]
+        for k, v in eval_stats.counts.items():
+            counts[k] = counts.get(k, 0) + v
+        _merge(drops, eval_stats.drops)
+    _merge(drops, skips)  # records the reader skipped (malformed lines, bad sidecar rows)
+    if not counts.get("train_documents"):
+        raise ValueError(f"{data.train}: no usable training documents (skips: {dict(drops)})")
+    write_manifest(out, {
+        "kind": data.kind, "tokenizer": settings["tokenizer"], "data_key": settings["key"], "recipe": key,
+        "ids": "uint16" if id_type(len(tokenizer)).bit_width == 16 else "uint32", "vocab": len(tokenizer),
+        "inputs": inputs, "splits": {s: {n: counts.get(f"{s}_{n}", 0) for n in ("documents", "tokens", "supervised")}
+                                     for s in SPLITS},
+        "skips": dict(drops), "skip_places": drops.examples, "files": files,
+        "scorer": (recipe.conditional.scorer if recipe.conditional else None),
+    })
+    return PreparedData.open(out, tokenizer)
+
+
+def _merge(into: Skips, other: Skips) -> None:
+    for reason, n in other.items():
+        into[reason] += n
+        places = into.examples.setdefault(reason, [])
+        places.extend(other.examples.get(reason, [])[: max(0, 3 - len(places))])
+
+
+def cache_folder(recipe: Recipe, tokenizer: Any, root: str | os.PathLike | None = None) -> Path:
+    """Where ``ctrltok train`` keeps the prepared form of ``recipe``'s raw data."""
+    root = Path(root) if root is not None else cache_dir() / "prepared"
+    return root / f"{recipe.data.kind}-{fingerprint(data_key(recipe))}-{tokenizer_fingerprint(tokenizer)}"
+
+
+def is_prepared(source: Any) -> bool:
+    """Whether ``data.train`` names a prepared folder (a string path holding a manifest)."""
+    return isinstance(source, (str, os.PathLike)) and (Path(source) / MANIFEST).is_file()
+
+
+def prepared_for(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None = None,
+                 workers: int = 1, root: str | os.PathLike | None = None,
+                 progress: Callable[[int], None] | None = None) -> PreparedData:
+    """The recipe's data, prepared: ``data.train`` itself when it names a prepared folder, else the
+    cache folder for this data section and tokenizer (prepared now if it is not there yet)."""
+    if is_prepared(recipe.data.train):
+        return PreparedData.open(recipe.data.train, tokenizer)
+    return prepare(recipe, tokenizer, cache_folder(recipe, tokenizer, root), charter, workers, progress=progress)
