@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from ctrltok.core import models
 from ctrltok.core.config import ConfigError, load_recipe, recipe_from_mapping
@@ -185,7 +185,8 @@ def _losses(out: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in lines if "loss" in r], [r["eval_loss"] for r in lines if "eval_loss" in r]
 
 
-def test_scratch_llama_trains_loss_falls_and_reloads(tiny_model_dir, tmp_path):
+def test_scratch_llama_trains_loss_falls_and_reloads(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTRLTOK_CACHE", str(tmp_path / "cache"))  # the prepared-data cache stays in tmp_path
     corpus = _labelled_corpus(tmp_path / "labelled.jsonl")
     shape = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 48}
@@ -212,7 +213,8 @@ def test_scratch_llama_trains_loss_falls_and_reloads(tiny_model_dir, tmp_path):
     assert loss < losses[0] - 2.5, (loss, losses[0])
 
 
-def test_scratch_gpt2_seed_001_architecture_trains(hub_gpt2, tmp_path):
+def test_scratch_gpt2_seed_001_architecture_trains(hub_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTRLTOK_CACHE", str(tmp_path / "cache"))
     corpus = _labelled_corpus(tmp_path / "labelled.jsonl", n=24)
     recipe = recipe_from_mapping(_scratch_recipe("gpt2", corpus, GPT2_TINY)
                                  | {"train": {"lr": 5e-3, "max_steps": 5, "micro_batch_size": 4, "seed": 42}},
@@ -222,3 +224,17 @@ def test_scratch_gpt2_seed_001_architecture_trains(hub_gpt2, tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
     model = AutoModelForCausalLM.from_pretrained(out)  # a real from_pretrained: the fixture's stub is for "gpt2"
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
+
+
+def test_the_conditional_recipes_overrides_fit_their_configs(tiny_model_dir):
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    gpu = load_recipe(root / "conditional.yaml")
+    assert gpu.model.init == "scratch" and gpu.data.overlong == "chunk"
+    cfg = override_config(GPT2Config(), gpu.model.config, gpu.source)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions) == (12, 768, 12, 1024)
+    assert gpu.data.max_length <= cfg.n_positions
+    cpu = load_recipe(root / "conditional-cpu.yaml")
+    assert cpu.model.init == "scratch" and cpu.model.name == "smollm2-135m"
+    cfg = override_config(AutoConfig.from_pretrained(tiny_model_dir), cpu.model.config, cpu.source)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim) == (2, 64, 16)
+    assert cpu.data.max_length <= cfg.max_position_embeddings

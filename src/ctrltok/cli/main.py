@@ -57,6 +57,8 @@ def _a_prepare(p):
     p.add_argument("--set", action="append", default=[], metavar="dotted.key=value", help="override a recipe value")
     p.add_argument("--out", required=True, help="the prepared folder to write (a rerun resumes it)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: data.workers)")
+    p.add_argument("--shard-size", type=int, default=4096,
+                   help="records per shard: a killed prepare redoes at most this many (fixed by the first run)")
 
 
 def _a_generate(p):

@@ -20,7 +20,8 @@ def prepare(a):
     def progress(n: int) -> None:
         print(f"\r{n:,} records read ({n / (time.perf_counter() - t0):,.0f}/s)", end="", file=sys.stderr, flush=True)
 
-    data = prepare_data(recipe, tokenizer, a.out, charter, workers=recipe.data.workers, progress=progress)
+    data = prepare_data(recipe, tokenizer, a.out, charter, workers=recipe.data.workers, shard_size=a.shard_size,
+                        progress=progress)
     print(file=sys.stderr)
     m = data.manifest
     for split, c in m["splits"].items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from functools import partial
@@ -86,6 +87,7 @@ def _stage(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None
     """The prepare stage: ``(input index, item)`` -> one :class:`Outcome` per input. ``split``
     forces every document into one split (a separate eval set); else the keyed draw routes them."""
     fraction, seed = recipe.data.eval_fraction, recipe.train.seed
+    kill_at = int(os.environ.get("CTRLTOK_FAULT_KILL_AFTER_INPUTS", "0"))
 
     def stage(items: Iterable[tuple[int, Any]]) -> Iterator[Outcome]:
         chunks = iter(lambda it=iter(items): list(itertools.islice(it, CHUNK)), [])
@@ -93,6 +95,8 @@ def _stage(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None
                               initargs=(recipe, tokenizer, charter))
         for chunk in results:
             for index, result in chunk:
+                if kill_at and index == kill_at:  # fault injection for the resume test: a real SIGKILL
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if isinstance(result, tuple):
                     yield Outcome.dropped(result[0], result[1])
                     continue
