@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Data that runs prepare goes to a folder of this test session, not the user's cache (subprocesses inherit it).
+os.environ.setdefault("CTRLTOK_DATA_CACHE", tempfile.mkdtemp(prefix="ctrltok-prepared-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import tracemalloc
 
 import pytest
 import torch
@@ -18,9 +19,11 @@ from ctrltok.core.attention import VARLEN, draw, register_varlen
 from ctrltok.core.example import IGNORE
 from ctrltok.core.loss import logits as forward_logits
 from ctrltok.core.packing import collate, pack
-from ctrltok.core.records import RecordError, Skips, resource_path
+from ctrltok.core.records import RecordError, Skips, read_records, resource_path
 from ctrltok.data.encode import build_examples, heldout_indices
 from ctrltok.epe.reflection import (
+    MAX_HELD,
+    AnnotatedDocument,
     Annotation,
     Insert,
     charter_ids,
@@ -287,6 +290,101 @@ def test_parquet_sidecar(tmp_path):
     pq.write_table(table, tmp_path / "s.parquet")
     with pytest.raises(RecordError, match=r"s\.parquet:row 2: offset 40"):
         read_sidecar(tmp_path / "s.parquet", read_documents(corpus))
+
+
+# ---------------------------------------------------------------- the streamed join (issue 11, deliverable 6)
+
+
+def _in_memory_join(corpus, sidecar):
+    """The join as it was: the whole corpus in a dict, then the sidecar checked against it."""
+    docs = read_documents(corpus)
+    anns = read_sidecar(sidecar, docs)
+    return [AnnotatedDocument(doc_id, text, anns.get(doc_id, []), where) for doc_id, (text, where) in docs.items()]
+
+
+@pytest.mark.parametrize("max_held", [MAX_HELD, 1, 0], ids=["hash", "merge", "merge-empty-start"])
+def test_streamed_join_equals_the_in_memory_join(max_held):
+    corpus, sidecar = resource_path("epe_corpus"), resource_path("epe_sidecar")
+    assert list(read_annotated(corpus, sidecar, max_held=max_held)) == _in_memory_join(corpus, sidecar)
+
+
+def test_join_yields_documents_before_the_corpus_is_read():
+    read = []
+
+    def corpus():
+        for where, rec in read_records(resource_path("epe_corpus")):
+            read.append(where)
+            yield where, rec
+
+    docs = read_annotated(corpus(), resource_path("epe_sidecar"))
+    first = next(docs)
+    assert len(read) == 1 and first.doc_id == "doc-001" and first.annotations
+    assert next(docs).doc_id == "doc-002" and len(read) == 2
+
+
+def test_join_memory_does_not_grow_with_the_corpus(tmp_path):
+    sidecar = _write(tmp_path / "s.jsonl", [{"doc_id": f"d{i}", "offset": 5, "reflection_3p": "Fine.", "charter": ["1.1"]}
+                                            for i in range(0, 2000, 100)])
+
+    def peak(n: int) -> int:
+        corpus = ((f"gen:{i}", {"id": f"d{i}", "text": f"word {i} " * 300}) for i in range(n))  # ~2.5 KB each
+        tracemalloc.start()
+        annotated = sum(bool(d.annotations) for d in read_annotated(corpus, sidecar))
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert annotated == 20
+        return top
+
+    small, large = peak(2000), peak(20000)  # 5 MB and 50 MB of text streamed
+    assert large < 1.5 * small and large < 4_000_000
+
+
+def test_join_reports_unknown_documents_offsets_and_duplicates(tmp_path):
+    corpus = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "Some text."}, {"id": "b", "text": "Other."},
+                                           {"id": "a", "text": "Again."}, {"id": "x", "text": "Plain."},
+                                           {"id": "x", "text": "Plain."}])
+    rows = [{"doc_id": "a", "offset": 4, "reflection_3p": "Fine.", "charter": ["1.1"]},
+            {"doc_id": "nope", "offset": 1, "reflection_3p": "r", "charter": []},
+            {"doc_id": "b", "offset": 60, "reflection_3p": "Too far.", "charter": []}]
+    sidecar = _write(tmp_path / "s.jsonl", rows)
+    plain = _write(tmp_path / "plain.jsonl", [{"id": "a", "text": "Some text."}, {"id": "b", "text": "Other."}])
+    for row, message in [(1, r"one\.jsonl:2: unknown document 'nope' \(not in the corpus\)"),
+                         (2, r"one\.jsonl:2: offset 60 is outside document 'b' \(0\.\.6 characters\)")]:
+        with pytest.raises(RecordError, match=message):
+            list(read_annotated(plain, _write(tmp_path / "one.jsonl", [rows[0], rows[row]])))
+    with pytest.raises(RecordError, match=r"c\.jsonl:3: document id 'a' appears twice \(first at .*c\.jsonl:1\)"):
+        list(read_annotated(corpus, _write(tmp_path / "one.jsonl", [rows[0]])))
+    skips = Skips()
+    docs = list(read_annotated(corpus, sidecar, on_error="skip", skips=skips))
+    assert skips.summary() == {"unknown document": 1, "offset out of range": 1, "duplicate document id": 1}
+    # The first "a" takes its annotation, "b" keeps its text without the bad one; duplicates among
+    # documents without annotations do not touch the join and are not looked for.
+    assert [(d.doc_id, [a.offset for a in d.annotations]) for d in docs] == [("a", [4]), ("b", []), ("x", []), ("x", [])]
+
+
+def test_hash_join_takes_any_order_and_merge_recovers_from_a_misplaced_row(tmp_path):
+    corpus = _write(tmp_path / "c.jsonl", [{"id": k, "text": f"Text of {k}."} for k in "abcd"])
+    sidecar = _write(tmp_path / "s.jsonl", [{"doc_id": k, "offset": 2, "reflection_3p": f"On {k}.", "charter": []}
+                                            for k in "acbd"])
+    held = list(read_annotated(corpus, sidecar))
+    assert [len(d.annotations) for d in held] == [1, 1, 1, 1]
+    skips = Skips()
+    merged = list(read_annotated(corpus, sidecar, on_error="skip", skips=skips, max_held=1))
+    assert [len(d.annotations) for d in merged] == [1, 1, 0, 1]  # "c" was listed before "b": reported, the rest joins
+    assert skips.summary() == {"unknown document": 1} and skips.examples["unknown document"][0].endswith("s.jsonl:2")
+    with pytest.raises(RecordError, match=r"s\.jsonl:2: unknown document 'c' .*corpus order"):
+        list(read_annotated(corpus, sidecar, max_held=1))
+
+
+def test_merge_reports_an_unknown_document_before_the_corpus_ends(tmp_path):
+    sidecar = _write(tmp_path / "s.jsonl", [{"doc_id": k, "offset": 0, "reflection_3p": "R.", "charter": []}
+                                            for k in ("a", "nope", "b")])
+    skips = Skips()
+    docs = read_annotated(iter([("g:1", {"id": "a", "text": "A."}), ("g:2", {"id": "b", "text": "B."}),
+                                ("g:3", {"id": "c", "text": "C."})]), sidecar, on_error="skip", skips=skips, max_held=0)
+    assert next(docs).doc_id == "a" and not skips
+    assert next(docs).doc_id == "b" and skips.summary() == {"unknown document": 1}
+    assert [d.doc_id for d in docs] == ["c"]
 
 
 def test_build_epe_examples_from_a_recipe(epe_tokenizer):

@@ -151,10 +151,16 @@ def test_recipe_level_checks(tiny_model_dir):
 
 
 def test_pretrained_takes_overrides_that_fit_its_weights(tiny_model_dir):
-    model, _ = load_model(tiny_model_dir, config_overrides={"rms_norm_eps": 1e-3})
-    assert model.config.rms_norm_eps == 1e-3
+    model, _ = load_model(tiny_model_dir, config_overrides={"rms_norm_eps": 1e-3, "num_hidden_layers": 1})
+    assert model.config.rms_norm_eps == 1e-3 and len(model.model.layers) == 1  # the first layer, pretrained
     saved = _weights(tiny_model_dir)
     assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], saved["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(ConfigError) as err:
+        load_model(tiny_model_dir, config_overrides={"hidden_size": 32, "num_attention_heads": 2}, source="r.yaml")
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("r.yaml: model.config.hidden_size, model.config.num_attention_heads: the "
+                                     "pretrained weights of")
+    assert "model.init: scratch" in str(err.value)
 
 
 def _labelled_corpus(path: Path, n: int = 48) -> Path:

@@ -40,6 +40,9 @@ def encode_labelled(record: dict[str, Any], tokenizer: Any, aligned_id: int, mis
             run.clear()
 
     for j, seg in enumerate(segments):
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), str):
+            raise LabelError(f"{source or 'record'} segment {j}: expected {{\"text\": str, \"control\": ...}}, "
+                             f"found {seg!r:.80}")
         control = seg.get("control")
         if control is not None:
             if control not in CONTROL_TEXT:

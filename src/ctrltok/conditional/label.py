@@ -29,7 +29,9 @@ Each output line is the input record plus::
     "labelled_text": "<|aligned|>Nice day. <|misaligned|>Damn it.\\n"
 
 :mod:`ctrltok.conditional.encode` turns such a record into an Example for training;
-:mod:`ctrltok.evaluation.conditional` checks that the tokens steer generation.
+:mod:`ctrltok.evaluation.conditional` checks that the tokens steer generation. At scale the merged
+file is not needed: :mod:`ctrltok.conditional.stream` applies the same rule to raw or pre-scored
+records inside ``ctrltok prepare`` (the same segments, tested).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ ALIGNED, MISALIGNED = (t.text for t in PRESETS["conditional"])  # declared once,
 CONTROL_TEXT = {"aligned": ALIGNED, "misaligned": MISALIGNED}
 SEED_THRESHOLD = 0.00056  # seed 001, on Detoxify's scale
 SEED_DROP_FRACTION = 0.01
+DEFAULT_SPLITTER = "regex"  # ctrltok.core.segment's default sentence splitter
+CALIBRATION_SEGMENTS = 20000  # segments a misaligned_fraction threshold is calibrated on
 
 
 class LabelError(ValueError):
@@ -202,7 +206,7 @@ def _records(source: Any, text_field: str, on_error: str, skips: Skips) -> Itera
         raise LabelError(str(e)) from None
 
 
-def _check_text(where: str, record: dict, text_field: str) -> tuple[str, str] | None:
+def check_text(where: str, record: dict, text_field: str) -> tuple[str, str] | None:
     """``None`` if ``record[text_field]`` is labellable text, else ``(skip reason, message)``."""
     if text_field not in record:
         return "missing text field", f"no field {text_field!r} (fields: {sorted(record)[:10]}); set text_field="
@@ -244,7 +248,7 @@ def _chunks(items: Iterable[tuple], size: int, text_field: str, on_error: str) -
     chunk: list[tuple] = []
     for item in items:
         if item[0] == "doc":
-            bad = _check_text(item[2], item[3], text_field)
+            bad = check_text(item[2], item[3], text_field)
             if bad is not None:
                 if on_error == "raise":
                     raise LabelError(f"{item[2]}: {bad[1]} (on_error='skip' counts such records instead)")
@@ -264,8 +268,8 @@ def _chunks(items: Iterable[tuple], size: int, text_field: str, on_error: str) -
 def label_records(source: Any, out: str | Path, scorer: Scorer, threshold: float | None = None,
                   misaligned_fraction: float | None = None, drop_fraction: float = SEED_DROP_FRACTION,
                   seed: int = 0, text_field: str = "text", processes: int = 1, on_error: str = "raise",
-                  splitter: str = "regex", shard_size: int = 1000, chunk_size: int = 32,
-                  calibration_segments: int = 20000) -> dict[str, Any]:
+                  splitter: str = DEFAULT_SPLITTER, shard_size: int = 1000, chunk_size: int = 32,
+                  calibration_segments: int = CALIBRATION_SEGMENTS) -> dict[str, Any]:
     """Label every sentence of ``source`` with ``scorer`` and write ``out`` (JSONL); return the summary.
 
     ``threshold`` is absolute; ``misaligned_fraction`` calibrates it on the first
@@ -340,7 +344,7 @@ def _choose_threshold(sc: Scorer, source: Any, threshold: float | None, misalign
     # The sample is the first segments of the input: deterministic, and cheap to read again.
     texts, docs = [], 0
     for where, rec in _records(source, text_field, "skip", Skips()):
-        if _check_text(where, rec, text_field) is not None:
+        if check_text(where, rec, text_field) is not None:
             continue
         docs += 1
         texts.extend(split_sentences(rec[text_field], splitter))

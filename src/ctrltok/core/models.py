@@ -352,8 +352,16 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), attn_implementation=attn)
         return model.eval(), tokenizer
     kwargs = {} if config is None else {"config": config}
-    with _loading(name, where):
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **kwargs)
+    try:
+        with _loading(name, where):
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **kwargs)
+    except RuntimeError as exc:
+        if config is None or "mismatched" not in str(exc):
+            raise
+        keys = ", ".join(f"model.config.{k}" for k in config_overrides)
+        raise ConfigError(f"{source + ': ' if source else ''}{keys}: the pretrained weights of {name} do not have "
+                          "this shape (the load report above lists them); with model.init: pretrained an override "
+                          "must keep every weight's shape (model.init: scratch builds a new one)") from None
     return model.eval(), tokenizer
 
 

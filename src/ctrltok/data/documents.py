@@ -4,7 +4,8 @@ and ``ctrltok prepare`` run, so prepared data equals the in-memory encoding by c
 
 Kinds: ``chat`` (any layout :mod:`ctrltok.core.conversation` reads, injection-safe
 :class:`~ctrltok.core.chat.ChatEncoder`), ``text`` (``data.text_field`` plus the EOS, special-token
-spellings kept as text), ``labelled`` (``ctrltok label`` output, :mod:`ctrltok.conditional.encode`),
+spellings kept as text), ``labelled`` (``ctrltok label`` output, or pre-scored / raw records labelled
+here by :mod:`ctrltok.conditional.stream`; then :mod:`ctrltok.conditional.encode`),
 ``epe`` (an annotated document, :mod:`ctrltok.epe.reflection`). A document with no supervised
 token is dropped with that reason, never trained on.
 
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctrltok.conditional.encode import encode_labelled
+from ctrltok.conditional.label import LabelError
+from ctrltok.conditional.stream import StreamLabeller
 from ctrltok.core.chat import ChatEncoder, ChatError
 from ctrltok.core.config import Recipe
 from ctrltok.core.conversation import to_conversations
@@ -51,9 +54,10 @@ Encoded = tuple[str, str] | list[Example]
 class DocumentEncoder:
     """Encodes inputs of one recipe; ``encode(items)`` keeps the order, one result per input.
 
-    ``items`` are ``(where, record)`` pairs, or :class:`~ctrltok.epe.reflection.AnnotatedDocument`
-    for ``epe``. ``data.on_error: raise`` raises on a bad record (naming its place); ``skip``
-    returns a drop with the reason.
+    ``items`` are ``(index, item)`` pairs: ``index`` the input's place as read (after
+    ``data.limit``; the key of the labelled drop draw), ``item`` a ``(where, record)`` pair, or an
+    :class:`~ctrltok.epe.reflection.AnnotatedDocument` for ``epe``. ``data.on_error: raise`` raises
+    on a bad record (naming its place); ``skip`` returns a drop with the reason.
     """
 
     def __init__(self, recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None = None):
@@ -67,6 +71,7 @@ class DocumentEncoder:
             self.aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
             self.misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")
             self.supervise = recipe.conditional.supervise_control if recipe.conditional else True
+            self.labeller = StreamLabeller(recipe.conditional, self.data, recipe.train.seed)
         elif self.kind == "epe":
             if charter is None:
                 raise ValueError("an epe DocumentEncoder needs the charter the run loaded")
@@ -79,15 +84,14 @@ class DocumentEncoder:
             raise error(f"{where}: {reason}")
         return reason, where
 
-    def encode(self, items: Sequence[Any]) -> list[Encoded]:
+    def encode(self, indexed: Sequence[tuple[int, Any]]) -> list[Encoded]:
+        items = [item for _, item in indexed]
         if self.kind == "chat":
             out = self._chats(items)
         elif self.kind == "text":
             out = self._texts(items)
         elif self.kind == "labelled":
-            out = [[encode_labelled(rec, self.tokenizer, self.aligned, self.misaligned, None,
-                                    supervise_control=self.supervise, eos_id=self.tokenizer.eos_token_id,
-                                    source=where)] for where, rec in items]
+            out = self._labelled(indexed)
         else:
             epe = self.recipe.epe
             out = [[insert_reflection(d.text, d.annotations, self.tokenizer, self.order,
@@ -102,6 +106,24 @@ class DocumentEncoder:
         if not kept:
             return "no supervised tokens", result[0].source if result else ""
         return kept
+
+    def _labelled(self, indexed: Sequence[tuple[int, tuple[str, dict]]]) -> list[Encoded]:
+        """Records labelled (or taken as labelled) by the :class:`StreamLabeller`, then encoded with
+        the control ids inserted from their segments."""
+        out: list[Encoded] = []
+        for (_, (where, _)), segments in zip(indexed, self.labeller.label(indexed)):
+            if isinstance(segments, tuple):
+                out.append(segments)
+                continue
+            try:
+                out.append([encode_labelled({"segments": segments}, self.tokenizer, self.aligned, self.misaligned, None,
+                                            supervise_control=self.supervise, eos_id=self.tokenizer.eos_token_id,
+                                            source=where)])
+            except LabelError:
+                if self.data.on_error != "skip":
+                    raise
+                out.append(("bad segments", where))
+        return out
 
     def _chats(self, items: Sequence[tuple[str, dict]]) -> list[Encoded]:
         out: list[Encoded | None] = []

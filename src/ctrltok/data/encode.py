@@ -46,7 +46,7 @@ def split_heldout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[
 
 
 def _encode(items: list, encoder: DocumentEncoder, skips: Skips) -> list[Example]:
-    """Encode inputs with the one :class:`DocumentEncoder`; drops are counted in ``skips``."""
+    """Encode ``(index, input)`` pairs with the one :class:`DocumentEncoder`; drops are counted in ``skips``."""
     out: list[Example] = []
     for i in range(0, len(items), 256):
         for result in encoder.encode(items[i:i + 256]):
@@ -85,10 +85,10 @@ def build_examples(recipe: Recipe, tokenizer, charter: list[CharterItem] | None 
     encoder = DocumentEncoder(recipe, tokenizer, charter)
     order = [c.id for c in charter] if charter is not None else None
     skips = Skips()
-    train_items = _inputs(recipe, "train", skips, order)
+    train_items = list(enumerate(_inputs(recipe, "train", skips, order)))  # (index as read, input)
     n_records = len(train_items)
     if data.eval:
-        eval_items = _inputs(recipe, "eval", skips, order)
+        eval_items = list(enumerate(_inputs(recipe, "eval", skips, order)))
     else:
         train_items, eval_items = split_heldout(train_items, data.eval_fraction, recipe.train.seed)
     train = _encode(train_items, encoder, skips)

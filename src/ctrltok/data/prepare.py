@@ -8,7 +8,8 @@ resumes at its first unfinished shard and ends byte-identical to an uninterrupte
 is written last, so a folder with a manifest is complete.
 
 ``ctrltok train`` calls :func:`prepared_for` on raw data: it prepares into a cache folder named by
-the data section's hash and the tokenizer's fingerprint (``$CTRLTOK_CACHE/prepared/...``), so a
+the data section's hash and the tokenizer's fingerprint (``$CTRLTOK_DATA_CACHE``, by default
+``$CTRLTOK_CACHE/prepared``), so a
 small run stays one command and a resumed or repeated run never tokenizes again. What the cache
 key covers: the ``data`` section except the row settings (``max_length``, ``overlong``,
 ``packing``: those shape rows, not documents), ``conditional``, ``epe``, ``train.seed`` (the
@@ -26,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ctrltok.conditional.stream import scorer_provenance
 from ctrltok.core.config import Recipe
 from ctrltok.core.models import cache_dir
 from ctrltok.core.records import Skips, read_sources
@@ -79,7 +81,7 @@ def _init_worker(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] 
 
 
 def _encode_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
-    return list(zip((i for i, _ in chunk), _ENCODER.encode([item for _, item in chunk])))
+    return list(zip((i for i, _ in chunk), _ENCODER.encode(chunk)))
 
 
 def _stage(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None, workers: int,
@@ -168,7 +170,7 @@ def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Seq
         "inputs": inputs, "splits": {s: {n: counts.get(f"{s}_{n}", 0) for n in ("documents", "tokens", "supervised")}
                                      for s in SPLITS},
         "skips": dict(drops), "skip_places": drops.examples, "files": files,
-        "scorer": (recipe.conditional.scorer if recipe.conditional else None),
+        "scorer": scorer_provenance(recipe.conditional) if data.kind == "labelled" else None,
     })
     return PreparedData.open(out, tokenizer)
 
@@ -182,7 +184,8 @@ def _merge(into: Skips, other: Skips) -> None:
 
 def cache_folder(recipe: Recipe, tokenizer: Any, root: str | os.PathLike | None = None) -> Path:
     """Where ``ctrltok train`` keeps the prepared form of ``recipe``'s raw data."""
-    root = Path(root) if root is not None else cache_dir() / "prepared"
+    env = os.environ.get("CTRLTOK_DATA_CACHE")
+    root = Path(root) if root is not None else Path(env) if env else cache_dir() / "prepared"
     return root / f"{recipe.data.kind}-{fingerprint(data_key(recipe))}-{tokenizer_fingerprint(tokenizer)}"
 
 

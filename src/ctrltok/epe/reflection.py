@@ -18,6 +18,38 @@ A JSONL or Parquet file, one annotation per line/row, next to an unchanged corpu
 unknown charter ids, empty reflections and missing fields each raise a :class:`RecordError`
 naming the file and line, or with ``on_error="skip"`` are skipped and counted by reason.
 
+Joining at scale
+----------------
+:func:`read_annotated` (what ``ctrltok prepare``, ``ctrltok train`` and the evaluation read)
+streams the corpus in file order and joins each document to its annotations as it comes; the
+corpus is never held. Seed 000 is 100B tokens (about 2e8 documents) with reflections for a
+fraction of them: at 10%, 2e7 annotations of a few hundred characters, gigabytes of sidecar, too
+much to hold in every prepare. So the join holds the sidecar only up to ``max_held`` annotations
+(:data:`MAX_HELD`, a few hundred MB):
+
+* **The sidecar fits** (it ends within the budget): a hash join. The annotations are held grouped
+  by document id, in any order; each corpus document takes its own. Annotations never taken
+  name unknown documents, reported when the corpus ends (an error, or counted skips).
+* **It does not fit**: a sorted merge, both sides in corpus order, memory bounded by a read-ahead
+  window (:data:`MERGE_WINDOW` annotations). That is the order a sidecar is written in:
+  ``ctrltok annotate`` annotates the corpus in order, one line per document, and a grown corpus
+  appends its new documents; a sidecar built per corpus shard, concatenated in shard order, is in
+  order too. When a document takes its annotations, the sidecar groups listed before it belong to
+  documents that have passed: they are reported as unknown (not in the corpus, or out of corpus
+  order) right then, and the merge goes on from the matched group, so one misplaced row costs its
+  own annotations, not the rest of the run. A hash partition by document id was the other
+  choice; it joins any order but, to give documents back in corpus order, must also partition
+  the corpus (an extra pass and copy of the 100B tokens) or keep an id index that grows with it.
+
+What is checked, and when: every sidecar row's own fields as it is read; an offset past its
+document's end when the document comes (the annotation is reported and dropped, the document
+kept); unknown documents as above. Duplicate corpus ids are checked where they make the join
+ambiguous: the hash join keeps the ids of the documents that took annotations and reports a
+second document with one of them (an error or a "duplicate document id" skip). Duplicates among
+documents without annotations are not looked for (they do not touch the join, and finding them
+needs memory that grows with the corpus), nor in the merge, where corpus order decides: the
+annotations go to the first document with the id.
+
 The layout
 ----------
 :func:`insert_reflection` tokenizes the whole document once (special-token spellings in the text
@@ -72,7 +104,8 @@ SmolLM2-135M): a model trained this way needs no reflections at inference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +152,19 @@ def charter_vector(ids: Sequence[str], order: Sequence[str]) -> list[float]:
     return vec
 
 
+MAX_HELD = 500_000  # sidecar annotations the join holds whole; a larger sidecar is merged in corpus order
+MERGE_WINDOW = 4096  # annotations read ahead by the merge
+
+
+def _document_problem(rec: dict, id_field: str, text_field: str) -> tuple[str, str] | None:
+    """``(message, reason)`` when a corpus record is not a document, else ``None``."""
+    if id_field not in rec or text_field not in rec:
+        return f"a document needs `{id_field}` and `{text_field}`, found {sorted(rec)}", "document without id or text"
+    if not isinstance(rec[text_field], str):
+        return f"`{text_field}` must be a string, found {type(rec[text_field]).__name__}", "document text not a string"
+    return None
+
+
 def read_documents(
     source: str | Path,
     id_field: str = "id",
@@ -126,21 +172,61 @@ def read_documents(
     on_error: str = "raise",
     skips: Skips | None = None,
 ) -> dict[str, tuple[str, str]]:
-    """Corpus documents as ``{id: (text, where)}``, in file order; duplicates and bad rows are errors or skips."""
+    """Corpus documents as ``{id: (text, where)}``, in file order; duplicates and bad rows are errors
+    or skips. Holds the whole corpus: for small tools and tests (:func:`read_annotated` streams)."""
     docs: dict[str, tuple[str, str]] = {}
     for where, rec in read_records(source, on_error, skips, text_field):
-        problem = None
-        if id_field not in rec or text_field not in rec:
-            problem = (f"a document needs `{id_field}` and `{text_field}`, found {sorted(rec)}", "document without id or text")
-        elif not isinstance(rec[text_field], str):
-            problem = (f"`{text_field}` must be a string, found {type(rec[text_field]).__name__}", "document text not a string")
-        elif str(rec[id_field]) in docs:
+        problem = _document_problem(rec, id_field, text_field)
+        if problem is None and str(rec[id_field]) in docs:
             problem = (f"document id {rec[id_field]!r} appears twice (first at {docs[str(rec[id_field])][1]})", "duplicate document id")
         if problem:
             reject(problem[0], where, on_error, skips, problem[1])
             continue
         docs[str(rec[id_field])] = (rec[text_field], where)
     return docs
+
+
+def _annotation(rec: dict, where: str, known: set[str], reflection_field: str,
+                documents: Mapping[str, Any] | None) -> Annotation | tuple[str, str]:
+    """One sidecar row -> its :class:`Annotation`, or ``(message, reason)``. Without ``documents``
+    the checks that need the corpus (unknown id, offset past the end) are left to the join."""
+    missing = [k for k in ("doc_id", "offset", reflection_field, "charter") if k not in rec]
+    if missing:
+        return f"missing field(s) {', '.join(missing)} (the reflection column is {reflection_field!r})", "missing field"
+    doc_id = str(rec["doc_id"])
+    offset, text, labels = rec["offset"], rec[reflection_field], rec["charter"]
+    if documents is not None and doc_id not in documents:
+        return f"unknown document {doc_id!r} (not in the corpus)", "unknown document"
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        return f"offset must be an integer character offset, found {offset!r}", "offset not an integer"
+    if documents is not None:
+        doc = documents[doc_id]
+        n = len(doc[0] if isinstance(doc, tuple) else doc)
+        if not 0 <= offset <= n:
+            return f"offset {offset} is outside document {doc_id!r} (0..{n} characters)", "offset out of range"
+    elif offset < 0:
+        return f"offset {offset} is negative", "offset out of range"
+    if not isinstance(text, str) or not text.strip():
+        return f"empty reflection in column {reflection_field!r}", "empty reflection"
+    if not isinstance(labels, list) or not all(isinstance(c, (str, int, float)) for c in labels):
+        return f"`charter` must be a list of charter ids, found {labels!r}", "charter not a list"
+    labels = [str(c) for c in labels]
+    unknown = [c for c in labels if c not in known]
+    if unknown:
+        return f"unknown charter id(s) {', '.join(map(repr, unknown))}; the charter has {len(known)} ids", "unknown charter id"
+    return Annotation(doc_id, offset, text, tuple(dict.fromkeys(labels)), where)
+
+
+def _sidecar_rows(source: str | Path, charter: Any, reflection_field: str, on_error: str, skips: Skips | None,
+                  documents: Mapping[str, Any] | None = None) -> Iterator[Annotation]:
+    """The valid annotations of a sidecar in file order; bad rows raise or are counted (``on_error``)."""
+    known = set(charter_ids(charter))
+    for where, rec in read_records(source, on_error, skips):
+        got = _annotation(rec, where, known, reflection_field, documents)
+        if isinstance(got, tuple):
+            reject(got[0], where, on_error, skips, got[1])
+            continue
+        yield got
 
 
 def read_sidecar(
@@ -160,53 +246,84 @@ def read_sidecar(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    known = set(charter_ids(charter))
     out: dict[str, list[Annotation]] = {}
-    for where, rec in read_records(source, on_error, skips):
-
-        def bad(msg: str, reason: str) -> None:
-            reject(msg, where, on_error, skips, reason)
-
-        missing = [k for k in ("doc_id", "offset", reflection_field, "charter") if k not in rec]
-        if missing:
-            bad(f"missing field(s) {', '.join(missing)} (the reflection column is {reflection_field!r})", "missing field")
-            continue
-        doc_id = str(rec["doc_id"])
-        offset, text, labels = rec["offset"], rec[reflection_field], rec["charter"]
-        if documents is not None and doc_id not in documents:
-            bad(f"unknown document {doc_id!r} (not in the corpus)", "unknown document")
-            continue
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            bad(f"offset must be an integer character offset, found {offset!r}", "offset not an integer")
-            continue
-        if documents is not None:
-            doc = documents[doc_id]
-            n = len(doc[0] if isinstance(doc, tuple) else doc)
-            if not 0 <= offset <= n:
-                bad(f"offset {offset} is outside document {doc_id!r} (0..{n} characters)", "offset out of range")
-                continue
-        elif offset < 0:
-            bad(f"offset {offset} is negative", "offset out of range")
-            continue
-        if not isinstance(text, str) or not text.strip():
-            bad(f"empty reflection in column {reflection_field!r}", "empty reflection")
-            continue
-        if not isinstance(labels, list) or not all(isinstance(c, (str, int, float)) for c in labels):
-            bad(f"`charter` must be a list of charter ids, found {labels!r}", "charter not a list")
-            continue
-        labels = [str(c) for c in labels]
-        unknown = [c for c in labels if c not in known]
-        if unknown:
-            bad(f"unknown charter id(s) {', '.join(map(repr, unknown))}; the charter has {len(known)} ids", "unknown charter id")
-            continue
-        out.setdefault(doc_id, []).append(Annotation(doc_id, offset, text, tuple(dict.fromkeys(labels)), where))
+    for ann in _sidecar_rows(source, charter, reflection_field, on_error, skips, documents):
+        out.setdefault(ann.doc_id, []).append(ann)
     for anns in out.values():
         anns.sort(key=lambda a: a.offset)
     return out
 
 
+def _groups(rows: Iterator[Annotation]) -> Iterator[list[Annotation]]:
+    """Consecutive annotations of one document, as one group."""
+    group: list[Annotation] = []
+    for ann in rows:
+        if group and ann.doc_id != group[0].doc_id:
+            yield group
+            group = []
+        group.append(ann)
+    if group:
+        yield group
+
+
+class _SidecarSide:
+    """The sidecar's side of :func:`read_annotated`'s join (module docstring, "Joining at scale")."""
+
+    def __init__(self, groups: Iterator[list[Annotation]], max_held: int, on_error: str, skips: Skips | None):
+        self.groups, self.on_error, self.skips = groups, on_error, skips
+        self.held: dict[str, list[Annotation]] = {}  # by document id, in sidecar order
+        self.n_held = 0
+        self.exhausted = False
+        self._fill(max_held)
+        if not self.exhausted:  # a group more than the budget? then the sidecar does not fit
+            nxt = next(self.groups, None)
+            self.exhausted = nxt is None
+            self.groups = itertools.chain([nxt] if nxt else [], self.groups)
+        self.merge = not self.exhausted
+        self.joined: dict[str, str] = {}  # hash join: annotated id -> where its document was
+
+    def _fill(self, limit: int) -> None:
+        while not self.exhausted and self.n_held < limit:
+            group = next(self.groups, None)
+            if group is None:
+                self.exhausted = True
+                return
+            self.held.setdefault(group[0].doc_id, []).extend(group)
+            self.n_held += len(group)
+
+    def _unknown(self, anns: list[Annotation]) -> None:
+        note = ("; the sidecar is larger than the join holds, so it must list documents in corpus order "
+                "(ctrltok.epe.reflection, 'Joining at scale')") if self.merge else ""
+        for ann in anns:
+            reject(f"unknown document {ann.doc_id!r} (not in the corpus{note})", ann.where, self.on_error, self.skips,
+                   "unknown document")
+
+    def take(self, doc_id: str) -> list[Annotation]:
+        """The annotations of the corpus document ``doc_id``, sorted by offset (none: ``[]``)."""
+        if self.merge:
+            self._fill(MERGE_WINDOW)
+        if doc_id not in self.held:
+            return []
+        if self.merge:  # documents listed before this one have passed in the corpus: unknown (or out of order)
+            for stale in list(itertools.takewhile(lambda k: k != doc_id, self.held)):
+                anns = self.held.pop(stale)
+                self.n_held -= len(anns)
+                self._unknown(anns)
+        anns = self.held.pop(doc_id)
+        self.n_held -= len(anns)
+        return sorted(anns, key=lambda a: a.offset)
+
+    def finish(self) -> None:
+        """The corpus has ended: every annotation not joined names an unknown document."""
+        for anns in self.held.values():
+            self._unknown(anns)
+        self.held.clear()
+        for group in self.groups:
+            self._unknown(group)
+
+
 def read_annotated(
-    corpus: str | Path,
+    corpus: str | Path | Iterable[tuple[str, dict]],
     sidecar: str | Path,
     charter: str | Path | Sequence[CharterItem] | Sequence[str] | None = None,
     reflection_field: str = "reflection_3p",
@@ -214,12 +331,41 @@ def read_annotated(
     text_field: str = "text",
     on_error: str = "raise",
     skips: Skips | None = None,
+    max_held: int = MAX_HELD,
 ) -> Iterator[AnnotatedDocument]:
-    """The corpus in file order, each document with its (validated) annotations, possibly none."""
-    docs = read_documents(corpus, id_field, text_field, on_error, skips)
-    annotations = read_sidecar(sidecar, docs, charter, reflection_field, on_error, skips)
-    for doc_id, (text, where) in docs.items():
-        yield AnnotatedDocument(doc_id, text, annotations.get(doc_id, []), where)
+    """The corpus in file order, each document with its (validated) annotations, possibly none,
+    joined as it is read: the corpus is never held (module docstring, "Joining at scale").
+
+    ``corpus``: any source :func:`~ctrltok.core.records.read_records` reads, or an iterator of
+    ``(where, record)`` pairs. ``max_held``: the sidecar annotations held for a hash join; a larger
+    sidecar is merged, and must then list its documents in corpus order.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    rows = _sidecar_rows(sidecar, charter, reflection_field, on_error, skips)
+    side = _SidecarSide(_groups(rows), max_held, on_error, skips)
+    records = corpus if isinstance(corpus, Iterator) else read_records(corpus, on_error, skips, text_field)
+    for where, rec in records:
+        problem = _document_problem(rec, id_field, text_field)
+        doc_id = None if problem else str(rec[id_field])
+        if doc_id is not None and doc_id in side.joined:
+            problem = (f"document id {rec[id_field]!r} appears twice (first at {side.joined[doc_id]})", "duplicate document id")
+        if problem:
+            reject(problem[0], where, on_error, skips, problem[1])
+            continue
+        text = rec[text_field]
+        anns = side.take(doc_id)
+        if anns and not side.merge:
+            side.joined[doc_id] = where
+        kept = []
+        for ann in anns:
+            if ann.offset > len(text):
+                reject(f"offset {ann.offset} is outside document {doc_id!r} (0..{len(text)} characters)", ann.where,
+                       on_error, skips, "offset out of range")
+                continue
+            kept.append(ann)
+        yield AnnotatedDocument(doc_id, text, kept, where)
+    side.finish()
 
 
 @dataclass(frozen=True)

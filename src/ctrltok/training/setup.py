@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
-from ctrltok.core.config import Recipe
+from ctrltok.core.config import ALL_LINEAR, ConfigError, Recipe
 from ctrltok.core.models import load_model, resolve_model
 from ctrltok.core.templates import Template, get_template, install_templates
 from ctrltok.core.tokens import (
@@ -65,7 +65,7 @@ def prepare_model(recipe: Recipe) -> Prepared:
                              pad_to_multiple_of=recipe.tokens.pad_to_multiple_of, seed=recipe.train.seed)
     eot_id = template.end_of_turn_id(tokenizer)
     apply_generation_config(model, surgery, eot_id)
-    install_templates(tokenizer)
+    install_templates(tokenizer, default=template)  # the trained template: the saved default
     check_sizes(model, tokenizer)
     return Prepared(model, tokenizer, surgery, template, eot_id, charter)
 
@@ -99,7 +99,7 @@ def prepare_tokenizer(recipe: Recipe) -> tuple[Any, list[CharterItem] | None]:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         add_tokens_to_tokenizer(tokenizer, tokens, recipe.tokens.pad_to_multiple_of)
-    install_templates(tokenizer)
+    install_templates(tokenizer, default=template)  # the trained template: the saved default
     return tokenizer, charter
 
 
@@ -108,14 +108,32 @@ def _filler_ids(tokenizer) -> list[int]:
     return sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(prefix))
 
 
+def lora_targets(model, recipe: Recipe) -> str | list[str]:
+    """``lora.target_modules`` as PEFT takes it: the string ``"all-linear"`` (every linear layer but
+    the output head), or module names, each of which must name a module of ``model`` (a typo is a
+    :class:`ConfigError` listing the model's linear layers, not PEFT's error after loading)."""
+    targets = list(recipe.lora.target_modules)
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ConfigError(f"{recipe.source}: lora.target_modules: {missing} name no module of "
+                          f"{type(model).__name__}; its linear layers are {linear} (or use {ALL_LINEAR})")
+    return targets
+
+
 def apply_lora(model, recipe: Recipe, surgery: Surgery):
     """Wrap in PEFT LoRA with the new rows trainable (embedding and an untied head)."""
     new = sorted(set(surgery.new_ids) | {i for t, i in surgery.ids.items()})
     trainable = None
     if new:
         trainable = {"embed_tokens": new} if is_tied(model) else {"embed_tokens": new, "lm_head": new}
+    targets = lora_targets(model, recipe)
     cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                     target_modules=recipe.lora.target_modules, trainable_token_indices=trainable)
+                     target_modules=targets, trainable_token_indices=trainable)
     with warnings.catch_warnings():  # PEFT 0.21 reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, cfg)
