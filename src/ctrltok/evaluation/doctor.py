@@ -16,7 +16,13 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from ctrltok.core.templates import Template, missing_tokens
+from ctrltok.core.templates import (
+    DEFAULT,
+    Template,
+    default_template_name,
+    get_template,
+    missing_tokens,
+)
 from ctrltok.training.checkpoint import RunManifest
 
 
@@ -33,6 +39,8 @@ class Report:
     suppressed_sample: list[int]
     recipe: str | None
     problems: list[str] = field(default_factory=list)
+    # which named template `apply_chat_template(messages)` renders (the saved chat_template.jinja)
+    default_template: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -86,8 +94,13 @@ def inspect_checkpoint(path: str | Path) -> Report:
         problems.append("no generation_config.json: generation will not stop at the end-of-turn token")
     manifest = RunManifest.read(path)
     recipe = None
+    default = default_template_name(templates)
     if manifest.exists:
         recipe = manifest.values.get("recipe")
+        trained = _trained_source(manifest.template, tok)
+        if isinstance(templates, dict) and trained is not None and templates.get(DEFAULT) != trained:
+            problems.append(f"the default chat template is {default!r}, not the trained {manifest.template!r}: plain "
+                            "apply_chat_template(messages) renders another format than the model learned")
         eot = manifest.end_of_turn
         if eot and tok.convert_tokens_to_ids(eot) not in stop_ids:
             problems.append(f"the template's end-of-turn token {eot!r} is not a stop id of the generation config")
@@ -103,4 +116,12 @@ def inspect_checkpoint(path: str | Path) -> Report:
         bad = [i for i in suppressed + stop_ids if i >= rows]
         if bad:
             problems.append(f"generation config names ids past the embedding: {bad[:5]}")
-    return Report(str(path), rows, n, tied, added, names, stop_ids, len(suppressed), suppressed[:8], recipe, problems)
+    return Report(str(path), rows, n, tied, added, names, stop_ids, len(suppressed), suppressed[:8], recipe, problems,
+                  default)
+
+
+def _trained_source(name: str, tok) -> str | None:
+    try:
+        return get_template(name, tok).source
+    except ValueError:
+        return None

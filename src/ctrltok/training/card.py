@@ -7,13 +7,22 @@ disk::
     write_card(out, manifest)              # -> out / "README.md"
 
 The card follows the layout of the seed model cards (seed 000 above all): YAML front matter, a
-title, Details, the tokens added with their ids, the named chat templates and how to select one,
-the data, the hyper-parameters, evaluation results and notes for users. Its text lives in the
-package template ``templates/model_card.md.jinja``; this module only gathers facts into a plain
-context dict (:func:`card_context`) from the manifest and from the files in the checkpoint
-(``config.json``, ``generation_config.json``, ``tokenizer.json``, the safetensors header, the saved
-chat templates). Every fact is optional: a key missing from the manifest or a file missing from the
-folder drops the line that needed it, never the card.
+title, Details, the tokens added with their ids, the named chat templates and how to select one
+(the trained one is the default), where control tokens in user text stay text and where they
+cannot, the data, the recipe, the hyper-parameters, evaluation results and notes for users. Its
+text lives in the package template ``templates/model_card.md.jinja``; this module only gathers
+facts into a plain context dict (:func:`card_context`) from the manifest and from the files in the
+checkpoint (``config.json``, ``generation_config.json``, ``tokenizer.json``, the safetensors
+header, the saved chat templates). Every fact is optional: a key missing from the manifest or a
+file missing from the folder drops the line that needed it, never the card.
+
+The front matter is ``huggingface_hub``'s :class:`~huggingface_hub.ModelCardData` (``base_model``,
+``datasets``, ``license``, ``language``, ``tags``, the held-out results as ``model-index``), so the
+Hub reads it as it reads any card. Nothing of the training machine reaches the card: absolute and
+home paths in the recipe's values are cut to their file names (:func:`scrub`), the recipe is named by
+its file name, and data sources by hub id, ``ctrltok:`` name or file name.
+
+The curves live in :mod:`ctrltok.training.curves` (imported here, where ``save_final`` finds them).
 
 A run of four or more tokens that differ only in their digits and share their roles (EPE's 35
 ``<charter_X.Y>`` tokens) is shown as one row with its id range, as is the filler padding.
@@ -28,19 +37,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, StrictUndefined
-from matplotlib.figure import (
-    Figure,  # the object API renders with Agg and touches no global state
+import yaml
+from huggingface_hub import (
+    EvalResult,
+    ModelCardData,
+    metadata_load,
+    try_to_load_from_cache,
 )
+from jinja2 import Environment, StrictUndefined
 
 from ctrltok.core.models import ALIASES
-from ctrltok.core.templates import get_template
+from ctrltok.core.templates import DEFAULT, default_template_name, get_template
+from ctrltok.training.curves import plot_curves, read_metrics
+
+__all__ = ["card_context", "plot_curves", "read_metrics", "render_card", "token_rows", "write_card"]
 
 CARD = "README.md"
 CARD_TEMPLATE = "model_card.md.jinja"
 GROUP_MIN = 4  # runs at least this long collapse into one table row
-# The embedded default is a converted copy of this hub model (see models.py).
+# The embedded default is a converted copy of this hub model (see models.py), and its card's facts.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_META = {"license": "apache-2.0", "language": ["en"]}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TEMPLATE_DOC = re.compile(r"\{#-?\s*ctrltok template:\s*[\w-]+\.\s*(.*?)\s*-?#\}", re.S)
 
@@ -58,6 +75,21 @@ def _as_list(value: Any) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+_ABS_PATH = re.compile(r"(?<![\w:/.~])(?:~|[A-Za-z]:)?[/\\](?:[^/\\\s,;'\"?&=]+[/\\])*([^/\\\s,;'\"?&=]+)")
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with every absolute or home path (``/home/u/data/x.jsonl``, ``~/x``) cut to its file
+    name, inside strings, lists and mappings: nothing of the machine that trained reaches the card."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: m.group(1), value)
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    return value
 
 
 def count_parameters(out_dir: Path) -> int | None:
@@ -198,6 +230,103 @@ def base_model_id(name: str | None) -> str | None:
     return None
 
 
+_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "webdataset", "imagefolder", "audiofolder"}
+
+
+def _source_names(value: Any) -> list[str]:
+    """The sources of a ``data.train`` / ``data.eval`` value (a string, a mapping, or a list of both)
+    as strings: ``hf:NAME`` for hub datasets, the path or ``ctrltok:`` name otherwise."""
+    out: list[str] = []
+    for item in _as_list(value):
+        if isinstance(item, dict):
+            if item.get("hf"):
+                out.append(f"hf:{item['hf']}")
+            elif item.get("path"):
+                out.append(str(item["path"]))
+        elif item is not None:
+            out.append(str(item))
+    return out
+
+
+def hub_datasets(data: dict) -> list[str]:
+    """Hub dataset ids among a recipe's data sources (``hf:NAME[:CONFIG][?...]`` or ``{hf: NAME}``),
+    for the front matter's ``datasets``; local files and shipped data are not hub datasets."""
+    found: list[str] = []
+    for src in _source_names(data.get("train")) + _source_names(data.get("eval")):
+        if not src.startswith("hf:"):
+            continue
+        name = src[3:].split("?")[0]
+        name = name.split(":")[0]
+        if name and name not in _BUILDERS and name not in found:
+            found.append(name)
+    return found
+
+
+def base_model_meta(name: str | None) -> dict:
+    """The base model's ``license`` and ``language``, read from its card when one is at hand (the
+    embedded model's facts, a local folder's README.md, a hub model's README.md in the local cache);
+    nothing is downloaded."""
+    if not name:
+        return {}
+    if str(name).lower() in ALIASES:
+        return dict(EMBEDDED_META)
+    readme: str | Path | None = Path(str(name)) / "README.md"
+    if not Path(readme).is_file():
+        readme = None
+        if _HUB_ID.match(str(name)):
+            try:
+                cached = try_to_load_from_cache(str(name), "README.md")
+            except (ValueError, OSError):
+                cached = None
+            readme = cached if isinstance(cached, str) else None
+    if readme is None:
+        return {}
+    try:
+        meta = metadata_load(readme) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return {k: meta[k] for k in ("license", "language") if meta.get(k)}
+
+
+_METRIC_NAMES = {"loss": "held-out loss (cross-entropy per supervised token)",
+                 "eot_stop_rate": "end-of-turn stop rate"}
+
+
+def eval_results(manifest: dict, data: dict) -> list[EvalResult]:
+    """The run's final held-out numbers as model-index entries: the ``eval_*`` values of the summary
+    and, for a before/after evaluation, the ``after`` (else last) column; numbers only."""
+    summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else {}
+    nested = [v for v in evaluation.values() if isinstance(v, dict)]
+    final = evaluation.get("after") if isinstance(evaluation.get("after"), dict) else (nested[-1] if nested else {})
+    values: dict[str, float] = {}
+    for source in (summary, {k: v for k, v in evaluation.items() if not isinstance(v, dict)}, final):
+        for key, value in source.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    key.startswith("eval_") or source is not summary) and not key.endswith("_targets"):
+                values[key.removeprefix("eval_")] = float(value)
+    if not values:
+        return []
+    sources = scrub(_source_names(data.get("eval")) or _source_names(data.get("train")))
+    hub = hub_datasets({"train": sources}) if len(sources) == 1 else []  # one hub dataset: its id is the type
+    named = hub[0] if hub else (", ".join(sources) or "training data")
+    dataset_name = named if data.get("eval") else f"held-out split of {named}"
+    return [EvalResult(task_type="text-generation", dataset_type=hub[0] if hub else "held-out",
+                       dataset_name=dataset_name, dataset_split=None if data.get("eval") else "held-out",
+                       metric_type=key, metric_value=value, metric_name=_METRIC_NAMES.get(key, key))
+            for key, value in values.items()]
+
+
+def card_metadata(title: str, tags: list[str], base_name: str | None, data: dict, manifest: dict) -> ModelCardData:
+    """The card's front matter, through ``huggingface_hub``'s :class:`ModelCardData`."""
+    meta = base_model_meta(base_name)
+    results = eval_results(manifest, data)
+    return ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                         base_model=base_model_id(base_name), datasets=hub_datasets(data) or None,
+                         license=meta.get("license"), language=meta.get("language"),
+                         model_name=title, eval_results=results or None)
+
+
 def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     if isinstance(d, dict):
@@ -281,12 +410,15 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
 
     templates = saved_templates(out_dir)
     trained = manifest.get("template")
-    if trained and trained not in templates:
-        try:
-            templates[trained] = get_template(trained).source
-        except (ValueError, OSError):
-            templates[trained] = ""
-    template_rows = [{"name": n, "use": _template_use(n, s), "trained": n == trained} for n, s in templates.items()]
+    trained_source = _trained_source(trained, templates)
+    if trained and trained not in templates and trained_source not in templates.values():
+        templates[trained] = trained_source or ""
+    default_name = default_template_name(templates)
+    template_rows = [{"name": n, "trained": n == trained or bool(trained_source and s == trained_source),
+                      "use": (f"the default: what `apply_chat_template(messages)` renders when no template is named "
+                              f"(the same text as `{default_name}`)" if n == DEFAULT and default_name != DEFAULT
+                              else _template_use(n, s))}
+                     for n, s in templates.items()]
 
     pack = summary.get("pack") if isinstance(summary.get("pack"), dict) else {}
     if pack and "fill" not in pack and pack.get("tokens") is not None and pack.get("padding") is not None:
@@ -294,7 +426,7 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
         pack = {**pack, "fill": pack["tokens"] / total if total else 0.0}
     skips = summary.get("skips") if isinstance(summary.get("skips"), dict) else {}
 
-    hyper = [(k, _fmt(v)) for k, v in train_v.items() if k not in ("report_to",) and v not in (None, [], "")]
+    hyper = [(k, _fmt(scrub(v))) for k, v in train_v.items() if k not in ("report_to",) and v not in (None, [], "")]
     processes = summary.get("processes")
     if train_v.get("micro_batch_size") and train_v.get("grad_accum"):
         eff = int(train_v["micro_batch_size"]) * int(train_v["grad_accum"]) * int(processes or 1)
@@ -311,13 +443,33 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
                 (architecture or "").replace("ForCausalLM", "").lower() or None, precision):
         if tag and str(tag) not in tags:
             tags.append(str(tag))
+    title = Path(out_dir).resolve().name
+    data = {k: _fmt(scrub(data_v[k])) for k in ("kind", "eval_fraction", "template", "loss_on", "max_length",
+                                                "packing", "overlong", "on_error", "limit") if data_v.get(k) is not None}
+    for k in ("train", "eval"):  # sources by name: a hub id, `ctrltok:NAME`, a local file's name
+        if _source_names(data_v.get(k)):
+            data[k] = ", ".join(scrub(_source_names(data_v.get(k))))
+    data = {k: data[k] for k in ("kind", "train", "eval", "eval_fraction", "template", "loss_on", "max_length",
+                                 "packing", "overlong", "on_error", "limit") if k in data}
+    source = values.get("source")
+    recipe_values = {k: v for k, v in values.items() if k != "source"}
+    control = [t["text"] for t in toks if not t.get("reuse")]
+    example = manifest.get("end_of_turn") if manifest.get("end_of_turn") in control else (control or [None])[0]
     return {
-        "title": Path(out_dir).resolve().name,
+        "front_matter": card_metadata(title, tags, base_name, data_v, manifest).to_yaml(),
+        "title": title,
         "tags": tags,
         "base_model": base_model_id(base_name),
-        "base_name": base_name,
+        "base_name": scrub(base_name),
         "recipe": manifest.get("recipe"),
-        "recipe_source": values.get("source"),
+        "recipe_file": Path(str(source).replace("\\", "/")).name if source else None,
+        "recipe_yaml": yaml.safe_dump(scrub(json.loads(json.dumps(recipe_values, default=str))), sort_keys=False,
+                                      allow_unicode=True).strip() if recipe_values else None,
+        "default_template": default_name,
+        "default_is_trained": any(r["trained"] for r in template_rows if r["name"] == DEFAULT),
+        "control_example": example,
+        "control_example_id": next((int(t["id"]) for t in toks if t["text"] == example and t.get("id") is not None),
+                                   None),
         "architecture": architecture,
         "parameters": _human(params),
         "precision": precision,
@@ -330,9 +482,7 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
         "templates": template_rows,
         "trained_template": trained,
         "end_of_turn": manifest.get("end_of_turn"),
-        "data": {k: _fmt(data_v[k]) for k in ("kind", "train", "eval", "eval_fraction", "template", "loss_on",
-                                               "max_length", "packing", "overlong", "on_error", "limit")
-                 if data_v.get(k) is not None},
+        "data": data,
         "records": summary.get("records"),
         "skips": skips,
         "pack": {k: _fmt(v) for k, v in pack.items()},
@@ -346,6 +496,16 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
         "metrics": (out_dir / "metrics.jsonl").exists(),
         "head": (out_dir / "head.safetensors").exists() or any(out_dir.glob("*head*.safetensors")),
     }
+
+
+def _trained_source(name: str | None, saved: dict[str, str]) -> str | None:
+    """The text of the template the run trained on: a shipped one, else the one saved by that name."""
+    if not name:
+        return None
+    try:
+        return get_template(name).source
+    except (ValueError, OSError):
+        return saved.get(name)
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -395,62 +555,3 @@ def write_card(out_dir: Path, manifest: dict) -> Path:
     tmp.write_text(render_card(out_dir, manifest), encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-# -- curves --------------------------------------------------------------------------------
-def read_metrics(metrics_jsonl: Path) -> list[dict]:
-    """The metric records of a run; a torn last line (a killed run) is ignored."""
-    out = []
-    try:
-        lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("step"), (int, float)):
-            out.append(rec)
-    return out
-
-
-def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot_curves(metrics_jsonl: Path, png: Path) -> Path | None:
-    """Training loss (line) and eval loss (points) against the optimizer step; a second panel for the
-    constitution head's BCE when the run has one. None when the metrics hold nothing to plot."""
-    records = read_metrics(metrics_jsonl)
-    loss = _series(records, "loss")
-    eval_loss = _series(records, "eval_loss")
-    head = _series(records, "head_bce")
-    eval_head = _series(records, "eval_head_bce")
-    if not loss[0] and not eval_loss[0]:
-        return None
-    panels = 2 if head[0] or eval_head[0] else 1
-    fig = Figure(figsize=(6.4 * panels, 4.0), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    ax = axes[0]
-    if loss[0]:
-        ax.plot(*loss, label="train loss", color="tab:blue", linewidth=1.2)
-    if eval_loss[0]:
-        ax.plot(*eval_loss, "o-", label="eval loss", color="tab:orange", markersize=5)
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy per supervised token", title="language-model loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if panels == 2:
-        bx = axes[1]
-        if head[0]:
-            bx.plot(*head, label="train head BCE", color="tab:green", linewidth=1.2)
-        if eval_head[0]:
-            bx.plot(*eval_head, "o-", label="eval head BCE", color="tab:red", markersize=5)
-        bx.set(xlabel="optimizer step", ylabel="BCE per head position", title="constitution head")
-        bx.grid(alpha=0.3)
-        bx.legend()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100, format="png")
-    return png
