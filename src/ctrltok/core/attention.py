@@ -17,15 +17,22 @@ at the last moment:
   (each span blocks the rest of its document from a key range ending where the queries start) are
   expressed as a per-token *reflection region id*: a key inside a region is visible only to
   queries of the same region. Any other spans go through a general rectangle test.
+* ``"ctrltok_varlen"`` (:mod:`ctrltok.core.varlen`): attention run per document, one SDPA call
+  each. The "mask" is the structure itself, a small ``[B, 1, 2, T]`` long tensor (doc ids;
+  reflection region ids) that transformers passes through untouched as a 4D mask. No ``T x T``
+  tensor, no cross-document work, and a backward on CPU (FlexAttention has none in torch 2.13).
+  It supports EPE-shaped holes; other blocked spans are an error naming the other implementations.
+* ``"ctrltok_cuda"`` (:mod:`ctrltok.core.varlen`), chosen *per batch*: a batch without holes gets
+  the same ``[B, 1, 2, T]`` structure, which the attention function turns into ``cu_seqlens`` for
+  one call of torch's flash varlen kernel; a batch with holes (EPE) gets the FlexAttention
+  ``BlockMask`` above, which the same attention function runs through FlexAttention.
+  :func:`cuda_path` says which one a batch takes.
 
-* ``"ctrltok_varlen"`` (registered with transformers' ``AttentionInterface`` when this module is
-  imported): attention run per document, like varlen flash attention. The "mask" is the structure
-  itself, a small ``[B, 1, 2, T]`` long tensor (doc ids; reflection region ids) that transformers
-  passes through untouched as a 4D mask; the attention function cuts each row into documents and
-  runs SDPA on each, causal (``is_causal``, no mask) for documents without a hole and with a
-  ``L x L`` mask of that document only for documents with one. No ``T x T`` tensor, no cross-
-  document work, and it has a backward on CPU (FlexAttention has none in torch 2.13). It supports
-  EPE-shaped holes; other blocked spans are an error naming the other implementations.
+Which implementation trains (:func:`training_attention`, ``model.attn``): ``auto`` is
+``ctrltok_cuda`` on CUDA and ``ctrltok_varlen`` elsewhere (CPU); a dense ``[T, T]`` mask
+(``sdpa``, ``eager``) only when the recipe asks for it. Models are *loaded* with a standard
+implementation (:func:`loading_attention`), so evaluation, generation and checkpoints never
+depend on ctrltok's registrations.
 
 Never pass a packed batch without this mask: transformers infers documents from restarting
 ``position_ids`` only when no KV cache is in use, and reads EPE's aliased positions as a new
@@ -38,40 +45,55 @@ Use ``build_mask(batch, impl)`` as the ``attention_mask`` of a forward, or the f
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
-from transformers import AttentionInterface
 
 from ctrltok.core.packing import Batch
+from ctrltok.core.varlen import (
+    CUDA,
+    VARLEN,
+    register_cuda,
+    register_varlen,
+    varlen_plan,
+)
 
-VARLEN = "ctrltok_varlen"
 AUTO = "auto"
-IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", VARLEN)
+IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", VARLEN, CUDA)
+TRAINING_ONLY = (VARLEN, CUDA)  # no KV-cache path: never what a model is loaded or saved with
 
 
 def loading_attention(requested: str) -> str:
-    """The implementation a model is *loaded* with: ``auto`` and :data:`VARLEN` (a training-time
-    path with no KV cache) load as ``sdpa``, so evaluation, generation and the saved checkpoint use
-    a standard implementation."""
-    return "sdpa" if requested in (AUTO, VARLEN) else requested
+    """The implementation a model is *loaded* with: ``auto`` and the training-only paths
+    (:data:`TRAINING_ONLY`, no KV cache) load as ``sdpa``, so evaluation, generation and the saved
+    checkpoint use a standard implementation."""
+    return "sdpa" if requested == AUTO or requested in TRAINING_ONLY else requested
 
 
 def training_attention(requested: str, device: torch.device | str) -> str:
-    """The implementation packed *training* forwards run with.
+    """The implementation packed *training* forwards run with (registered here when it is ctrltok's).
 
-    ``auto`` picks per-document SDPA (:data:`VARLEN`) on CPU: one causal SDPA call per document,
-    which skips the blocks a dense ``[T, T]`` mask would compute and discard (faster on the same
-    rows: bench/README.md, sft_throughput; the same weights after training: tests/test_train.py).
-    Elsewhere ``auto`` keeps ``sdpa`` with the dense mask. Any other value is used as given.
+    ``auto`` picks :data:`CUDA` on CUDA (flash varlen for batches without holes, FlexAttention for
+    batches with EPE holes, chosen per batch by :func:`build_mask`) and per-document SDPA
+    (:data:`VARLEN`) elsewhere: one causal SDPA call per document, which skips the blocks a dense
+    ``[T, T]`` mask would compute and discard (faster on CPU: bench/README.md, sft_throughput; the
+    same weights after training: tests/test_train.py). Any other value is used as given, so a dense
+    mask trains only when asked for (``sdpa``, ``eager``).
     """
-    impl = requested if requested != AUTO else (VARLEN if torch.device(device).type == "cpu" else "sdpa")
-    if impl == VARLEN:
+    if requested == AUTO:
+        requested = CUDA if torch.device(device).type == "cuda" else VARLEN
+    if requested == VARLEN:
         register_varlen()
-    return impl
+    elif requested == CUDA:
+        register_cuda()
+    return requested
+
+
+def cuda_path(batch: Batch) -> str:
+    """Which kernel :data:`CUDA` runs for ``batch``: ``"flex"`` when any row has a blocked span
+    (EPE holes: a BlockMask), ``"varlen"`` otherwise (cu_seqlens for the flash kernel)."""
+    return "flex" if any(batch.blocked) else "varlen"
 
 
 def dense_mask(batch: Batch) -> torch.Tensor:
@@ -147,7 +169,7 @@ _COMPILED: dict[str, Any] = {}
 def _compiled_create_block_mask() -> Any:
     """``torch.compile(create_block_mask)``, made once: it evaluates the mask_mod block by block."""
     if "create_block_mask" not in _COMPILED:
-            _COMPILED["create_block_mask"] = torch.compile(create_block_mask)
+        _COMPILED["create_block_mask"] = torch.compile(create_block_mask)
     return _COMPILED["create_block_mask"]
 
 
@@ -159,11 +181,12 @@ def build_mask(
     block_size: int = 128,
     compile_mask: bool = True,
 ) -> Any:
-    """The attention mask for ``impl`` ("sdpa", "eager" or "flex_attention"); see the module docstring.
+    """The attention mask for ``impl`` (one of :data:`IMPLEMENTATIONS`); see the module docstring.
 
     ``dtype`` is the eager mask's float type (the model's dtype). ``block_size`` and
-    ``compile_mask`` only concern FlexAttention (``compile_mask=False`` evaluates the mask_mod
-    eagerly, which materialises it densely: fine for small tests, slow for long rows). On CPU,
+    ``compile_mask`` only concern the BlockMask (``flex_attention``, and :data:`CUDA` on a batch
+    with holes); ``compile_mask=False`` evaluates the mask_mod eagerly, which materialises it
+    densely: fine for small tests, slow for long rows. On CPU,
     torch 2.13's FlexAttention kernel was exact only on rows padded to a multiple of the block size
     (``collate(..., pad_to=128)``); on a 24-token row it returned wrong logits, sometimes NaN.
     """
@@ -176,6 +199,13 @@ def build_mask(
         return _flex_block_mask(batch, block_size, compile_mask)
     if impl == VARLEN:
         return varlen_structure(batch)
+    if impl == CUDA:
+        if cuda_path(batch) == "flex":
+            return _flex_block_mask(batch, block_size, compile_mask)
+        doc = batch.doc_ids
+        structure = torch.stack([doc, torch.full_like(doc, -1)], dim=1)[:, None]  # no holes: no region
+        varlen_plan(structure, doc.cpu(), has_holes=False)  # cu_seqlens once per batch, on the host
+        return structure
     raise ValueError(f"attention implementation {impl!r} is not supported; expected one of {IMPLEMENTATIONS}")
 
 
@@ -188,82 +218,6 @@ def varlen_structure(batch: Batch) -> torch.Tensor:
             "range that ends where its queries start); use 'sdpa', 'eager' or 'flex_attention' for other spans"
         )
     return torch.stack([batch.doc_ids, region], dim=1)[:, None]
-
-
-# Segment plans, computed once per structure tensor and reused by every layer of one forward.
-# Keyed by id() and checked through a weak reference (tensors compare element-wise, so they cannot
-# be dictionary keys); a few recent entries are enough.
-_PLANS: dict[int, tuple[weakref.ref, list]] = {}
-
-
-def _plan(structure: torch.Tensor) -> list[list[tuple[int, int, torch.Tensor | None]]]:
-    hit = _PLANS.get(id(structure))
-    if hit is not None and hit[0]() is structure:
-        return hit[1]
-    doc = structure[:, 0, 0].tolist()
-    region = structure[:, 0, 1].cpu()
-    plan = []
-    for b, row in enumerate(doc):
-        segments, s, T = [], 0, len(row)
-        while s < T:
-            e = s + 1
-            while e < T and row[e] == row[s]:
-                e += 1
-            r = region[b, s:e]
-            mask = None
-            if bool((r >= 0).any()):
-                idx = torch.arange(e - s)
-                mask = (idx[:, None] >= idx[None, :]) & ((r[None, :] < 0) | (r[:, None] == r[None, :]))
-                mask = mask.to(structure.device)
-            segments.append((s, e, mask))
-            s = e
-        plan.append(segments)
-    if len(_PLANS) >= 8:
-        _PLANS.clear()
-    _PLANS[id(structure)] = (weakref.ref(structure), plan)
-    return plan
-
-
-def varlen_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function for :data:`VARLEN`: SDPA per document (module docstring)."""
-    T = query.shape[2]
-    gqa = query.shape[1] != key.shape[1]  # query head h reads key/value head h // (H / KVH), as repeat_kv
-    p = dropout if module.training else 0.0
-    if attention_mask is None:  # a single unpacked document
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=T > 1, dropout_p=p, scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
-    if attention_mask.dim() != 4 or attention_mask.shape[2] != 2 or attention_mask.shape[-1] != T:
-        raise ValueError(f"{VARLEN} expects the [B, 1, 2, T] structure from build_mask, got {tuple(attention_mask.shape)}")
-    # split() rather than slicing: its backward is one concatenation, where each slice's backward
-    # would fill and add a full-size gradient (measured: most of the time on this CPU).
-    rows = []
-    for segments, q_row, k_row, v_row in zip(_plan(attention_mask), query.split(1), key.split(1), value.split(1)):
-        lengths = [e - s for s, e, _ in segments]
-        parts = []
-        for (s, e, mask), q, k, v in zip(segments, q_row.split(lengths, 2), k_row.split(lengths, 2), v_row.split(lengths, 2)):
-            if mask is None:
-                parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=e - s > 1, dropout_p=p, scale=scaling, enable_gqa=gqa))
-            else:
-                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa))
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
-
-
-def register_varlen() -> None:
-    """Make :data:`VARLEN` a transformers attention implementation (idempotent). Called by
-    :func:`training_attention` when it picks it; call it before setting it on a model by hand."""
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
-
-
 
 
 def draw(batch: Batch, row: int = 0, names: dict[int, str] | None = None) -> str:
