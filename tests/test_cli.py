@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,28 @@ def test_wrong_type_names_the_key(tmp_path):
 
 def test_set_overrides_are_validated(tmp_path):
     p = tmp_path / "ok.yaml"
-    p.write_text("# x\n")
+    p.write_text("# x\nname: ok\n")
     assert load_recipe(p, ["train.max_steps=7", "lora.enabled=true"]).lora.enabled
     with pytest.raises(ConfigError, match="nosuch"):
         load_recipe(p, ["train.nosuch=1"])
+
+
+def test_empty_recipe_is_an_error(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: the recipe is empty"):
+        load_recipe(p, ["train.max_steps=3"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.max_steps=-3", "train.max_steps"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.lr=0", "train.lr"), ("train.warmup_ratio=2", "train.warmup_ratio"),
+    ("tokens.pad_to_multiple_of=0", "tokens.pad_to_multiple_of"), ("data.limit=0", "data.limit"),
+    ("lora.r=0", "lora.r"), ("train.betas=[0.9, 1.5]", "train.betas"), ("tokens.init=zeros", "tokens.init"),
+    ("tokens.custom=[{token: '<x>', role: leader}]", "tokens.custom[0].role"),
+])
+def test_out_of_range_values_name_the_key(tmp_path, override, key):
+    p = tmp_path / "r.yaml"
+    p.write_text("# x\nname: r\n")
+    with pytest.raises(ConfigError, match=rf"r.yaml: {re.escape(key)}"):
+        load_recipe(p, [override])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -10,13 +11,41 @@ from rich.table import Table
 
 from ctrltok.backtranslate.pairs import SCORES
 from ctrltok.backtranslate.pipeline import run_backtranslation
+from ctrltok.cli.main import check_model_name
 from ctrltok.cli.run import default_out
-from ctrltok.core.config import load_recipe
+from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe, load_recipe
+from ctrltok.core.records import RecordError
+from ctrltok.training.runs import check_inputs, input_fingerprint, model_fingerprint
+
+SETTINGS_FILE = "backtranslate.settings.json"  # written by the pipeline when it first starts in a folder
 
 
 def backtranslate(a):
     recipe = load_recipe(a.recipe, a.set)
-    print_report(run_backtranslation(recipe, default_out(a, recipe)))
+    out = default_out(a, recipe)
+    check_model_name(recipe.model.name, f"{recipe.source}: model.name")
+    check_same_inputs(recipe, out)
+    print_report(run_backtranslation(recipe, out))
+
+
+def check_same_inputs(recipe: Recipe, out: Path) -> None:
+    """Refuse to continue the pipeline in ``out`` over other inputs (corpus, gold pairs, prompts,
+    model): its finished stages would keep what the earlier inputs gave. The inputs' fingerprints
+    are recorded in ``out`` when the pipeline first starts there."""
+    cfg = recipe.backtranslate or BacktranslateConfig()
+    inputs = {}
+    for key in ("corpus", "gold", "backward_system", "rewrite_prompt", "curation_prompt"):
+        value = getattr(cfg, key)
+        if key == "corpus" and value.startswith("python:"):
+            inputs[f"backtranslate.{key}"] = {"builtin": value}
+            continue
+        try:
+            inputs[f"backtranslate.{key}"] = input_fingerprint(value)
+        except RecordError as exc:
+            raise ConfigError(f"{recipe.source}: backtranslate.{key}: {exc}") from None
+    inputs["model.name"] = model_fingerprint(recipe.model.name) or {"name": recipe.model.name}
+    started = (out / SETTINGS_FILE).is_file()
+    check_inputs(out, inputs, started, "backtranslation")
 
 
 def print_report(report: dict, console: Any = None) -> None:

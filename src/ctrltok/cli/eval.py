@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctrltok.cli.main import UsageError
 from ctrltok.conditional.label import LabelError
 from ctrltok.conditional.scorers import DEFAULT_SCORER
 from ctrltok.core.config import DataConfig
@@ -70,14 +71,17 @@ def constitution(a):
 def manifest_of(model: str | os.PathLike) -> RunManifest:
     """The run manifest of a checkpoint folder (or alias); an empty one for a hub name."""
     where = resolve_model(model)
-    return RunManifest.read(where) if isinstance(where, Path) else RunManifest()
+    try:
+        return RunManifest.read(where) if isinstance(where, Path) else RunManifest()
+    except ValueError as exc:  # a damaged ctrltok.json
+        raise UsageError(f"--model {model}: {exc}") from None
 
 
 def eval_kind(model: str | os.PathLike, epe: bool = False, conditional: bool = False) -> str:
     """``epe`` / ``labelled`` when asked for, else the ``data.kind`` the checkpoint's manifest records
     (``chat`` without a recipe)."""
     if epe and conditional:
-        raise ValueError("--epe and --conditional exclude each other")
+        raise UsageError("--epe and --conditional exclude each other; give one")
     if epe:
         return "epe"
     if conditional:
@@ -85,7 +89,7 @@ def eval_kind(model: str | os.PathLike, epe: bool = False, conditional: bool = F
     recipe = manifest_of(model).recipe()
     kind = recipe.data.kind if recipe is not None else "chat"
     if kind not in KINDS:
-        raise ValueError(f"{model}: no evaluation for data.kind = {kind!r} (known: {', '.join(KINDS)})")
+        raise UsageError(f"--model {model}: no evaluation for data.kind = {kind!r} (known: {', '.join(KINDS)})")
     return kind
 
 
@@ -146,7 +150,7 @@ def eval_epe(model: str | os.PathLike, corpus: str | None = None, sidecar: str |
     ``corpus`` + ``sidecar``); print the tables and return the result."""
     where = Path(str(resolve_model(model)))
     if not where.is_dir():
-        raise ValueError(f"{model}: an EPE evaluation needs a local checkpoint directory (with its head)")
+        raise UsageError(f"--model {model}: an EPE evaluation needs a local checkpoint folder (with its head)")
     recipe = RunManifest.read(where).recipe()
     head = load_head(where)
     attn = recipe.model.attn if recipe is not None and recipe.model.attn in ("sdpa", "eager") else "sdpa"

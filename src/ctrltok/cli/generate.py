@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import IO
 
+from ctrltok.cli.main import UsageError, check_output, output_file
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.records import read_records
 from ctrltok.generation.generate import chat_session, load_for_generation
@@ -17,8 +17,10 @@ from ctrltok.generation.generate import generate as generate_replies
 
 def generate(a):
     if a.input:
-        generate_file(a.model, a.input, a.out, template=a.template, max_new_tokens=a.max_new_tokens,
-                      temperature=a.temperature)
+        n = generate_file(a.model, a.input, a.out, template=a.template, max_new_tokens=a.max_new_tokens,
+                          temperature=a.temperature)
+        if a.out != "-":
+            print(f"wrote {n} replies to {a.out}", file=sys.stderr)
         return
     results = generate_prompts(a.model, [a.prompt], template=a.template, max_new_tokens=a.max_new_tokens,
                                temperature=a.temperature)
@@ -36,17 +38,22 @@ def generate_file(model_dir: str | os.PathLike, input_jsonl: str | os.PathLike, 
     reads; ``{"prompt": "..."}`` alone is one user turn).
 
     Each output line is the input record plus ``output`` (the text), ``output_ids``, ``stopped`` and
-    ``n_tokens``, in input order, written batch by batch. Returns the number of lines written.
+    ``n_tokens``, in input order, written batch by batch. Every record is read and checked before the
+    model loads; the output is written to ``OUT.tmp`` and renamed into place when complete (``-``:
+    stdout), and may not be the input. Returns the number of lines written.
     """
+    out = str(out_jsonl)
+    check_output(out, {"--input": str(input_jsonl)})
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: expected an integer >= 1")
+    records = list(read_records(str(input_jsonl)))
+    if not records:
+        raise UsageError(f"--input {input_jsonl}: no records; nothing to reply to")
+    convs = [to_conversation(rec, where, prompt_only=True) for where, rec in records]
     model, tokenizer, saved = load_for_generation(model_dir)
     template = template or saved
-    records = list(read_records(str(input_jsonl)))
-    convs = [to_conversation(rec, where, prompt_only=True) for where, rec in records]
-    out_path = Path(out_jsonl)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     written = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with output_file(out) as fh:  # a half-written file never looks finished
         for start in range(0, len(convs), batch_size):
             outs = generate_replies(model, tokenizer, convs[start:start + batch_size], template, max_new_tokens,
                                     temperature, seed + start, batch_size)
@@ -56,7 +63,6 @@ def generate_file(model_dir: str | os.PathLike, input_jsonl: str | os.PathLike, 
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 written += 1
             fh.flush()
-    os.replace(tmp, out_path)  # a half-written file never looks finished
     return written
 
 

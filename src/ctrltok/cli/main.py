@@ -5,117 +5,232 @@ calls the library with objects. Nothing in the library imports it. ``COMMANDS`` 
 to ``(handler "ctrltok.cli.MODULE:FUNCTION", argument adder, help)``; the handler's module is
 imported only when its command runs, so ``ctrltok --help`` stays fast. ``tests/test_cli.py``
 resolves every handler in the table.
+
+Errors. A user error (a bad recipe value, record, model name, path, resume; the types in
+``USER_ERRORS``) ends the command with one line on stderr, ``ctrltok COMMAND: error: ...``, and
+exit code 2; argument errors the same way. Anything else is a bug and keeps its traceback, and
+``--debug`` (or ``CTRLTOK_DEBUG=1``) shows the traceback of a user error too. Ctrl-C exits with 130.
+Names (model, template) and input paths are checked before anything loads (:func:`preflight`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import re
 import sys
+from contextlib import contextmanager
+from difflib import get_close_matches
+from pathlib import Path
+from typing import IO, Iterator
+
+from ctrltok import __version__
+
+PRESET_NAMES = ("eot", "oasst", "conditional", "epe")  # core.tokens.PRESETS and epe (tested equal)
+# The library's user-error types, by module (checked only once their module is loaded: an error of a
+# type whose module was never imported cannot have been raised).
+USER_ERRORS = (
+    "ctrltok.core.config:ConfigError",  # also training.runs.RunError
+    "ctrltok.core.records:RecordError",
+    "ctrltok.core.chat:ChatError",
+    "ctrltok.core.stages:ResumeError",
+    "ctrltok.core.models:ModelNotFoundError",
+    "ctrltok.conditional.label:LabelError",
+    "ctrltok.conditional.scorers:ScorerError",
+    "ctrltok.data.store:PreparedDataError",
+    "ctrltok.training.publish:PublishError",
+    "ctrltok.cli.main:UsageError",
+    "builtins:FileNotFoundError",
+    "builtins:IsADirectoryError",
+    "builtins:NotADirectoryError",
+    "builtins:PermissionError",
+)
+# Library messages speak in Python keywords; a command's user knows its flags.
+CLI_TERMS = {
+    "label": (("text_field=", "--text-field"), ("on_error='skip'", "--on-error skip"),
+              ("misaligned_fraction=", "--misaligned-fraction"), ("threshold=", "--threshold"),
+              ("drop_fraction", "--drop-fraction")),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
 
 
-# -- argument adders -----------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A command-line value that cannot work (a name, a path, an option); the message says which."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one error format: ``ctrltok COMMAND: error: ...`` on one line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument types --------------------------------------------------------------------------------
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, found {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+        ok = value == value and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            span = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if high is not None
+                    else f"{'>' if low_open else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(f"expected a number {'in ' if high is not None else ''}{span}, found {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _at_least(1)
+
+
+# -- argument adders -------------------------------------------------------------------------------
 def _a_demo(p):
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's budget)")
+    p.add_argument("--model", default="smollm2-135m", help="the base model: alias, local folder or Hub id")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (default: runs/demo)")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps (default: the demo's budget)")
     p.add_argument("--quick", action="store_true", help="a tiny run to check the plumbing")
 
 
 def _a_add_tokens(p):
-    p.add_argument("--model", required=True)
-    p.add_argument("--preset", action="append", required=True, help="eot | oasst | conditional | epe (repeatable)")
+    p.add_argument("--model", required=True, help="the base model: alias, local folder or Hub id")
+    p.add_argument("--preset", action="append", required=True, choices=PRESET_NAMES,
+                   help="token preset to add (repeatable)")
     p.add_argument("--init", default="mean_noise", help="mvn | mean | mean_noise | describe | copy:<token>")
-    p.add_argument("--pad-to-multiple-of", type=int, default=None)
+    p.add_argument("--pad-to-multiple-of", type=POSITIVE, default=None,
+                   help="pad the vocabulary with filler tokens to a multiple of N (default: no padding)")
     p.add_argument("--template", default=None, help="template whose end of turn stops generation")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to save the checkpoint in")
 
 
 def _a_render(p):
     p.add_argument("--model", required=True, help="checkpoint or model name (for its tokenizer)")
-    p.add_argument("--template", required=True)
-    p.add_argument("--input", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--loss-on", default="assistant", choices=["assistant", "all", "last"])
+    p.add_argument("--template", required=True, help="chat template to encode with (default, eot, oasst, epe, ...)")
+    p.add_argument("--input", required=True, help="chats: JSONL/JSON/Parquet file or folder, any chat layout")
+    p.add_argument("--out", required=True,
+                   help="JSONL of {input_ids, labels} to write ('-': stdout); written whole, then renamed into place")
+    p.add_argument("--loss-on", default="assistant", choices=["assistant", "all", "last"],
+                   help="which turns are supervised")
 
 
 def _a_inspect(p):
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", help="a checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
 
 
-def _a_recipe(p):
-    p.add_argument("recipe")
-    p.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
-    p.add_argument("--out", default=None)
+def _a_recipe(p, resume: bool = True):
+    p.add_argument("recipe", help="the recipe YAML (see recipes/)")
+    p.add_argument("--set", action="append", default=[], metavar="dotted.key=value", help="override a recipe value")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>); a rerun resumes it")
+    if resume:
+        p.add_argument("--resume-with-changes", action="store_true",
+                       help="resume a run in --out although train.max_steps, num_tokens, epochs, eval_every or "
+                            "save_every changed (other changes need a new --out)")
+
+
+def _a_backtranslate(p):
+    _a_recipe(p, resume=False)
 
 
 def _a_prepare(p):
     p.add_argument("recipe", help="the recipe YAML whose data section to prepare")
     p.add_argument("--set", action="append", default=[], metavar="dotted.key=value", help="override a recipe value")
     p.add_argument("--out", required=True, help="the prepared folder to write (a rerun resumes it)")
-    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: data.workers)")
-    p.add_argument("--shard-size", type=int, default=4096,
+    p.add_argument("--workers", type=POSITIVE, default=None, help="encoding processes (default: data.workers)")
+    p.add_argument("--shard-size", type=POSITIVE, default=4096,
                    help="records per shard: a killed prepare redoes at most this many (fixed by the first run)")
 
 
 def _a_generate(p):
-    p.add_argument("--model", required=True)
-    p.add_argument("--template", default=None)
+    p.add_argument("--model", required=True, help="checkpoint folder, alias or Hub id")
+    p.add_argument("--template", default=None, help="chat template (default: the one the checkpoint was trained with)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt")
+    g.add_argument("--prompt", help="one user message")
     g.add_argument("--input", help="JSONL of {messages} or {prompt}")
-    p.add_argument("--out", default="-")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--out", default="-",
+                   help="with --input: JSONL to write ('-', the default: stdout); written whole, then renamed")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="most tokens generated per reply")
+    p.add_argument("--temperature", type=_number(0.0), default=0.0, help="sampling temperature (0: greedy)")
 
 
 def _a_chat(p):
-    p.add_argument("--model", required=True)
-    p.add_argument("--template", default=None)
+    p.add_argument("--model", required=True, help="checkpoint folder, alias or Hub id")
+    p.add_argument("--template", default=None, help="chat template (default: the one the checkpoint was trained with)")
 
 
 def _a_eval(p):
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint folder, alias or Hub id")
     p.add_argument("--data", default=None, help="held-out chats (default: the shipped set's held-out part)")
-    p.add_argument("--template", default=None)
+    p.add_argument("--template", default=None, help="chat template (default: the one the checkpoint was trained with)")
     p.add_argument("--before", default=None, help="a base model to compare with (prepared with the same tokens)")
     p.add_argument("--conditional", action="store_true", help="aligned / unconditional / misaligned sampling")
     p.add_argument("--epe", action="store_true", help="reflection loss, charter F1, equivalence check")
     p.add_argument("--sidecar", default=None, help="with --epe and --data: the held-out annotations")
-    p.add_argument("--scorer", default="profanity")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--scorer", default="profanity", help="with --conditional: the sentence scorer (profanity, detoxify)")
+    p.add_argument("--n", type=POSITIVE, default=16, help="prompts to generate for (stop rate, conditional samples)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="most tokens generated per reply")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
 def _a_label(p):
-    p.add_argument("--input", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--scorer", default="profanity")
+    p.add_argument("--input", required=True, help="documents: JSONL/Parquet file, folder, or datasets name")
+    p.add_argument("--out", required=True, help="labelled JSONL to write (a rerun resumes it)")
+    p.add_argument("--scorer", default="profanity", help="sentence scorer (profanity, detoxify)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, default=None)
-    g.add_argument("--misaligned-fraction", type=float, default=None)
-    p.add_argument("--drop-fraction", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--processes", type=int, default=1)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    g.add_argument("--threshold", type=float, default=None, help="absolute score above which a sentence is misaligned")
+    g.add_argument("--misaligned-fraction", type=_number(0.0, 1.0, True, True), default=None,
+                   help="calibrate the threshold so this fraction of sentences is misaligned")
+    p.add_argument("--drop-fraction", type=_number(0.0, 1.0), default=0.01,
+                   help="fraction of sentences left without a control token")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the dropped sentences")
+    p.add_argument("--processes", type=POSITIVE, default=1, help="scoring processes")
+    p.add_argument("--text-field", default="text", help="the field holding each document's text")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="a bad record: stop (raise) or count it and go on (skip)")
 
 
 def _a_constitution(p):
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="an EPE checkpoint folder (with its head)")
     p.add_argument("--input", required=True, help="JSONL of {messages}")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
 
 def _a_annotate(p):
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the annotating model: checkpoint folder, alias or Hub id")
     p.add_argument("--input", required=True, help="corpus JSONL of {id, text}")
     p.add_argument("--out", required=True, help="sidecar JSONL to write (resumes)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="most tokens per answer")
+
+
+def _a_push(p):
+    p.add_argument("path", help="a saved model folder (the --out of ctrltok train)")
+    p.add_argument("--repo", required=True, help="the Hub repository, OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", default=None, help="branch to upload to (default: main)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="also leave out these files")
+    p.add_argument("--message", default=None, help="the commit message")
+    p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; send nothing")
 
 
 COMMANDS = {
@@ -130,8 +245,9 @@ COMMANDS = {
     "eval": ("ctrltok.cli.eval:evaluate", _a_eval, "held-out loss and end-of-turn stop rate (or --conditional, --epe)"),
     "label": ("ctrltok.cli.label:label", _a_label, "score and label sentences with <|aligned|>/<|misaligned|>"),
     "constitution": ("ctrltok.cli.eval:constitution", _a_constitution, "read the charter head per assistant turn"),
-    "backtranslate": ("ctrltok.cli.backtranslate:backtranslate", _a_recipe, "instruction backtranslation pipeline"),
+    "backtranslate": ("ctrltok.cli.backtranslate:backtranslate", _a_backtranslate, "instruction backtranslation pipeline"),
     "annotate": ("ctrltok.cli.annotate:annotate", _a_annotate, "write an EPE sidecar with an LLM"),
+    "push": ("ctrltok.cli.push:push", _a_push, "upload a saved model folder to the Hugging Face Hub, without checkpoints"),
 }
 
 
@@ -142,36 +258,227 @@ def resolve(target: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctrltok", description="Teach language models new control tokens.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="ctrltok", description="Teach language models new control tokens.")
+    parser.add_argument("--version", action="version", version=f"ctrltok {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (target, add_args, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         add_args(p)
         p.set_defaults(target=target)
     return parser
 
 
+# -- checks before anything loads -------------------------------------------------------------------
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_name(name: str, what: str = "--model") -> None:
+    """A model name is an existing path, an alias of the embedded default, or a Hub id (cached, when
+    offline); anything else is a :class:`UsageError` now, not after seconds of loading."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json",
+                                                                     "tokenizer.json")):
+            raise UsageError(f"{what} {name}: this folder holds no model (no config.json or tokenizer files); "
+                             "give a checkpoint folder, an alias or a Hub id")
+        return
+    from ctrltok.core.models import ALIASES
+
+    if name.lower() in ALIASES:
+        return
+    aliases = ", ".join(sorted(ALIASES))
+    near = get_close_matches(name.lower(), list(ALIASES), n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise UsageError(f"{what} {name}: no such folder{hint}; give a checkpoint folder, an alias ({aliases}) "
+                         "or a Hub id (OWNER/NAME)")
+    if not _HUB_ID.match(name) or "--" in name or ".." in name:
+        raise UsageError(f"{what} {name!r} is not a local path, an alias ({aliases}) or a Hub id (OWNER/NAME){hint}")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise UsageError(f"{what} {name}: no such local folder or alias ({aliases}){hint}, and not in the "
+                             "Hugging Face cache while HF_HUB_OFFLINE is set; give a checkpoint folder, or go online")
+
+
+def saved_templates(model: str) -> list[str]:
+    """Names of the chat templates a local model folder saves with its tokenizer."""
+    folder = Path(model).expanduser()
+    names = [p.stem for p in (folder / "additional_chat_templates").glob("*.jinja")] if folder.is_dir() else []
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            saved = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            saved = None
+        if isinstance(saved, list):
+            names += [t.get("name") for t in saved if isinstance(t, dict) and t.get("name")]
+    return sorted(set(names))
+
+
+def check_template(name: str, model: str | None, what: str = "--template") -> None:
+    """A template is a shipped name (``core.templates.NAMES``) or one the model folder saves."""
+    from ctrltok.core.templates import NAMES
+
+    if name in NAMES:
+        return
+    local = model is not None and Path(model).expanduser().is_dir()
+    saved = saved_templates(model) if local else []
+    if name in saved:
+        return
+    if model is not None and not local:
+        from ctrltok.core.models import ALIASES
+
+        if model.lower() not in ALIASES:
+            return  # a Hub model's own named templates are known only once it is downloaded
+    known = sorted(set(NAMES) | set(saved))
+    near = get_close_matches(name, known, n=1)
+    raise UsageError(f"{what} {name!r} is not a chat template; expected one of {known}"
+                     + (f" (did you mean {near[0]}?)" if near else ""))
+
+
+def check_input(value: str, what: str = "--input") -> None:
+    """An input path exists, and a folder holds files ctrltok reads (a name that is no path is
+    taken as a dataset on the Hub, as :mod:`ctrltok.core.records` reads it)."""
+    from ctrltok.core.records import FORMATS, file_format
+
+    if value.startswith(("ctrltok:", "hf:")):
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if (path / "ctrltok-data.json").is_file():
+            return
+        if not any(p.is_file() and file_format(p)[0] is not None for p in path.iterdir()):
+            kinds = ", ".join(f"*.{f}" for f in FORMATS)
+            raise UsageError(f"{what} {value}: no data files in this folder (ctrltok reads {kinds}, .jsonl and .json "
+                             "also .gz or .zst compressed)")
+    elif not path.exists() and (file_format(path)[0] is not None or value.startswith(("/", "./", "../", "~"))):
+        raise UsageError(f"{what} {value}: no such file")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (through links and relative spellings too)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def check_output(out: str, inputs: dict[str, str | None]) -> None:
+    """``--out`` may not be one of the command's inputs (it would be overwritten while read)."""
+    if out == "-":
+        return
+    if Path(out).expanduser().is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name")
+    for flag, value in inputs.items():
+        if value and not str(value).startswith(("ctrltok:", "hf:")) and same_file(out, value):
+            raise UsageError(f"--out {out} is the {flag} file: writing it would destroy the input; choose another --out")
+
+
+@contextmanager
+def output_file(out: str) -> Iterator[IO[str]]:
+    """``--out``, written to ``OUT.tmp`` and renamed into place when complete: an error leaves an
+    existing ``OUT`` as it was, a kill leaves at most ``OUT.tmp``. ``-`` is stdout."""
+    if out == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    path = Path(out).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """The names and paths a command takes, checked before its handler imports or loads anything."""
+    model = getattr(args, "model", None)
+    if model is not None:
+        check_model_name(model)
+    if getattr(args, "before", None):
+        check_model_name(args.before, "--before")
+    if getattr(args, "template", None):
+        check_template(args.template, model)
+    for flag in ("input", "data", "sidecar"):
+        value = getattr(args, flag, None)
+        if value:
+            check_input(value, f"--{flag}")
+    if getattr(args, "out", None) and args.command in ("render", "generate", "label", "annotate"):
+        check_output(args.out, {"--input": getattr(args, "input", None)})
+
+
+# -- main ------------------------------------------------------------------------------------------
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The loaded classes of ``USER_ERRORS``."""
+    out = []
+    for spec in USER_ERRORS:
+        module, name = spec.split(":")
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            out.append(getattr(loaded, name))
+    return tuple(out)
+
+
+def one_line(exc: BaseException, command: str) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for python, flag in CLI_TERMS.get(command, ()):
+        text = text.replace(python, flag)
+    return text
+
+
+def _quiet_transformers() -> None:
+    """transformers' own tqdm bars ("Loading weights", "Writing model shards") off; ctrltok's rich
+    progress stays, and so do the Hub's download bars (a first download can take minutes)."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    preflight(args)
+    if args.command == "train":  # `accelerate launch --cpu --num_processes N` starts one process
+        from ctrltok.cli.run import check_train
+        from ctrltok.training.launch import relaunch_if_needed
+
+        if check_train(args) == "done":  # a bad recipe or used --out fails here, once, not in every process
+            return 0
+        code = relaunch_if_needed(sys.argv[1:] if argv is None else list(argv))
+        if code is not None:
+            return code
+    _quiet_transformers()
+    code = resolve(args.target)(args)
+    return code if isinstance(code, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    args = build_parser().parse_args(argv)
-    from ctrltok.core.chat import ChatError
-    from ctrltok.core.config import ConfigError
-    from ctrltok.core.records import RecordError
-
     try:
-        if args.command == "train":  # `accelerate launch --cpu --num_processes N` starts one process
-            from ctrltok.core.config import load_recipe
-            from ctrltok.training.launch import relaunch_if_needed
-
-            load_recipe(args.recipe, args.set)  # a bad recipe fails here, once, not in every process
-            code = relaunch_if_needed(sys.argv[1:] if argv is None else list(argv))
-            if code is not None:
-                return code
-        code = resolve(args.target)(args)
-    except (ConfigError, RecordError, ChatError, FileNotFoundError) as exc:
-        print(f"ctrltok {args.command}: error: {exc}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or an argument error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = args.debug or os.environ.get("CTRLTOK_DEBUG", "") not in ("", "0")
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(file=sys.stderr)  # end the line the ^C was echoed on; nothing else
+        return 130
+    except Exception as exc:
+        if debug or not isinstance(exc, user_error_types()):
+            raise
+        print(f"ctrltok {args.command}: error: {one_line(exc, args.command)}", file=sys.stderr)
         return 2
-    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,20 +1,69 @@
-"""`ctrltok prepare RECIPE.yaml --out DIR [--workers N]`: a recipe's data, encoded once into shards."""
+"""`ctrltok prepare RECIPE.yaml --out DIR [--workers N]`: a recipe's data, encoded once into shards.
+
+A rerun resumes an unfinished folder made from the same data (its inputs' fingerprints are recorded
+in ``DIR/parts`` at the start) and says "already prepared" of a finished one; a folder prepared from
+other data settings or other input files is refused, naming what differs.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
+from ctrltok.cli.run import check_recipe_names
 from ctrltok.core.config import load_recipe
+from ctrltok.core.stages import RUN_FILE
+from ctrltok.data.prepare import data_key
 from ctrltok.data.prepare import prepare as prepare_data
+from ctrltok.data.store import MANIFEST, PARTS, PreparedData
+from ctrltok.training.runs import RunError, check_inputs, recipe_inputs
 from ctrltok.training.setup import prepare_tokenizer
+
+NOT_DATA = ("data.workers",)  # in the data key, but not what the documents are made from
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and (not prefix or prefix == "data"):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {"train.seed" if prefix == "seed" else prefix: value}
+
+
+def check_prepared(recipe, out: Path) -> bool:
+    """Whether ``out`` is a finished prepared folder of ``recipe``'s data settings (a finished folder
+    of other settings is a :class:`~ctrltok.training.runs.RunError` naming them); records or checks
+    the inputs' fingerprints of an unfinished one."""
+    finished = (out / MANIFEST).is_file()
+    if finished:
+        stored = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("recipe")
+        if isinstance(stored, dict):
+            old, new = _flat(stored), _flat(json.loads(json.dumps(data_key(recipe), default=str)))
+            diff = [k for k in sorted(set(old) | set(new)) if k not in NOT_DATA and old.get(k) != new.get(k)]
+            if diff:
+                raise RunError(f"{out}: already prepared from other data settings ({', '.join(diff)}); prepare "
+                               "into a new --out")
+    inputs = {k: v for k, v in recipe_inputs(recipe).items() if k != "model.name"}  # the tokenizer is checked apart
+    check_inputs(out / PARTS, inputs, finished or (out / PARTS / RUN_FILE).is_file(), "prepare")
+    return finished
 
 
 def prepare(a):
     recipe = load_recipe(a.recipe, a.set)
     if a.workers is not None:
         recipe.data.workers = a.workers
+    check_recipe_names(recipe)
+    out = Path(a.out)
+    finished = check_prepared(recipe, out)
     tokenizer, charter = prepare_tokenizer(recipe)
+    if finished:
+        PreparedData.open(out, tokenizer)  # refuses data encoded by another tokenizer
+        print(f"already prepared, nothing to do: {out} holds this recipe's data")
+        return 0
     t0 = time.perf_counter()
 
     def progress(n: int) -> None:

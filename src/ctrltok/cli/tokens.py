@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
+from ctrltok.cli.main import UsageError, check_output, output_file
+from ctrltok.cli.run import model_vocab
 from ctrltok.core.chat import ChatEncoder
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.models import load_model, resolve_model
@@ -41,11 +43,16 @@ def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", p
 
 
 def render_file(model: str, template: str, input: str, out: str, loss_on: str = "assistant") -> int:
-    """Chats (any layout :func:`to_conversation` reads) -> ``{"input_ids", "labels"}`` JSONL, in input order."""
+    """Chats (any layout :func:`to_conversation` reads) -> ``{"input_ids", "labels"}`` JSONL, in input order.
+
+    ``out`` is written to ``OUT.tmp`` and renamed into place when every record is encoded: a bad
+    record leaves an existing ``OUT`` untouched, a kill leaves no ``OUT`` that looks complete;
+    ``out`` may not be ``input``; ``-`` writes to stdout."""
+    check_output(out, {"--input": input})
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     encoder = ChatEncoder(tokenizer, template, loss_on)
     n = 0
-    with open(out, "w", encoding="utf-8") as fh:
+    with output_file(out) as fh:
         chunk: list[tuple[str, dict]] = []
 
         def flush() -> None:
@@ -60,6 +67,8 @@ def render_file(model: str, template: str, input: str, out: str, loss_on: str = 
             if len(chunk) == 512:
                 flush()
         flush()
+        if n == 0:
+            raise UsageError(f"--input {input}: no records; nothing to render")
     return n
 
 
@@ -94,6 +103,12 @@ def print_report(report: Report) -> None:
 
 
 def add_tokens(a):
+    vocab = model_vocab(a.model)  # a local folder's tokens, read before the weights load
+    for preset in a.preset:
+        have = [t.text for t in resolve_tokens([preset]) if vocab and t.text in vocab and not t.reuse]
+        if have:
+            raise UsageError(f"--model {a.model} already has {have[0]!r} (id {vocab[have[0]]}) of --preset {preset}; "
+                             "leave that preset out, or start from a model without its tokens")
     out = save_with_tokens(a.model, a.preset, init=a.init, pad_to_multiple_of=a.pad_to_multiple_of, out=a.out,
                            template=a.template)
     print(f"saved to {out}")
@@ -102,11 +117,18 @@ def add_tokens(a):
 
 def render(a):
     n = render_file(a.model, a.template, a.input, a.out, loss_on=a.loss_on)
-    print(f"wrote {n} encoded conversations to {a.out}", file=sys.stderr)
+    print(f"wrote {n} encoded conversations to {'stdout' if a.out == '-' else a.out}", file=sys.stderr)
 
 
 def inspect(a):
-    report = inspect_checkpoint(a.path)
+    path = Path(a.path).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{a.path}: no such checkpoint folder" if not path.exists() else
+                         f"{a.path}: a file; give the checkpoint's folder")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UsageError(f"{a.path}: not a checkpoint folder (no tokenizer.json or tokenizer_config.json); give a "
+                         "folder written by ctrltok train / add-tokens or save_pretrained")
+    report = inspect_checkpoint(path)
     if a.json:
         print(report.to_json())
     else:

@@ -84,6 +84,38 @@ class ChatEncoder:
         self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
         self._special_re = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
         self._shapes: dict[tuple, _Shape] = {}
+        self._role_marked: bool | None = None
+
+    # -- checks ----------------------------------------------------------------------------
+    @property
+    def role_marked(self) -> bool:
+        """Whether the template writes who speaks (``eot`` does not: utterances alternate, each closed
+        by ``<EOT>``, and a turn's role is only its place)."""
+        if self._role_marked is None:
+            try:
+                self._role_marked = self._render(("user",), False, 0) != self._render(("assistant",), False, 0)
+            except Exception:  # noqa: BLE001 - a template that refuses a lone turn enforces its own order
+                self._role_marked = True
+        return self._role_marked
+
+    def check_turns(self, messages: list[dict], where: str = "conversation") -> None:
+        """Under a template without role markers, turns must alternate user, assistant, ... (after an
+        optional leading system message): an assistant-first conversation, two turns of one role in a
+        row or a system message later on would be learned with the roles swapped. A
+        :class:`ChatError` naming the place, whose text up to the first ``;`` is the skip reason."""
+        if self.role_marked:
+            return
+        start = 1 if messages and messages[0]["role"] == "system" else 0
+        for j in range(start, len(messages)):
+            role, expected = messages[j]["role"], ("user", "assistant")[(j - start) % 2]
+            if role == "system":
+                raise ChatError(f"{where}: a system message after the first turn (template {self.template.name!r} has no "
+                                f"role markers); messages[{j}] would be read as a {expected} turn: move it to the start "
+                                "or drop it")
+            if role != expected:
+                raise ChatError(f"{where}: turns do not alternate user, assistant (template {self.template.name!r} has no "
+                                f"role markers); messages[{j}] is {role!r} where a {expected} turn belongs, so the roles "
+                                "would be learned swapped: start with a user turn and alternate")
 
     # -- rendering -------------------------------------------------------------------------
     def _render(self, roles: tuple[str, ...], gen: bool, base: int) -> str:
@@ -176,6 +208,7 @@ class ChatEncoder:
         texts: list[str] = []
         for msgs, src in zip(conversations, sources):
             validate_messages(msgs, src)
+            self.check_turns(msgs, src)
             plan = self._plan(msgs, add_generation_prompt)
             plans.append(plan)
             texts.extend(it[0] for it in plan if isinstance(it, list))

@@ -14,6 +14,7 @@ Sections: ``model``, ``tokens``, ``data``, ``train``, ``lora``, ``epe``, ``condi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class ModelConfig:
     attn: str = "auto"  # auto (per-document SDPA for packed training on CPU, sdpa elsewhere) | sdpa | eager | flex_attention | ctrltok_varlen
     init: str = "pretrained"  # pretrained | scratch (the architecture from the model's config, fresh weights)
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the model's config (e.g. n_layer: 12)
+    liger: bool = False  # liger-kernel's RMSNorm, RoPE and SwiGLU kernels (optional package; core.loss.apply_liger)
 
     def check(self, source: str = "<recipe>", lora: bool = False) -> None:
         """What can be checked without the model's config (whose attributes ``core.models`` checks)."""
@@ -199,10 +201,13 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps; 0 = only at the end
     log_every: int = 1
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb
-    deepspeed: str | None = None  # a DeepSpeed JSON for GPU users, used through `accelerate launch`
+    strategy: str = "ddp"  # ddp | fsdp2 | deepspeed (ctrltok.training.engines); an accelerate launch config can also pick it
+    deepspeed: str | None = None  # a DeepSpeed JSON (recipes/deepspeed/zero2.json), read with strategy deepspeed
+    save_total_limit: int | None = 2  # checkpoints kept (the newest); null keeps every one
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the decoder layers' MLPs and norms (ctrltok.training.compiling)
     new_token_lr: float | None = None  # LoRA only: a separate learning rate for the new token rows
+    push_to_hub: str | None = None  # a Hub repo (owner/name): the saved model is uploaded after training (ctrltok push)
 
 
 @dataclass
@@ -379,6 +384,10 @@ def _build(cls: type, mapping: dict, where: str) -> Any:
             + f"; expected one of {sorted(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in mapping.items()}
+    required = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:  # e.g. a tokens.custom entry without `token`: a one-line error, not a TypeError
+        raise ConfigError(f"{where}: missing key {required[0]!r} (a {cls.__name__} needs {required})")
     return cls(**kwargs)
 
 
@@ -420,9 +429,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.exists():
         raise ConfigError(f"{path}: no such recipe file")
     try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    if not mapping:  # an empty file (or comments only) would silently train on every default
+        raise ConfigError(f"{path}: the recipe is empty; write at least its data section (data.train, "
+                          "data.template) and model.name, as the recipes under recipes/ do")
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, found {type(mapping).__name__}")
     return recipe_from_mapping(mapping, str(path), overrides)
@@ -437,27 +449,143 @@ _CHOICES = {
     "model.init": ("pretrained", "scratch"),
     "data.on_error": ("raise", "skip"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.strategy": ("ddp", "fsdp2", "deepspeed"),
 }
+CUSTOM_ROLES = ("supervised", "stop", "blocked", "marker")  # tokens.custom[i].role
+INITS = ("mvn", "mean", "mean_noise", "describe")  # tokens.init (also copy:<token>), as core.tokens reads them
+ALL_LINEAR = "all-linear"  # lora.target_modules: every linear layer but the output head (PEFT's shorthand)
+
+# Numeric ranges, by dotted key: ">0", ">=N", or an interval "[a,b]" / "[a,b)" / "(a,b)". A value of
+# None (an optional field left out) and a section that is absent are not checked.
+_RANGES = {
+    "tokens.pad_to_multiple_of": ">=1",
+    "data.max_length": ">=8",
+    "data.eval_fraction": "[0,1)",
+    "data.limit": ">=1",
+    "data.workers": ">=1",
+    "train.lr": ">0",
+    "train.weight_decay": ">=0",
+    "train.warmup_steps": ">=0",
+    "train.warmup_ratio": "[0,1]",
+    "train.epochs": ">0",
+    "train.max_steps": ">=1",
+    "train.num_tokens": ">=1",
+    "train.micro_batch_size": ">=1",
+    "train.grad_accum": ">=1",
+    "train.max_grad_norm": ">=0",
+    "train.seed": ">=0",
+    "train.eval_every": ">=0",
+    "train.save_every": ">=0",
+    "train.log_every": ">=1",
+    "train.save_total_limit": ">=1",
+    "train.new_token_lr": ">0",
+    "lora.r": ">=1",
+    "lora.alpha": ">0",
+    "lora.dropout": "[0,1)",
+    "epe.reflection_weight": ">=0",
+    "epe.context_weight": ">=0",
+    "epe.head_weight": ">=0",
+    "conditional.misaligned_fraction": "(0,1)",
+    "conditional.drop_token_fraction": "[0,1]",
+    "backtranslate.max_documents": ">=1",
+    "backtranslate.max_candidates": ">=1",
+    "backtranslate.max_per_document": ">=1",
+    "backtranslate.min_chars": ">=0",
+    "backtranslate.temperature": ">=0",
+    "backtranslate.top_p": "(0,1]",
+    "backtranslate.rewrite_temperature": ">=0",
+    "backtranslate.curation_temperature": ">=0",
+    "backtranslate.backward_steps": ">=1",
+    "backtranslate.seed_steps": ">=1",
+    "backtranslate.finetune_steps": ">=1",
+    "backtranslate.report_samples": ">=0",
+}
+_MISSING = object()
+
+
+def _range_problem(value: Any, rule: str) -> str | None:
+    """What is wrong with ``value`` under ``rule`` (see ``_RANGES``), or ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "expected a finite number"
+    if rule.startswith(">="):
+        low = float(rule[2:])
+        return None if value >= low else f"expected {'an integer' if isinstance(value, int) else 'a number'} >= {rule[2:]}"
+    if rule.startswith(">"):
+        return None if value > float(rule[1:]) else f"expected a number > {rule[1:]}"
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    ok = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+    return None if ok else f"expected a value in {rule}"
 
 
 def validate(recipe: Recipe) -> None:
-    """Cross-field checks that a type alone cannot express; resolves ``data.overlong: auto``."""
+    """Cross-field checks that a type alone cannot express; resolves ``data.overlong: auto``.
+
+    Every error is one line naming the recipe file and the dotted key, what was found and what is
+    expected: choices (``_CHOICES``), numeric ranges (``_RANGES``), custom tokens, LoRA modules."""
+    src = recipe.source
     if recipe.data.overlong == "auto":  # recorded resolved, so a run's manifest says what it did
         recipe.data.overlong = "chunk" if recipe.data.kind in ("text", "labelled") else "truncate"
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(recipe, section), key)
         if value not in choices:
-            raise ConfigError(f"{recipe.source}: {dotted} = {value!r}; expected one of {list(choices)}")
-    recipe.model.check(recipe.source, recipe.lora.enabled)
-    t = recipe.train
-    if t.micro_batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError(f"{recipe.source}: train.micro_batch_size and train.grad_accum must be >= 1")
-    if recipe.data.max_length < 8:
-        raise ConfigError(f"{recipe.source}: data.max_length = {recipe.data.max_length} is too small")
+            raise ConfigError(f"{src}: {dotted} = {value!r}; expected one of {list(choices)}")
+    for dotted, rule in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(recipe, section, None), key, _MISSING)
+        if value is None or value is _MISSING or isinstance(value, bool):
+            continue
+        problem = _range_problem(value, rule)
+        if problem:
+            optional = type(None) in typing.get_args(typing.get_type_hints(type(getattr(recipe, section)))[key])
+            hint = " (or null)" if optional else ""
+            raise ConfigError(f"{src}: {dotted} = {value!r}; {problem}{hint}")
+    recipe.model.check(src, recipe.lora.enabled)
+    _check_tokens(recipe.tokens, src)
+    _check_lora(recipe.lora, src)
+    _check_engine(recipe.train, src)
+    betas = recipe.train.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"{src}: train.betas = {betas!r}; expected two numbers in [0,1), e.g. [0.9, 0.999]")
     if recipe.data.kind == "epe" and (recipe.epe is None or not recipe.epe.sidecar):
-        raise ConfigError(f"{recipe.source}: data.kind = epe needs epe.sidecar (the annotation file)")
+        raise ConfigError(f"{src}: data.kind = epe needs epe.sidecar (the annotation file)")
     if recipe.conditional and recipe.conditional.threshold is None and recipe.conditional.misaligned_fraction is None:
-        raise ConfigError(f"{recipe.source}: conditional needs threshold or misaligned_fraction")
+        raise ConfigError(f"{src}: conditional needs threshold or misaligned_fraction")
     if recipe.backtranslate is not None:
-        recipe.backtranslate.check(recipe.source)
+        recipe.backtranslate.check(src)
+
+
+def _check_engine(t: TrainConfig, src: str) -> None:
+    """``train.strategy`` with ``train.deepspeed`` and the precision (ctrltok.training.engines)."""
+    if t.deepspeed and t.strategy != "deepspeed":
+        raise ConfigError(f"{src}: train.deepspeed names a DeepSpeed config but train.strategy = {t.strategy!r}; "
+                          "set train.strategy: deepspeed (or drop train.deepspeed)")
+    if t.strategy == "fsdp2" and t.precision == "fp16":
+        raise ConfigError(f"{src}: train.strategy = fsdp2 with train.precision = fp16 needs a sharded gradient scaler, "
+                          "which ctrltok does not run; use bf16 (or fp32)")
+
+
+def _check_tokens(tokens: TokensConfig, src: str) -> None:
+    def init_ok(value: str | None) -> bool:
+        return value is None or value in INITS or (value.startswith("copy:") and len(value) > len("copy:"))
+
+    if not init_ok(tokens.init):
+        raise ConfigError(f"{src}: tokens.init = {tokens.init!r}; expected one of {list(INITS)} or copy:<token>")
+    for i, c in enumerate(tokens.custom):
+        where = f"{src}: tokens.custom[{i}]"
+        if not c.token.strip():
+            raise ConfigError(f"{where}.token is empty; expected the token's spelling, e.g. '<|mine|>'")
+        if c.role not in CUSTOM_ROLES:
+            raise ConfigError(f"{where}.role = {c.role!r}; expected one of {list(CUSTOM_ROLES)}")
+        if not init_ok(c.init):
+            raise ConfigError(f"{where}.init = {c.init!r}; expected one of {list(INITS)} or copy:<token>")
+
+
+def _check_lora(lora: LoraConfig, src: str) -> None:
+    modules = lora.target_modules
+    if not modules or not all(isinstance(m, str) and m.strip() for m in modules):
+        raise ConfigError(f"{src}: lora.target_modules = {modules!r}; expected module names (q_proj, v_proj, ...) "
+                          f"or {ALL_LINEAR}")
+    if ALL_LINEAR in modules and len(modules) > 1:
+        raise ConfigError(f"{src}: lora.target_modules = {modules!r}; {ALL_LINEAR} already means every linear "
+                          "layer: give it alone or list module names")

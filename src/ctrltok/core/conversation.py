@@ -133,7 +133,7 @@ def tree_threads(record: dict, where: str, paths: str = "best") -> list[list[dic
         key = tuple((m["role"], m["content"]) for m in t)
         if t and key not in seen:
             seen.add(key)
-            out.append(validate_messages(t, where))
+            out.append(check_replies(validate_messages(t, where), where))
     if not out:
         raise ChatError(f"{where}: message tree has no assistant reply (after leaving out deleted or "
                         "failed-review messages)")
@@ -148,6 +148,17 @@ def to_conversations(record: dict[str, Any], where: str, paths: str = "best",
     if is_message_tree(record) and not prompt_only:
         return tree_threads(record, where, paths)
     return [to_conversation(record, where, prompt_only)]
+
+
+def check_replies(messages: list[dict], where: str) -> list[dict]:
+    """Refuse an empty assistant turn in a training conversation: it teaches the model to end its
+    turn at once. A :class:`ChatError` whose text up to the first ``;`` is the skip reason."""
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant" and isinstance(m.get("content"), str) and not m["content"].strip():
+            raise ChatError(f"{where}: an empty assistant turn; messages[{i}] has no text, which would teach the "
+                            "model to end its turn at once: fill it or drop the record (data.on_error: skip counts "
+                            "such records)")
+    return messages
 
 
 def _history(pairs: Any, where: str) -> list[dict]:
@@ -203,4 +214,5 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
                 if {"message_id", "parent_id", "role", "text"} <= set(record) else "")
         raise ChatError(f"{where}: no conversation found (expected one of: {wanted}); "
                         f"found fields {sorted(record)}{hint}")
-    return validate_messages(msgs, where)
+    validate_messages(msgs, where)
+    return msgs if prompt_only else check_replies(msgs, where)
