@@ -1,5 +1,6 @@
 """The training loop: accumulation invariance, every parameter trained, LoRA with new rows,
-resume after SIGKILL == uninterrupted, 2 processes == 1, plain-transformers reload."""
+resume after SIGKILL == uninterrupted, plain-transformers reload. Several processes and engines
+(DDP, FSDP2, DeepSpeed, two nodes): tests/test_engines.py."""
 
 from __future__ import annotations
 
@@ -223,29 +224,3 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000002"
     clean_partial(tmp_path)
     assert not (root / "step-000004.tmp-123").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-def test_two_processes_match_one(tiny_dir, tmp_path, launcher):
-    path = _write_recipe(tmp_path, tiny_dir, max_steps=2, micro_batch_size=1)
-    _cli(["train", str(path), "--out", str(tmp_path / "one"), "--set", "train.grad_accum=2"])
-    env = {**os.environ, "CTRLTOK_PROGRESS": "0"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(k, None)
-    # accelerate launch --cpu starts one process (it needs mpirun for more); ctrltok starts the
-    # second itself (ctrltok.training.launch). torchrun starts both directly.
-    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-              if launcher == "accelerate" else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                 "--master_port", "29518"])
-    run = subprocess.run([*launch, "-m", "ctrltok", "train", str(path), "--out", str(tmp_path / "two"),
-                          "--set", "train.grad_accum=1"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    if launcher == "accelerate":
-        assert "starting 2 through torch.distributed.run" in run.stdout + run.stderr
-    assert json.loads((tmp_path / "two" / "ctrltok.json").read_text())["summary"]["processes"] == 2
-    assert json.loads((tmp_path / "one" / "ctrltok.json").read_text())["summary"]["processes"] == 1
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -28,9 +28,9 @@ def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", p
     """Load a model, add preset tokens, install templates, save a plain checkpoint with its manifest."""
     m, tok = load_model(model)
     surgery = add_control_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)
-    install_templates(tok)
     if template is None:  # the first preset that has a template of its own names the end of turn
         template = next((p for p in presets if p in ("eot", "oasst", "epe")), "default")
+    install_templates(tok, default=template)  # the template the tokens are for is the saved default
     tmpl = get_template(template, tok)
     end_of_turn = tmpl.end_of_turn
     apply_generation_config(m, surgery, tmpl.end_of_turn_id(tok))
@@ -79,6 +79,7 @@ def print_report(report: Report) -> None:
     console.print(f"  tokenizer length {report.tokenizer_length:,}")
     console.print(f"  tied embeddings  {report.tied}")
     console.print(f"  named templates  {', '.join(report.templates) or '(none)'}")
+    console.print(f"  default template {report.default_template or '(none)'}")
     console.print(f"  stop ids         {report.stop_ids}")
     console.print(f"  suppressed ids   {report.suppressed} (e.g. {report.suppressed_sample})")
     table = Table("id", "token", "special", "atomic", title="added tokens")

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "smollm2-135m"  # alias of the embedded default, a local path, or a hub name
     dtype: str = "float32"  # float32 | bfloat16 | float16 (bf16 on GPUs; this CPU has no native bf16)
-    attn: str = "auto"  # auto (per-document SDPA for packed training on CPU, sdpa elsewhere) | sdpa | eager | flex_attention | ctrltok_varlen
+    attn: str = "auto"  # auto (per-document SDPA for packed training on CPU, flash varlen / FlexAttention on CUDA) | sdpa | eager | flex_attention | ctrltok_varlen
     init: str = "pretrained"  # pretrained | scratch (the architecture from the model's config, fresh weights)
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the model's config (e.g. n_layer: 12)
     liger: bool = False  # liger-kernel's RMSNorm, RoPE and SwiGLU kernels (optional package; core.loss.apply_liger)

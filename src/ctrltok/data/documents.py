@@ -131,6 +131,8 @@ class DocumentEncoder:
         for where, rec in items:
             try:
                 found = to_conversations(rec, where, self.data.oasst_paths)  # an OASST tree may hold several
+                for msgs in found:
+                    self.chat.check_turns(msgs, where)
             except ChatError as exc:
                 out.append(self._bad(str(exc).split(": ", 1)[-1].split(";")[0], where, ChatError))
                 continue

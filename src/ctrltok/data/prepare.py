@@ -48,7 +48,8 @@ from ctrltok.data.store import (
 )
 from ctrltok.epe.reflection import read_annotated
 
-ROW_SETTINGS = ("max_length", "overlong", "packing")  # shape rows, not documents: not in the data key
+# Shape rows (or only how fast the pass runs), not documents: not in the data key.
+ROW_SETTINGS = ("max_length", "overlong", "packing", "workers")
 CHUNK = 64  # inputs per worker task
 SHARD_SIZE = 4096  # inputs per shard: a kill redoes at most this many
 

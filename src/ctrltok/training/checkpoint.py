@@ -4,11 +4,28 @@
 records beside a model (tokens, template, end-of-turn token, the recipe's values, the run's summary)
 and what generation, evaluation, the card and ``inspect`` read back from it.
 
-A checkpoint is a folder ``<out>/checkpoints/step-000040`` holding the trainable tensors
-(safetensors), the optimizer and scheduler state, the RNG states and ``state.json``. It is written
-into ``step-000040.tmp-<pid>`` and renamed into place only when complete, so a run killed while
-writing (even by SIGKILL) never leaves a folder that looks complete; the next run ignores and
-removes the leftovers and resumes from the newest complete checkpoint.
+A checkpoint is a folder ``<out>/checkpoints/step-000040``::
+
+    model/            DDP, FSDP2, one process: torch.distributed.checkpoint (DCP) of the trainable
+                      parameters and the optimizer state, one file per writing rank + .metadata.
+                      FSDP2 ranks write their own shards; DDP's replicated tensors are written once.
+                      DCP reshards on load: a run may resume on another number of processes, or
+                      switch between DDP and FSDP2.
+    deepspeed/        DeepSpeed: the engine's own checkpoint (module, ZeRO optimizer partitions)
+    scheduler.pt      the learning-rate schedule (main process)
+    rng-00000.pt ...  each rank's RNG states: torch, CUDA when present, numpy, python
+    state.json        the step, the loader's position (data, plan, rows, per step), the engine
+
+Frozen parameters are left out (under LoRA a checkpoint holds the adapters and the new token rows):
+a resumed run rebuilds them from the base model exactly as the first run did. The loader's position
+is the step (the order is a pure function of seed and step) plus the data and plan identity.
+
+Publishing: every rank writes into ``step-000040.tmp``; after a barrier the main process writes
+``state.json``, makes the bytes durable and renames the folder into place, then the oldest
+checkpoints beyond ``train.save_total_limit`` go. A run killed while writing (even by SIGKILL)
+never leaves a folder that looks complete; the next run removes the leftovers and resumes from the
+newest complete checkpoint. Every rank writes into the same folder, so on several nodes ``--out``
+must be on a filesystem they share (``ctrltok.training.engines.check_shared_output``).
 """
 
 from __future__ import annotations
@@ -23,7 +40,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from ctrltok.core.config import Recipe, recipe_from_mapping
 
@@ -56,10 +78,13 @@ class RunManifest:
         return cls(values, path)
 
     @classmethod
-    def for_run(cls, token_manifest: dict, recipe: Recipe, end_of_turn: str, summary: dict) -> RunManifest:
-        """The manifest the final save of a training run writes (``complete`` set by :meth:`write`)."""
+    def for_run(cls, token_manifest: dict, recipe: Recipe, end_of_turn: str, summary: dict,
+                run: dict | None = None) -> RunManifest:
+        """The manifest the final save of a training run writes (``complete`` set by :meth:`write`);
+        ``run``: the run's identity (:mod:`ctrltok.training.runs`), what a rerun is compared with."""
         return cls({**token_manifest, "template": recipe.data.template, "end_of_turn": end_of_turn,
-                    "recipe": recipe.name, "recipe_values": asdict(recipe), "summary": summary, "complete": False})
+                    "recipe": recipe.name, "recipe_values": asdict(recipe), "summary": summary, "run": run,
+                    "complete": False})
 
     def write(self, model_dir: str | os.PathLike, complete: bool | None = None) -> Path:
         """Write atomically (a temporary file renamed into place): a reader never sees half a file."""
@@ -110,13 +135,18 @@ def checkpoint_root(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    root = checkpoint_root(out_dir)
+def _complete(root: Path) -> list[Path]:
+    """Published checkpoints, oldest first."""
     if not root.exists():
-        return None
+        return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp" not in p.name
             and (p / STATE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = _complete(checkpoint_root(out_dir))
+    return done[-1] if done else None
 
 
 def clean_partial(out_dir: Path) -> None:
@@ -127,58 +157,102 @@ def clean_partial(out_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _raw(optimizer):
+    """The torch optimizer under accelerate's wrapper (DCP reads its param_groups and state)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
-def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict,
-                    keep: int = 2) -> Path:
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, accelerator, model: torch.nn.Module, optimizer, scheduler,
+                    state: dict, keep: int | None = 2, deepspeed: bool = False) -> Path:
+    """Every rank: write this rank's part of checkpoint ``step``; the main process publishes it.
+    ``keep``: checkpoints kept after this one is published (None: all)."""
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = trainable_state(model)
-    shared: dict[int, str] = {}
-    unique = {}
-    for name, t in tensors.items():  # tied weights appear once
-        if t.data_ptr() in shared:
-            continue
-        shared[t.data_ptr()] = name
-        unique[name] = t
-    save_file(unique, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-               tmp / "rng.pt")
-    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
-    for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    done = sorted((p for p in root.iterdir() if p.is_dir() and ".tmp" not in p.name), key=lambda p: p.name)
-    for old in done[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f"{final.name}.tmp"
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / ("deepspeed" if deepspeed else "model")).mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if deepspeed:  # the engine: module, ZeRO partitions of the optimizer (every rank)
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True)
+    else:
+        msd, osd = get_state_dict(model, _raw(optimizer), options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "model"))
+    torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
+    if main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if main:
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        _fsync_tree(tmp)  # the bytes are durable before the rename makes them visible
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)  # the rename itself
+        for old in _complete(root)[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    tensors = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors
-               and not any(q.data_ptr() == p.data_ptr() and m in tensors for m, q in params.items())]
-    if missing:
-        raise RuntimeError(f"{path}: checkpoint lacks trainable tensors {missing[:3]}; was it written by another recipe?")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
-    optim = torch.load(path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+def load_checkpoint(path: Path, accelerator, model: torch.nn.Module, optimizer, scheduler,
+                    deepspeed: bool = False) -> dict:
+    """Every rank: restore the model, optimizer, scheduler and this rank's RNG from ``path``; return
+    its ``state.json``."""
+    path = Path(path)
+    if (path / "trainable.safetensors").exists():
+        raise RuntimeError(f"{path}: a checkpoint in an older ctrltok layout (trainable.safetensors); resume it with "
+                           "the ctrltok that wrote it, or train into a new --out")
+    kind = "deepspeed" if (path / "deepspeed").is_dir() else "model"
+    if kind != ("deepspeed" if deepspeed else "model"):
+        raise RuntimeError(f"{path}: written by {'a DeepSpeed' if kind == 'deepspeed' else 'a DDP/FSDP2'} run; this run "
+                           f"uses {'DeepSpeed' if deepspeed else 'DDP/FSDP2'}. Resume with the same train.strategy")
+    if deepspeed:
+        loaded, _ = model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"{path}: DeepSpeed could not read its checkpoint")
+    else:
+        options = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(model, _raw(optimizer), options=options)
+        state = {"model": msd, "optimizer": osd}
+        dcp.load(state, checkpoint_id=str(path / "model"))  # a trainable tensor missing from it is an error
+        set_state_dict(model, _raw(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    mine = path / f"rng-{accelerator.process_index:05d}.pt"
+    if mine.exists():  # absent when resuming on more processes than wrote the checkpoint
+        set_rng_state(torch.load(mine, weights_only=False))
     return json.loads((path / STATE).read_text())

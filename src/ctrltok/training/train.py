@@ -15,18 +15,25 @@ What it guarantees:
   every held-out loss uses.
 * Under LoRA the new tokens' embedding rows (and an untied output head's) are trained through
   PEFT's ``trainable_token_indices``; a configuration that would leave them frozen is refused.
-* Checkpoints are atomic; rerunning the same command resumes from the newest one and ends with
-  the same weights as an uninterrupted run. The data order is a pure function of the seed and the
-  step, so nothing is replayed or skipped.
-* The final model in ``DIR`` is a plain Hugging Face checkpoint (LoRA merged), with its tokenizer,
-  named templates, generation config, model card, loss curves and metrics.
+* One gradient synchronisation per optimizer step: ``accelerator.accumulate`` keeps DDP's
+  all-reduce off every micro-batch but the last (counted in tests) and tells DeepSpeed where a step
+  ends.
+* Checkpoints (sharded model and optimizer, scheduler, RNG, the loader's position) are atomic;
+  rerunning the same command resumes from the newest one and ends with the same weights as an
+  uninterrupted run. The data order is a pure function of the seed and the step, so nothing is
+  replayed or skipped.
+* The final model in ``DIR`` is gathered once and written by the main process as a plain Hugging
+  Face checkpoint (LoRA merged), with its tokenizer, named templates, generation config, model card,
+  loss curves and metrics.
 
-Multi-process: on GPUs ``accelerate launch --num_processes N -m ctrltok train RECIPE.yaml`` (a
-DeepSpeed or FSDP config comes from ``accelerate launch --config_file``, see the recipes); on CPU
-``accelerate launch --cpu --num_processes 2 -m ctrltok train RECIPE.yaml`` (accelerate starts one
-process without mpirun; :mod:`ctrltok.training.launch` starts the rest) or ``torchrun --nproc_per_node 2 -m
-ctrltok train RECIPE.yaml``. Either way the same Accelerator drives DDP, and every process
-computes the same global row order and takes its own share of each step.
+Engines: DDP (default), FSDP2 (``train.strategy: fsdp2``) and DeepSpeed ZeRO-2/3
+(``train.strategy: deepspeed`` with ``train.deepspeed``), or whichever the ``accelerate launch
+--config_file`` of ``recipes/accelerate/`` names; :mod:`ctrltok.training.engines` holds what
+differs between them. Multi-process: ``accelerate launch --config_file CONFIG -m ctrltok train
+RECIPE.yaml``, or ``torchrun --nproc_per_node N -m ctrltok train RECIPE.yaml`` (on CPU ``accelerate
+launch --cpu --num_processes 2`` starts one process without mpirun; :mod:`ctrltok.training.launch`
+starts the rest). Every process computes the same global row order and takes its own share of
+each step.
 """
 
 from __future__ import annotations
@@ -36,11 +43,10 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,10 +56,10 @@ from rich.progress import (
 )
 from transformers import get_scheduler
 
-from ctrltok.core.attention import VARLEN, loading_attention, training_attention
+from ctrltok.core.attention import TRAINING_ONLY, loading_attention, training_attention
 from ctrltok.core.config import ConfigError, Recipe
 from ctrltok.core.heads import ConstitutionHead, save_head
-from ctrltok.core.loss import LossModel, heldout_loss, run_batch
+from ctrltok.core.loss import LossModel, apply_liger, heldout_loss, run_batch
 from ctrltok.core.packing import Batch
 from ctrltok.core.tokens import apply_generation_config
 from ctrltok.data.encode import to_batch
@@ -61,9 +67,12 @@ from ctrltok.data.loader import RowSource, prepared_rows, rank_rows
 from ctrltok.data.prepare import prepared_for
 from ctrltok.data.store import PreparedData
 from ctrltok.training import checkpoint as ckpt
+from ctrltok.training import engines
 from ctrltok.training.card import plot_curves, write_card
 from ctrltok.training.checkpoint import RunManifest
 from ctrltok.training.compiling import uncompile_blocks
+from ctrltok.training.publish import publish
+from ctrltok.training.runs import check_run, check_steps, run_identity
 from ctrltok.training.setup import (
     Prepared,
     apply_lora,
@@ -89,16 +98,21 @@ def accumulate(loss_model, accelerator, batches: list[Batch], impl: str, device,
 
     Each micro-batch's loss is its CE sum divided by the step's total target count, so the
     accumulated gradient is the per-target mean over the whole step however it is split.
+    ``accelerator.accumulate``, counting this step's micro-batches, runs all but the last under
+    DDP's ``no_sync`` and marks the last as DeepSpeed's step boundary. accelerate's ``backward`` (and
+    DeepSpeed's engine) divide each loss by that count, made for per-micro-batch means; ours is
+    already this micro-batch's share of the step's mean, so it is multiplied back.
     Returns (CE sum, head BCE sum, input tokens, supervised targets).
     """
     ce_step = head_step = 0.0
     n_in = n_sup = 0
-    for k, batch in enumerate(batches):
-        ctx = accelerator.no_sync(loss_model) if k < len(batches) - 1 else nullcontext()
-        with ctx:
+    accelerator.gradient_accumulation_steps = len(batches)
+    accelerator.step = 0  # accelerate's micro-batch counter: sync on the step's last micro-batch
+    for batch in batches:
+        with accelerator.accumulate(loss_model):
             with accelerator.autocast():
                 loss, ce_sum, head_sum = run_batch(loss_model, batch, impl, device, n_targets, n_head)
-            accelerator.backward(loss)
+            accelerator.backward(loss * len(batches))
         ce_step += float(ce_sum)
         head_step += float(head_sum)
         n_in += int((batch.doc_ids >= 0).sum())
@@ -110,7 +124,8 @@ def evaluate_loss(loss_model, rows: RowSource, recipe: Recipe, pad_id: int, impl
     """Mean CE per supervised target (and head BCE) over every held-out row, by
     :func:`core.loss.heldout_loss`, a micro-batch at a time (memory flat in the eval set's size).
 
-    Called on the main process only, with the *unwrapped* module.
+    Called with :func:`engines.eval_module`'s module: the unwrapped one on the main process, or the
+    sharded one on every rank (FSDP2, ZeRO-3), all running the same batches.
     """
     packed = recipe.data.packing or recipe.data.overlong == "chunk"
     batches = (to_batch(r, pad_id, packed) for r in rows.all_rows(recipe.train.micro_batch_size))
@@ -119,7 +134,7 @@ def evaluate_loss(loss_model, rows: RowSource, recipe: Recipe, pad_id: int, impl
     return out
 
 
-def _data(accelerator: Accelerator, recipe: Recipe, prepared: Prepared) -> tuple[PreparedData, RowSource, RowSource]:
+def _data(accelerator, recipe: Recipe, prepared: Prepared) -> tuple[PreparedData, RowSource, RowSource]:
     """The run's data, prepared (or read from ``data.train`` when it names a prepared folder), and
     its row plans. The main process prepares first; then each node's first process (a node without
     the shared filesystem prepares its own copy); the others open what is there."""
@@ -183,7 +198,7 @@ def _optimizer(loss_model: torch.nn.Module, recipe: Recipe, total_steps: int):
     return optimizer, scheduler
 
 
-def _loss_model(prepared: Prepared, recipe: Recipe, impl: str) -> tuple[LossModel, str]:
+def _loss_model(prepared: Prepared, recipe: Recipe, impl: str, compile: bool = True) -> tuple[LossModel, str]:
     """The trainable module: attention for training, gradient checkpointing, LoRA, compile, the
     constitution head for EPE. Returns it and what compile did."""
     model = prepared.model
@@ -191,9 +206,11 @@ def _loss_model(prepared: Prepared, recipe: Recipe, impl: str) -> tuple[LossMode
         model.set_attn_implementation(impl)  # for training forwards only; save_final restores a standard one
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if recipe.model.liger:  # Liger's fused norm / RoPE / SwiGLU kernels (optional package); our loss stays ours
+        apply_liger(model)
     if recipe.lora.enabled:
         model = apply_lora(model, recipe, prepared.surgery)
-    compiled = compile_for_training(model, recipe) if recipe.train.compile else "off"
+    compiled = compile_for_training(model, recipe) if recipe.train.compile and compile else "off"
     head = None
     if recipe.data.kind == "epe":
         head = ConstitutionHead(model.config.hidden_size, len(prepared.charter))
@@ -201,19 +218,20 @@ def _loss_model(prepared: Prepared, recipe: Recipe, impl: str) -> tuple[LossMode
     return loss_model.train(), compiled
 
 
-def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
+def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_with_changes: bool = False) -> Path:
     """Train per `recipe` and save the final model in `out_dir` (checkpoints below it). Resumes.
 
-    Read top to bottom: setup (model, data, optimizer, resume) -> the step loop -> final eval and
-    save. The loop stays in one function on purpose: it is the one place a reader checks what a
+    Read top to bottom: setup (model, data, engine, optimizer, resume) -> the step loop -> final eval
+    and save. The loop stays in one function on purpose: it is the one place a reader checks what a
     step does (the house rule is one readable loop, not a chain of small hooks).
     """
     out_dir = Path(out_dir)
-    if is_complete(out_dir):
+    identity = run_identity(recipe)  # the recipe's values and the inputs' fingerprints
+    status = check_run(out_dir, recipe, identity, resume_with_changes)  # refuses a folder of another run
+    if status == "done":
         return out_dir
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                              log_with=recipe.train.report_to or None, project_dir=str(out_dir))
+    engine = engines.make_engine(recipe, out_dir)  # DDP, FSDP2 or DeepSpeed: the recipe's or the launcher's
+    accelerator = engine.accelerator
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(recipe.train.seed)
@@ -221,55 +239,69 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out_dir)
+        if status == "resume" and is_complete(out_dir):  # a finished run continued (--resume-with-changes)
+            RunManifest.read(out_dir).write(out_dir, complete=False)
+    accelerator.wait_for_everyone()
+    if recipe.train.save_every:
+        engines.check_shared_output(accelerator, out_dir)
 
     # setup
-    prepared = prepare_model(recipe)
-    tokenizer = prepared.tokenizer
-    data, rows, eval_rows = _data(accelerator, recipe, prepared)
-    pack_stats = rows.plan.stats
-    packed = recipe.data.packing or recipe.data.overlong == "chunk"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    impl = training_attention(recipe.model.attn, accelerator.device)
-    loss_model, compiled = _loss_model(prepared, recipe, impl)
+    with engines.whole_model(engine):  # ZeRO-3 partitions the model at prepare, not while it loads
+        prepared = prepare_model(recipe)
+        tokenizer = prepared.tokenizer
+        data, rows, eval_rows = _data(accelerator, recipe, prepared)
+        pack_stats = rows.plan.stats
+        packed = recipe.data.packing or recipe.data.overlong == "chunk"
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        impl = training_attention(recipe.model.attn, accelerator.device)
+        loss_model, compiled = _loss_model(prepared, recipe, impl)
+    trainable = sum(p.numel() for p in loss_model.parameters() if p.requires_grad)
 
     t = recipe.train
     per_process = t.micro_batch_size * t.grad_accum
     per_step = per_process * world
     steps = total_steps(recipe, len(rows), per_step)
+    check_steps(out_dir, steps)  # a budget that ends before the newest checkpoint is refused
+    loss_model = engines.shard(engine, loss_model)  # FSDP2: per decoder layer, then the root; before the optimizer
     optimizer, scheduler = _optimizer(loss_model, recipe, steps)
-    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    loss_model, optimizer = engines.prepare(engine, loss_model, optimizer)  # DDP / DeepSpeed through accelerate
     device = accelerator.device
+    deepspeed = engine.strategy == "deepspeed"
 
-    def held_out() -> dict:
-        return evaluate_loss(accelerator.unwrap_model(loss_model), eval_rows, recipe, pad_id, impl, device)
+    def held_out() -> dict | None:
+        """The held-out losses on the main process (None elsewhere); every rank calls it."""
+        module = engines.eval_module(engine, loss_model)
+        out = evaluate_loss(module, eval_rows, recipe, pad_id, impl, device) if module is not None else None
+        return out if main else None
 
     start = 0
     metrics_path = out_dir / "metrics.jsonl"
     # The loader's position is the step: what a checkpoint must also match is the data and the plan.
     position = {"data": data.manifest["data_key"], "tokenizer": data.manifest["tokenizer"], "plan": rows.key,
                 "rows": len(rows), "per_step": per_step}
-    last = ckpt.latest_checkpoint(out_dir)
-    if last is not None:
-        state = ckpt.load_checkpoint(last, accelerator.unwrap_model(loss_model), optimizer, scheduler)
+    last = [str(ckpt.latest_checkpoint(out_dir) or "") if main else None]
+    broadcast_object_list(last)  # the main process's choice: every rank resumes from the same step
+    if last[0]:
+        state = ckpt.load_checkpoint(Path(last[0]), accelerator, loss_model, optimizer, scheduler, deepspeed)
         start = state["step"]
         saved = state.get("loader")
         if saved is not None and saved != position:
-            raise ConfigError(f"{last}: this checkpoint read other data or rows ({saved}); this run's are {position}. "
+            raise ConfigError(f"{last[0]}: this checkpoint read other data or rows ({saved}); this run's are {position}. "
                               "Resume with the same data and row settings, or train into a new --out")
         if main:
             _truncate_metrics(metrics_path, start)
     skips = data.manifest.get("skips", {})
+    first_eval = held_out() if start == 0 and len(eval_rows) else None
     if main:
         summary = {"event": "setup", "step": start, "rows": len(rows), "eval_rows": len(eval_rows),
                    "records": data.manifest["inputs"], "skips": skips, "pack": pack_stats,
                    "prepared": str(data.path), "total_steps": steps, "processes": world, "attention": impl,
-                   "compile": compiled,
-                   "new_ids": prepared.surgery.new_ids,
-                   "trainable_params": sum(p.numel() for p in loss_model.parameters() if p.requires_grad)}
+                   "compile": compiled, "strategy": engine.name,
+                   "new_ids": prepared.surgery.new_ids, "trainable_params": trainable}
         if start == 0:
             _log(metrics_path, summary)
-            if len(eval_rows):
-                _log(metrics_path, {"step": 0, **held_out()})
+            if first_eval:
+                _log(metrics_path, {"step": 0, **first_eval})
         if skips:
             print(f"skipped records: {skips} (first places: {data.manifest.get('skip_places')})")
 
@@ -282,56 +314,64 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> Path:
         mine = rank_rows(rows, step, per_step, rank, per_process, t.seed)  # this rank's share only
         micro = [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
         batches = [to_batch(m, pad_id, packed) for m in micro]
-        # The step's targets over all ranks, for the per-target mean: one small all-reduce.
+        # The step's targets over all ranks, for the per-target mean: one small all-reduce (and one
+        # after the step for the logged loss: the whole step's mean, whatever the number of processes).
         counts = torch.tensor([sum(ex.n_supervised for r in mine for ex in r),
                                sum(len(ex.head_positions) for r in mine for ex in r)], dtype=torch.float64,
                               device=accelerator.device)
         n_step, n_head = (int(c) for c in (accelerator.reduce(counts, "sum") if world > 1 else counts))
-        # DDP averages gradients over processes; scale back so the loss is a per-target mean overall.
+        # Every engine averages gradients over processes; scale back so the loss is a per-target mean overall.
         n_targets, n_head_div = max(n_step, 1) / world, max(n_head, 1) / world
         ce_step, head_step, n_in, n_sup = accumulate(loss_model, accelerator, batches, impl, device, n_targets,
                                                      n_head_div)
         tokens_in += n_in
         tokens_sup += n_sup
-        grad_norm = accelerator.clip_grad_norm_(loss_model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-        optimizer.step()
+        sums = torch.tensor([ce_step, head_step], dtype=torch.float64, device=accelerator.device)
+        ce_step, head_step = (float(c) for c in (accelerator.reduce(sums, "sum") if world > 1 else sums))
+        grad_norm = engines.grad_norm(engine, loss_model, t.max_grad_norm)  # DeepSpeed clipped in its own step
+        optimizer.step()  # a no-op under DeepSpeed, whose engine stepped at the boundary
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         elapsed = time.perf_counter() - t0
-        record = {"step": done, "loss": ce_step / max(n_step / world, 1), "lr": scheduler.get_last_lr()[0],
+        record = {"step": done, "loss": ce_step / max(n_step, 1), "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_in * world / elapsed, "supervised_tokens_per_s": tokens_sup * world / elapsed}
         if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+            record["grad_norm"] = grad_norm
         if n_head:
-            record["head_bce"] = head_step / max(n_head / world, 1)
+            record["head_bce"] = head_step / max(n_head, 1)
         if main and (done % max(t.log_every, 1) == 0 or done == steps):
             _log(metrics_path, record)
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=record["loss"], tps=record["supervised_tokens_per_s"])
-        if t.eval_every and done % t.eval_every == 0 and len(eval_rows) and done < steps and main:
-            _log(metrics_path, {"step": done, **held_out()})
-        if t.save_every and done % t.save_every == 0 and done < steps:
-            accelerator.wait_for_everyone()
+        if t.eval_every and done % t.eval_every == 0 and len(eval_rows) and done < steps:
+            result = held_out()
             if main:
-                ckpt.save_checkpoint(out_dir, done, accelerator.unwrap_model(loss_model), optimizer, scheduler,
-                                     {"recipe": recipe.name, "loader": position})
+                _log(metrics_path, {"step": done, **result})
+        if t.save_every and done % t.save_every == 0 and done < steps:
+            ckpt.save_checkpoint(out_dir, done, accelerator, loss_model, optimizer, scheduler,
+                                 {"recipe": recipe.name, "loader": position, "strategy": engine.name,
+                                  "run": identity.to_dict()},
+                                 keep=t.save_total_limit, deepspeed=deepspeed)
         if os.environ.get("CTRLTOK_FAULT_KILL_AFTER_STEP") == str(done):
             # Fault injection for the resume test: a real SIGKILL, no cleanup, at a known step.
             os.kill(os.getpid(), 9)
     if bar is not None:
         bar[0].stop()
 
-    # final eval and save
+    # final eval and save: the model gathered once (sharded engines: every rank takes part), written by the main process
     accelerator.wait_for_everyone()
+    final_eval = (held_out() or {}) if len(eval_rows) else {}
+    model = engines.gathered(engine, loss_model, lambda: _loss_model(prepare_model(recipe), recipe, impl, compile=False)[0])
     if main:
-        final_eval = held_out() if len(eval_rows) else {}
         if final_eval:
             _log(metrics_path, {"step": steps, **final_eval})
-        save_final(out_dir, accelerator.unwrap_model(loss_model), prepared, recipe,
+        save_final(out_dir, model, prepared, recipe,
                    {"pack": pack_stats, "skips": skips, "records": data.manifest["inputs"],
-                    "documents": data.manifest["splits"], "steps": steps, "processes": world, "attention": impl, "compile": compiled,
-                    **final_eval})
+                    "documents": data.manifest["splits"], "steps": steps, "processes": world, "attention": impl,
+                    "compile": compiled, "strategy": engine.name, **final_eval}, run=identity.to_dict())
+        if recipe.train.push_to_hub:
+            publish(out_dir, recipe.train.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -348,14 +388,15 @@ def _progress(enabled: bool, total: int, start: int, name: str):
     return prog, task
 
 
-def save_final(out_dir: Path, loss_model: LossModel, prepared: Prepared, recipe: Recipe, summary: dict) -> None:
+def save_final(out_dir: Path, loss_model: LossModel, prepared: Prepared, recipe: Recipe, summary: dict,
+               run: dict | None = None) -> None:
     """The deliverable: a plain HF checkpoint in out_dir (LoRA merged), card, curves, manifest last."""
     model = loss_model.model
     uncompile_blocks(model)  # the saved model and any later use in this process run eager
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if model.config._attn_implementation == VARLEN:  # a training path (no KV cache): reload-equivalent sdpa
-        model.set_attn_implementation(loading_attention(VARLEN))
+    if model.config._attn_implementation in TRAINING_ONLY:  # a training path (no KV cache): reload-equivalent sdpa
+        model.set_attn_implementation(loading_attention(model.config._attn_implementation))
     surgery, tokenizer = prepared.surgery, prepared.tokenizer
     surgery.model = model
     apply_generation_config(model, surgery, prepared.end_of_turn_id)
@@ -363,7 +404,7 @@ def save_final(out_dir: Path, loss_model: LossModel, prepared: Prepared, recipe:
     tokenizer.save_pretrained(out_dir)
     if loss_model.head is not None:
         save_head(loss_model.head, out_dir, [c.id for c in prepared.charter])
-    manifest = RunManifest.for_run(surgery.manifest(), recipe, prepared.template.end_of_turn, summary)
+    manifest = RunManifest.for_run(surgery.manifest(), recipe, prepared.template.end_of_turn, summary, run)
     manifest.write(out_dir, complete=False)  # the model is on disk; card and curves follow
     plot_curves(out_dir / "metrics.jsonl", out_dir / "loss_curves.png")
     write_card(out_dir, manifest.values)
