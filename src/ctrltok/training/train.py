@@ -38,11 +38,13 @@ each step.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -157,6 +159,35 @@ def total_steps(recipe: Recipe, n_rows: int, per_step: int) -> int:
 
 
 # -- the loop ----------------------------------------------------------------------------------
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
+                    "mlflow": "mlflow", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """``train.report_to``: every tracker named must be one accelerate knows, with its package installed."""
+    for name in recipe.train.report_to:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"{recipe.source}: train.report_to: {name!r} is not a tracker accelerate knows; "
+                              f"expected some of {sorted(TRACKER_PACKAGES)}")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(f"{recipe.source}: train.report_to: {name!r} needs the `{TRACKER_PACKAGES[name]}` "
+                              f"package (pip install {TRACKER_PACKAGES[name]}), or remove it from train.report_to")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested recipe values as flat scalar keys (what trackers' hyperparameter tables take)."""
+    out: dict = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = "" if value is None else value
+        else:
+            out[name] = str(value)
+    return out
+
+
 def _log(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -230,6 +261,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     status = check_run(out_dir, recipe, identity, resume_with_changes)  # refuses a folder of another run
     if status == "done":
         return out_dir
+    check_trackers(recipe)  # a missing tracker package is an error now, not a warning after setup
     engine = engines.make_engine(recipe, out_dir)  # DDP, FSDP2 or DeepSpeed: the recipe's or the launcher's
     accelerator = engine.accelerator
     main = accelerator.is_main_process
@@ -300,6 +332,10 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
                    "new_ids": prepared.surgery.new_ids, "trainable_params": trainable}
         if start == 0:
             _log(metrics_path, summary)
+    if recipe.train.report_to:  # accelerate's trackers (TensorBoard, W&B, trackio...): the run's values as config
+        accelerator.init_trackers(recipe.name, config=_flat(asdict(recipe)))
+    if main:
+        if start == 0:
             if first_eval:
                 _log(metrics_path, {"step": 0, **first_eval})
         if skips:
@@ -342,6 +378,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
             record["head_bce"] = head_step / max(n_head, 1)
         if main and (done % max(t.log_every, 1) == 0 or done == steps):
             _log(metrics_path, record)
+            if recipe.train.report_to:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=record["loss"], tps=record["supervised_tokens_per_s"])
         if t.eval_every and done % t.eval_every == 0 and len(eval_rows) and done < steps:
@@ -388,12 +426,18 @@ def _progress(enabled: bool, total: int, start: int, name: str):
     return prog, task
 
 
+ADAPTER = "adapter"  # the LoRA adapter's folder inside a run's output
+
+
 def save_final(out_dir: Path, loss_model: LossModel, prepared: Prepared, recipe: Recipe, summary: dict,
                run: dict | None = None) -> None:
     """The deliverable: a plain HF checkpoint in out_dir (LoRA merged), card, curves, manifest last."""
     model = loss_model.model
     uncompile_blocks(model)  # the saved model and any later use in this process run eager
     if hasattr(model, "merge_and_unload"):
+        # The LoRA adapter (with the trainable new-token rows) beside the merged model: to share, or to
+        # serve as one of several adapters over the base with these tokens added.
+        model.save_pretrained(Path(out_dir) / ADAPTER, safe_serialization=True)
         model = model.merge_and_unload()
     if model.config._attn_implementation in TRAINING_ONLY:  # a training path (no KV cache): reload-equivalent sdpa
         model.set_attn_implementation(loading_attention(model.config._attn_implementation))
