@@ -205,7 +205,10 @@ def recipe_inputs(recipe: Recipe) -> dict[str, dict[str, Any]]:
         files.update({"epe.sidecar": recipe.epe.sidecar, "epe.eval_sidecar": recipe.epe.eval_sidecar})
     for key, value in files.items():
         if value:
-            path = Path(value).expanduser()
+            try:  # `ctrltok:<resource>` names a shipped file (the sidecar of epe-cpu, say)
+                path = resource_path(value.split(":", 1)[1]) if value.startswith("ctrltok:") else Path(value).expanduser()
+            except RecordError as exc:
+                raise ConfigError(f"{recipe.source}: {key}: {exc}") from None
             if not path.is_file():
                 raise ConfigError(f"{recipe.source}: {key} = {value!r}: no such file")
             out[key] = file_fingerprint(path, value)
