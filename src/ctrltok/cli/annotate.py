@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ctrltok.cli.main import check_output
+from ctrltok.cli.checks import check_output
 from ctrltok.core.records import read_records
 from ctrltok.core.stages import RUN_FILE
 from ctrltok.core.tokens import load_charter

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ctrltok.backtranslate.pairs import SCORES
 from ctrltok.backtranslate.pipeline import run_backtranslation
-from ctrltok.cli.main import check_model_name
+from ctrltok.cli.checks import check_model_name
 from ctrltok.cli.run import default_out
 from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe, load_recipe
 from ctrltok.core.records import RecordError

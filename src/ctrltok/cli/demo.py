@@ -24,10 +24,10 @@ MAX_NEW_TOKENS = 200  # the shipped replies are 20-120 words: room to finish a t
 
 
 def _seed_000(console: Console, model_name: str, out: Path) -> None:
+    from ctrltok.cli.tokens import print_report
     from ctrltok.core.models import load_model
     from ctrltok.core.templates import install_templates
     from ctrltok.core.tokens import add_tokens, load_charter, resolve_tokens
-    from ctrltok.cli.tokens import print_report
     from ctrltok.evaluation.doctor import inspect_checkpoint
 
     console.rule("[bold]1. Seed 000's tokenizer, reproduced on the embedded SmolLM2-135M")

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ctrltok.cli.main import UsageError
+from ctrltok.cli.checks import UsageError
 from ctrltok.conditional.label import LabelError
 from ctrltok.conditional.scorers import DEFAULT_SCORER
 from ctrltok.core.config import DataConfig

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import IO
 
-from ctrltok.cli.main import UsageError, check_output, output_file
+from ctrltok.cli.checks import UsageError, check_output, output_file
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.records import read_records
 from ctrltok.generation.generate import chat_session, load_for_generation

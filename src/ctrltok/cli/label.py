@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctrltok.cli.main import UsageError, same_file
+from ctrltok.cli.checks import UsageError, same_file
 from ctrltok.conditional.label import SEED_DROP_FRACTION, label_records
 from ctrltok.conditional.scorers import DEFAULT_SCORER, Scorer, get_scorer
 from ctrltok.core.stages import RUN_FILE

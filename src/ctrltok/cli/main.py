@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import re
 import sys
-from contextlib import contextmanager
-from difflib import get_close_matches
-from pathlib import Path
-from typing import IO, Iterator
 
 from ctrltok import __version__
+from ctrltok.cli.checks import (  # noqa: F401  (re-exported: the table's handlers and tests name them here)
+    PRESET_NAMES,
+    UsageError,
+    check_input,
+    check_model_name,
+    check_output,
+    check_template,
+    output_file,
+    same_file,
+    saved_templates,
+)
 
-PRESET_NAMES = ("eot", "oasst", "conditional", "epe")  # core.tokens.PRESETS and epe (tested equal)
 # The library's user-error types, by module (checked only once their module is loaded: an error of a
 # type whose module was never imported cannot have been raised).
 USER_ERRORS = (
@@ -53,11 +57,7 @@ CLI_TERMS = {
               ("misaligned_fraction=", "--misaligned-fraction"), ("threshold=", "--threshold"),
               ("drop_fraction", "--drop-fraction")),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
 
-
-class UsageError(ValueError):
-    """A command-line value that cannot work (a name, a path, an option); the message says which."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -271,133 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- checks before anything loads -------------------------------------------------------------------
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def check_model_name(name: str, what: str = "--model") -> None:
-    """A model name is an existing path, an alias of the embedded default, or a Hub id (cached, when
-    offline); anything else is a :class:`UsageError` now, not after seconds of loading."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json",
-                                                                     "tokenizer.json")):
-            raise UsageError(f"{what} {name}: this folder holds no model (no config.json or tokenizer files); "
-                             "give a checkpoint folder, an alias or a Hub id")
-        return
-    from ctrltok.core.models import ALIASES
-
-    if name.lower() in ALIASES:
-        return
-    aliases = ", ".join(sorted(ALIASES))
-    near = get_close_matches(name.lower(), list(ALIASES), n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise UsageError(f"{what} {name}: no such folder{hint}; give a checkpoint folder, an alias ({aliases}) "
-                         "or a Hub id (OWNER/NAME)")
-    if not _HUB_ID.match(name) or "--" in name or ".." in name:
-        raise UsageError(f"{what} {name!r} is not a local path, an alias ({aliases}) or a Hub id (OWNER/NAME){hint}")
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise UsageError(f"{what} {name}: no such local folder or alias ({aliases}){hint}, and not in the "
-                             "Hugging Face cache while HF_HUB_OFFLINE is set; give a checkpoint folder, or go online")
-
-
-def saved_templates(model: str) -> list[str]:
-    """Names of the chat templates a local model folder saves with its tokenizer."""
-    folder = Path(model).expanduser()
-    names = [p.stem for p in (folder / "additional_chat_templates").glob("*.jinja")] if folder.is_dir() else []
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            saved = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except ValueError:
-            saved = None
-        if isinstance(saved, list):
-            names += [t.get("name") for t in saved if isinstance(t, dict) and t.get("name")]
-    return sorted(set(names))
-
-
-def check_template(name: str, model: str | None, what: str = "--template") -> None:
-    """A template is a shipped name (``core.templates.NAMES``) or one the model folder saves."""
-    from ctrltok.core.templates import NAMES
-
-    if name in NAMES:
-        return
-    local = model is not None and Path(model).expanduser().is_dir()
-    saved = saved_templates(model) if local else []
-    if name in saved:
-        return
-    if model is not None and not local:
-        from ctrltok.core.models import ALIASES
-
-        if model.lower() not in ALIASES:
-            return  # a Hub model's own named templates are known only once it is downloaded
-    known = sorted(set(NAMES) | set(saved))
-    near = get_close_matches(name, known, n=1)
-    raise UsageError(f"{what} {name!r} is not a chat template; expected one of {known}"
-                     + (f" (did you mean {near[0]}?)" if near else ""))
-
-
-def check_input(value: str, what: str = "--input") -> None:
-    """An input path exists, and a folder holds files ctrltok reads (a name that is no path is
-    taken as a dataset on the Hub, as :mod:`ctrltok.core.records` reads it)."""
-    from ctrltok.core.records import FORMATS, file_format
-
-    if value.startswith(("ctrltok:", "hf:")):
-        return
-    path = Path(value).expanduser()
-    if path.is_dir():
-        if (path / "ctrltok-data.json").is_file():
-            return
-        if not any(p.is_file() and file_format(p)[0] is not None for p in path.iterdir()):
-            kinds = ", ".join(f"*.{f}" for f in FORMATS)
-            raise UsageError(f"{what} {value}: no data files in this folder (ctrltok reads {kinds}, .jsonl and .json "
-                             "also .gz or .zst compressed)")
-    elif not path.exists() and (file_format(path)[0] is not None or value.startswith(("/", "./", "../", "~"))):
-        raise UsageError(f"{what} {value}: no such file")
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name the same file (through links and relative spellings too)."""
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return os.path.samefile(pa, pb)
-    return pa.resolve() == pb.resolve()
-
-
-def check_output(out: str, inputs: dict[str, str | None]) -> None:
-    """``--out`` may not be one of the command's inputs (it would be overwritten while read)."""
-    if out == "-":
-        return
-    if Path(out).expanduser().is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name")
-    for flag, value in inputs.items():
-        if value and not str(value).startswith(("ctrltok:", "hf:")) and same_file(out, value):
-            raise UsageError(f"--out {out} is the {flag} file: writing it would destroy the input; choose another --out")
-
-
-@contextmanager
-def output_file(out: str) -> Iterator[IO[str]]:
-    """``--out``, written to ``OUT.tmp`` and renamed into place when complete: an error leaves an
-    existing ``OUT`` as it was, a kill leaves at most ``OUT.tmp``. ``-`` is stdout."""
-    if out == "-":
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    path = Path(out).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yield fh
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def preflight(args: argparse.Namespace) -> None:
     """The names and paths a command takes, checked before its handler imports or loads anything."""
     model = getattr(args, "model", None)

@@ -10,41 +10,23 @@ processes of a multi-process run.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 from difflib import get_close_matches
 from pathlib import Path
 
-from ctrltok.cli.main import PRESET_NAMES, UsageError, check_model_name, check_template
+from ctrltok.cli.checks import (
+    PRESET_NAMES,
+    UsageError,
+    check_model_name,
+    check_template,
+    model_vocab,
+)
 from ctrltok.core.config import ConfigError, Recipe, load_recipe
 
 
 def default_out(a, recipe: Recipe) -> Path:
     return Path(a.out) if a.out else Path("runs") / recipe.name
-
-
-def model_vocab(name: str) -> dict[str, int] | None:
-    """The token -> id map of a model folder's ``tokenizer.json`` (a local folder, or an alias's converted
-    copy; ``None`` when there is none)."""
-    folder = Path(name).expanduser()
-    if not folder.is_dir():  # an alias: its converted copy, when it is there (never converted here)
-        from ctrltok.core.models import ALIASES, default_model_dir, is_complete
-
-        if name.lower() not in ALIASES or not is_complete(default_model_dir()):
-            return None
-        folder = default_model_dir()
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    vocab = (data.get("model") or {}).get("vocab") or {}
-    out = dict(vocab) if isinstance(vocab, dict) else {t[0]: i for i, t in enumerate(vocab) if isinstance(t, list)}
-    out.update({t["content"]: t["id"] for t in data.get("added_tokens") or [] if "content" in t})
-    return out
 
 
 def check_recipe_names(recipe: Recipe) -> None:

@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from ctrltok.cli.main import UsageError, check_output, output_file
-from ctrltok.cli.run import model_vocab
+from ctrltok.cli.checks import UsageError, check_output, model_vocab, output_file
 from ctrltok.core.chat import ChatEncoder
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.models import load_model, resolve_model
