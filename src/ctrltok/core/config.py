@@ -7,15 +7,12 @@ they are checked the same way::
 
     recipe = load_recipe("recipes/eot-cpu.yaml", ["train.max_steps=20", "lora.enabled=true"])
 
-Sections: ``model``, ``tokens``, ``data``, ``train``, ``lora``, ``epe``, ``conditional``,
-``backtranslate``. Each recipe file starts with a comment saying how to run it.
+Sections: ``model``, ``tokens``, ``data``, ``train``, ``lora``, ``save``, ``decoding``, ``epe``,
+``conditional``, ``backtranslate``. Each recipe file starts with a comment saying how to run it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +20,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe value that cannot be used; the message names the file and the key."""
+from ctrltok.core.schema import ConfigError, apply_overrides, build, range_problem
 
 
 @dataclass
@@ -120,7 +115,7 @@ def source_config(value: Any, where: str) -> SourceConfig:
         return SourceConfig(**_hub_spec(value, where)) if value.startswith("hf:") else SourceConfig(path=value)
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a path or a mapping with `path` or `hf`, found {value!r}")
-    src = _build(SourceConfig, value, where)
+    src = build(SourceConfig, value, where)
     if src.path is not None and src.path.startswith("hf:"):
         spec = _hub_spec(src.path, f"{where}.path")
         for key, val in spec.items():
@@ -208,6 +203,27 @@ class TrainConfig:
     compile: bool = False  # torch.compile the decoder layers' MLPs and norms (ctrltok.training.compiling)
     new_token_lr: float | None = None  # LoRA only: a separate learning rate for the new token rows
     push_to_hub: str | None = None  # a Hub repo (owner/name): the saved model is uploaded after training (ctrltok push)
+
+
+@dataclass
+class SaveConfig:
+    """What the model folder holds after training (``training.train``)."""
+    merged: bool = True  # the full model (under LoRA: the adapter merged in), loadable with plain transformers
+    adapter: bool = True  # under LoRA: DIR/adapter (PEFT's files, with the new token rows) beside or instead of it
+
+
+@dataclass
+class DecodingConfig:
+    """How the trained model is served: written to the saved ``generation_config.json`` and used by
+    ``ctrltok generate``, ``chat`` and ``eval`` unless a flag overrides it. ``do_sample: false`` is
+    greedy (the sampling values are then ignored)."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0  # > 1 penalises tokens already generated (Keskar et al. 2019)
+    no_repeat_ngram_size: int = 0  # 0 = off
+    max_new_tokens: int = 256
 
 
 @dataclass
@@ -319,96 +335,12 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     epe: EpeConfig | None = None
     conditional: ConditionalConfig | None = None
     backtranslate: BacktranslateConfig | None = None
     source: str = ""  # the file it came from (set by load_recipe)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and lightly convert) one YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        errors = []
-        for arg in args:
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, found {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, found {value!r}")
-        return _build(tp, value, where)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            value = [value] if isinstance(value, (str, int, float)) else value
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, found {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 5e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r}")
-
-
-def _build(cls: type, mapping: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(mapping) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
-            + f"; expected one of {sorted(names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in mapping.items()}
-    required = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if required:  # e.g. a tokens.custom entry without `token`: a one-line error, not a TypeError
-        raise ConfigError(f"{where}: missing key {required[0]!r} (a {cls.__name__} needs {required})")
-    return cls(**kwargs)
-
-
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
-
-
-def apply_overrides(mapping: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply ``dotted.key=value`` strings to a nested mapping (values parsed as YAML scalars)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source}: expected dotted.key=value, found {item!r}")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = mapping
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: {key!r} goes through a non-mapping value")
-        node[parts[-1]] = _parse_scalar(raw)
-    return mapping
 
 
 def recipe_from_mapping(mapping: dict, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
@@ -416,7 +348,7 @@ def recipe_from_mapping(mapping: dict, source: str = "<recipe>", overrides: list
     name = Path(source).stem if source and not source.startswith("<") else "recipe"
     mapping.setdefault("name", name)
     try:
-        recipe = _build(Recipe, mapping, where=source)
+        recipe = build(Recipe, mapping, where=source)
     except ConfigError:
         raise
     recipe.source = source
@@ -479,6 +411,12 @@ _RANGES = {
     "train.log_every": ">=1",
     "train.save_total_limit": ">=1",
     "train.new_token_lr": ">0",
+    "decoding.temperature": ">0",
+    "decoding.top_p": "(0,1]",
+    "decoding.top_k": ">=1",
+    "decoding.repetition_penalty": ">0",
+    "decoding.no_repeat_ngram_size": ">=0",
+    "decoding.max_new_tokens": ">=1",
     "lora.r": ">=1",
     "lora.alpha": ">0",
     "lora.dropout": "[0,1)",
@@ -503,20 +441,6 @@ _RANGES = {
 _MISSING = object()
 
 
-def _range_problem(value: Any, rule: str) -> str | None:
-    """What is wrong with ``value`` under ``rule`` (see ``_RANGES``), or ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "expected a finite number"
-    if rule.startswith(">="):
-        low = float(rule[2:])
-        return None if value >= low else f"expected {'an integer' if isinstance(value, int) else 'a number'} >= {rule[2:]}"
-    if rule.startswith(">"):
-        return None if value > float(rule[1:]) else f"expected a number > {rule[1:]}"
-    low, high = (float(x) for x in rule[1:-1].split(","))
-    ok = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
-    return None if ok else f"expected a value in {rule}"
-
-
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that a type alone cannot express; resolves ``data.overlong: auto``.
 
@@ -535,7 +459,7 @@ def validate(recipe: Recipe) -> None:
         value = getattr(getattr(recipe, section, None), key, _MISSING)
         if value is None or value is _MISSING or isinstance(value, bool):
             continue
-        problem = _range_problem(value, rule)
+        problem = range_problem(value, rule)
         if problem:
             optional = type(None) in typing.get_args(typing.get_type_hints(type(getattr(recipe, section)))[key])
             hint = " (or null)" if optional else ""
@@ -544,6 +468,9 @@ def validate(recipe: Recipe) -> None:
     _check_tokens(recipe.tokens, src)
     _check_lora(recipe.lora, src)
     _check_engine(recipe.train, src)
+    if not (recipe.save.merged or (recipe.save.adapter and recipe.lora.enabled)):
+        raise ConfigError(f"{src}: save.merged = false" + (" and save.adapter = false" if recipe.lora.enabled else
+                          " without lora.enabled (the adapter exists only under LoRA)") + ": nothing would be saved")
     betas = recipe.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"{src}: train.betas = {betas!r}; expected two numbers in [0,1), e.g. [0.9, 0.999]")
