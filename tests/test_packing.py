@@ -21,7 +21,7 @@ from ctrltok.core.attention import (
 )
 from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.loss import logits as forward_logits
-from ctrltok.core.packing import collate, pack, pad_batch, slice_example
+from ctrltok.core.packing import collate, pack, pad_batch, plan_rows, slice_example
 
 register_varlen()  # the per-document SDPA path is set on test models by name
 
@@ -317,3 +317,32 @@ def test_chunk_lays_documents_end_to_end_and_drops_nothing():
         (12, 0, 2, 1)
     second = result.rows[1][0]  # b's continuation is a document of its own: positions restart
     assert second.positions == [0, 1, 2]
+
+
+def test_pack_is_the_length_plan_sliced():
+    """pack() places what plan_rows plans on the lengths alone: whole examples as they are, cut ones
+    sliced; one example per row without packing, its stats the same shape."""
+    examples = _examples([5, 12, 3, 9])
+    for overlong, packing in (("truncate", True), ("split", True), ("chunk", True), ("truncate", False)):
+        result = pack(examples, max_length=8, overlong=overlong, packing=packing)
+        planned, stats = plan_rows([len(ex) for ex in examples], 8, overlong, packing)
+        segments = [[(int(ex.source[2]), *_span(ex)) for ex in row] for row in result.rows]
+        assert segments == list(planned)
+        assert result.stats == stats.finish(result.stats.rows, result.stats.tokens, 8)
+    single = pack(examples, max_length=8, packing=False)
+    assert [len(row) for row in single.rows] == [1, 1, 1, 1] and single.rows[0][0] is examples[0]
+    assert (single.stats.truncated_examples, single.stats.truncated_tokens, single.stats.padding) == (2, 5, 32 - 24)
+
+
+def test_plan_windows_pack_each_window_alone():
+    rows, stats = plan_rows([3, 6, 2, 5], 10, "truncate", window=2)
+    assert list(rows) == [[(1, 0, 6), (0, 0, 3)], [(3, 0, 5), (2, 0, 2)]]
+    assert stats.examples == 4
+
+
+def _span(ex: Example) -> tuple[int, int]:
+    """(start, end) of a piece, read back from the source pack() gives a slice (``ex1[8:12]``)."""
+    if "[" not in ex.source:
+        return 0, len(ex)
+    start, end = ex.source.split("[", 1)[1].rstrip("]").split(":")
+    return int(start), int(end)

@@ -19,6 +19,9 @@ from ctrltok.core.templates import (
     default_template_name,
     get_template,
     install_templates,
+    preset_template,
+    saved_templates,
+    trained_source,
 )
 from ctrltok.core.tokens import add_tokens_to_tokenizer, resolve_tokens
 from ctrltok.evaluation.doctor import inspect_checkpoint
@@ -54,6 +57,35 @@ def test_saved_default_is_the_trained_template(eot_folder):
     # the base model's own template is kept, by name
     base = AutoTokenizer.from_pretrained(Path(__file__).parent / "assets" / "smollm2-tokenizer")
     assert tok.chat_template["model"] == base.chat_template
+
+
+def test_saved_templates_read_back_by_name(eot_folder, tmp_path):
+    saved = saved_templates(eot_folder)
+    assert sorted(saved) == ["chatml", DEFAULT, "eot", "model"]
+    assert saved[DEFAULT] == saved["eot"] == get_template("eot").source
+    assert saved == AutoTokenizer.from_pretrained(eot_folder).chat_template  # as transformers loads them
+    old = tmp_path / "old"  # an older layout: the templates inside tokenizer_config.json
+    old.mkdir()
+    (old / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": "D"}, {"name": "eot", "template": "E"}]}))
+    assert saved_templates(old) == {"default": "D", "eot": "E"}
+    (old / "tokenizer_config.json").write_text(json.dumps({"chat_template": "ONE"}))
+    assert saved_templates(old) == {DEFAULT: "ONE"}
+    assert saved_templates(tmp_path / "nowhere") == {}
+
+
+def test_trained_source_shipped_saved_or_none():
+    eot = get_template("eot").source
+    assert trained_source("eot", {"eot": "other"}) == eot  # a shipped name is the shipped text
+    assert trained_source("mine", {"mine": "M"}) == "M"
+    assert trained_source("model", "ONE") == "ONE" and trained_source("mine", "ONE") is None
+    assert trained_source(None, {"x": "X"}) is None and trained_source("mine", None) is None
+
+
+def test_preset_template_is_the_first_preset_with_a_template():
+    assert preset_template(["conditional", "eot"]) == "eot"
+    assert preset_template(["epe", "oasst"]) == "epe"
+    assert preset_template(["conditional"]) == preset_template([]) == DEFAULT
 
 
 def test_without_a_default_chatml_stays_the_default(smol_tokenizer):

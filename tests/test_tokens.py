@@ -24,6 +24,7 @@ def test_epe_preset_reproduces_seed_000(smol_tokenizer, tiny_llama):
     assert s.ids["<assistant>"] == 49_152
     charter = load_charter()
     assert len(charter) == 35
+    assert load_charter("ctrltok:charter.jsonl") == charter  # the shipped file, as a resource name
     assert [s.ids[c.token] for c in charter] == list(range(49_153, 49_188))
     assert s.filler_ids == list(range(49_188, 49_280))
 

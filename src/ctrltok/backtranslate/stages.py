@@ -18,12 +18,12 @@ import re
 import statistics
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 from ctrltok.backtranslate.pairs import SCORES, Pair
 from ctrltok.backtranslate.segment import normalise
 from ctrltok.core.config import BacktranslateConfig, ConfigError
+from ctrltok.core.records import RecordError, resource_path
 from ctrltok.generation.completion import Backend, Prompt, Sampling
 
 Message = dict[str, str]
@@ -69,9 +69,10 @@ class ChatModel:
 def load_text(ref: str, key: str) -> str:
     """A prompt: ``ctrltok:<file>`` (package data under ctrltok/resources) or a path."""
     if ref.startswith("ctrltok:"):
-        target = resources.files("ctrltok") / "resources" / ref.split(":", 1)[1]
-        if not target.is_file():
-            raise ConfigError(f"backtranslate.{key} = {ref!r}: no such resource in ctrltok/resources")
+        try:
+            target = resource_path(ref.split(":", 1)[1])
+        except RecordError:
+            raise ConfigError(f"backtranslate.{key} = {ref!r}: no such resource in ctrltok/resources") from None
         return target.read_text(encoding="utf-8").strip()
     path = Path(ref).expanduser()
     if not path.is_file():
@@ -153,9 +154,9 @@ def distinct_ngrams(text: str, n: int = 4) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-# Whole pydoc topics score >= 0.76 and segments about 0.9; a small model stuck in a loop scores
-# 0.15-0.5 (measured on SmolLM2-135M rewrites). Curation should catch those too, but a small
-# curator rarely does, and a loop is never a good answer.
+# The share of distinct 4-grams under which a rewrite is a loop: prose rarely repeats itself, a
+# small model stuck in a loop does. Curation should catch loops too, but a small curator rarely
+# does, and a loop is never a good answer.
 MIN_DISTINCT_NGRAMS = 0.7
 
 

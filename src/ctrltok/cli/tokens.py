@@ -15,7 +15,7 @@ from ctrltok.core.chat import ChatEncoder
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.models import load_model, resolve_model
 from ctrltok.core.records import read_records
-from ctrltok.core.templates import get_template, install_templates
+from ctrltok.core.templates import get_template, install_templates, preset_template
 from ctrltok.core.tokens import add_tokens as add_control_tokens
 from ctrltok.core.tokens import apply_generation_config, resolve_tokens
 from ctrltok.evaluation.doctor import Report, inspect_checkpoint
@@ -28,7 +28,7 @@ def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", p
     m, tok = load_model(model)
     surgery = add_control_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)
     if template is None:  # the first preset that has a template of its own names the end of turn
-        template = next((p for p in presets if p in ("eot", "oasst", "epe")), "default")
+        template = preset_template(presets)
     install_templates(tok, default=template)  # the template the tokens are for is the saved default
     tmpl = get_template(template, tok)
     end_of_turn = tmpl.end_of_turn

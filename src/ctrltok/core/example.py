@@ -1,9 +1,10 @@
 """The unit every encoder produces and the packer consumes.
 
 An :class:`Example` is one document (a chat, a labelled text, a document with an inserted
-reflection) already turned into token ids. Encoders (``chat.encode``, ``conditional``,
-``reflection``) build Examples; ``packing`` places them into rows and ``collate`` turns rows into
-tensors. Nothing downstream re-tokenises.
+reflection) already turned into token ids. Encoders (``core.chat.ChatEncoder``,
+``conditional.encode.encode_labelled``, ``epe.reflection.insert_reflection``, plain text in
+``data.documents``) build Examples; ``packing`` places them into rows and ``collate`` turns rows
+into tensors. Nothing downstream re-tokenises.
 
 Conventions, fixed here once:
 

@@ -51,11 +51,17 @@ Over-long examples (longer than ``max_length``) follow the ``overlong`` policy:
 
 Slicing an example clips its ``blocked`` spans to the slice (dropping spans that become empty),
 keeps only the head positions that fall inside it, and re-bases its positions to start at 0.
+
+The placement is planned on lengths alone (:func:`plan_rows`: rows of ``(document, start, end)``
+segments, streamed); :func:`pack` slices its Examples from those segments, and
+:mod:`ctrltok.data.plan` writes the same plan to disk for a corpus of any size, so in-memory rows
+and training rows are one placement, not two copies of it.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,13 +70,15 @@ import torch
 from ctrltok.core.example import IGNORE, Example
 
 Overlong = Literal["truncate", "split", "error", "chunk"]
+OVERLONG = ("truncate", "split", "error", "chunk")
+Segment = tuple[int, int, int]  # (document, start, end): tokens [start, end) of a document
 
 
 @dataclass
 class PackStats:
     """Counts that account for every input token: ``tokens + truncated_tokens`` == tokens given."""
 
-    examples: int = 0  # examples given to pack()
+    examples: int = 0  # examples (documents) planned
     rows: int = 0
     tokens: int = 0  # tokens placed in rows
     padding: int = 0  # rows * max_length - tokens
@@ -84,6 +92,12 @@ class PackStats:
         """Share of row capacity holding real tokens."""
         total = self.tokens + self.padding
         return self.tokens / total if total else 0.0
+
+    def finish(self, rows: int, tokens: int, max_length: int) -> PackStats:
+        """The totals, once the planned rows are all consumed: ``rows``, ``tokens``, ``padding``."""
+        self.rows, self.tokens = rows, tokens
+        self.padding = rows * max_length - tokens
+        return self
 
 
 @dataclass
@@ -162,94 +176,139 @@ def slice_example(example: Example, start: int, end: int) -> Example:
     )
 
 
-def _fit(examples: list[Example], max_length: int, overlong: Overlong, stats: PackStats) -> list[Example]:
-    """Apply the over-long policy; every cut token is counted in ``stats``."""
-    if overlong not in ("truncate", "split", "error", "chunk"):
-        raise ValueError(f"overlong must be 'chunk', 'truncate', 'split' or 'error', got {overlong!r}")
-    out: list[Example] = []
-    for i, ex in enumerate(examples):
-        n = len(ex)
-        if n == 0:
-            raise ValueError(f"{ex.source or f'example {i}'}: empty example (0 tokens) cannot be packed")
-        if n <= max_length:
-            out.append(ex)
-        elif overlong == "error":
-            raise ValueError(
-                f"{ex.source or f'example {i}'}: {n} tokens > max_length {max_length}; "
-                "raise max_length or use overlong='truncate' or 'split'"
-            )
-        elif overlong == "truncate":
-            out.append(slice_example(ex, 0, max_length))
-            stats.truncated_examples += 1
-            stats.truncated_tokens += n - max_length
-        else:
-            pieces = [slice_example(ex, s, min(s + max_length, n)) for s in range(0, n, max_length)]
-            out.extend(pieces)
-            stats.split_examples += 1
-            stats.split_pieces += len(pieces)
-    return out
+def _pieces(length: int, max_length: int, overlong: str, stats: PackStats) -> list[tuple[int, int]]:
+    """The over-long rule on a length: the ``(start, end)`` pieces to place; cuts counted in ``stats``."""
+    if length <= max_length:
+        return [(0, length)]
+    if overlong == "error":
+        raise ValueError(f"a document of {length} tokens > data.max_length = {max_length} (data.overlong = error)")
+    if overlong == "truncate":
+        stats.truncated_examples += 1
+        stats.truncated_tokens += length - max_length
+        return [(0, max_length)]
+    pieces = [(s, min(s + max_length, length)) for s in range(0, length, max_length)]
+    stats.split_examples += 1
+    stats.split_pieces += len(pieces)
+    return pieces
 
 
-def chunk(examples: list[Example], max_length: int) -> PackResult:
-    """``overlong="chunk"``: documents end to end in input order, cut into rows of ``max_length``."""
-    stats = PackStats(examples=len(examples))
-    rows: list[list[Example]] = [[]]
+def _chunk_rows(lengths: Iterable[int], max_length: int, stats: PackStats) -> Iterator[list[Segment]]:
+    row: list[Segment] = []
     room = max_length
-    for i, ex in enumerate(examples):
-        if len(ex) == 0:
-            raise ValueError(f"{ex.source or f'example {i}'}: empty example (0 tokens) cannot be packed")
+    for doc, n in enumerate(lengths):
+        stats.examples += 1
         start = 0
-        while start < len(ex):
-            if room == 0:
-                rows.append([])
-                room = max_length
-            end = min(len(ex), start + room)
-            whole = start == 0 and end == len(ex)
-            rows[-1].append(ex if whole else slice_example(ex, start, end))
-            if not whole:
+        while start < n:
+            end = min(n, start + room)
+            row.append((doc, start, end))
+            if (start, end) != (0, n):
                 stats.split_pieces += 1
                 stats.split_examples += start == 0
             room -= end - start
             start = end
-    rows = [r for r in rows if r]
-    stats.rows = len(rows)
-    stats.tokens = sum(len(p) for r in rows for p in r)
-    stats.padding = stats.rows * max_length - stats.tokens
-    return PackResult(rows=rows, stats=stats)
+            if room == 0:
+                yield row
+                row, room = [], max_length
+    if row:
+        yield row
 
 
-def pack(examples: list[Example], max_length: int, overlong: Overlong = "truncate") -> PackResult:
-    """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing
-    (``overlong="chunk"``: end to end instead, see :func:`chunk`).
-
-    Longest first (ties keep input order); each goes into the open row with the least room that
-    still fits it, or opens a new row. Deterministic for a given input order. Rows keep their
-    examples in placement order. Over-long examples follow ``overlong`` (see the module docstring).
-    """
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if overlong == "chunk":
-        return chunk(examples, max_length)
-    stats = PackStats(examples=len(examples))
-    items = _fit(examples, max_length, overlong, stats)
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i]), i))
-    rows: list[list[Example]] = []
+def _best_fit(pieces: list[Segment], max_length: int) -> list[list[Segment]]:
+    """Best-fit decreasing: longest first (ties keep input order), each into the open row with the
+    least room that still fits it, or a new row."""
+    order = sorted(range(len(pieces)), key=lambda i: (-(pieces[i][2] - pieces[i][1]), i))
+    rows: list[list[Segment]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), kept sorted: best fit = first with room >= n
     for i in order:
-        n = len(items[i])
+        n = pieces[i][2] - pieces[i][1]
         j = bisect.bisect_left(free, (n, -1))
         if j < len(free):
             room, r = free.pop(j)
         else:
             room, r = max_length, len(rows)
             rows.append([])
-        rows[r].append(items[i])
+        rows[r].append(pieces[i])
         if room - n > 0:
             bisect.insort(free, (room - n, r))
-    stats.rows = len(rows)
-    stats.tokens = sum(len(ex) for ex in items)
-    stats.padding = stats.rows * max_length - stats.tokens
-    return PackResult(rows=rows, stats=stats)
+    return rows
+
+
+def _packed_rows(lengths: Iterable[int], max_length: int, overlong: str, window: int | None,
+                 stats: PackStats) -> Iterator[list[Segment]]:
+    pending: list[Segment] = []
+    docs_in_window = 0
+    for doc, n in enumerate(lengths):
+        stats.examples += 1
+        pending.extend((doc, s, e) for s, e in _pieces(n, max_length, overlong, stats))
+        docs_in_window += 1
+        if docs_in_window == window:
+            yield from _best_fit(pending, max_length)
+            pending, docs_in_window = [], 0
+    if pending:
+        yield from _best_fit(pending, max_length)
+
+
+def _single_rows(lengths: Iterable[int], max_length: int, overlong: str, stats: PackStats) -> Iterator[list[Segment]]:
+    for doc, n in enumerate(lengths):
+        stats.examples += 1
+        if n > max_length:
+            if overlong == "error":
+                raise ValueError(f"a document of {n} tokens > data.max_length = {max_length} (data.overlong = error)")
+            stats.truncated_examples += 1
+            stats.truncated_tokens += n - max_length
+        yield [(doc, 0, min(n, max_length))]
+
+
+def plan_rows(lengths: Iterable[int], max_length: int, overlong: str, packing: bool = True,
+              window: int | None = None) -> tuple[Iterator[list[Segment]], PackStats]:
+    """The rows (lists of ``(doc, start, end)`` segments) for documents of ``lengths``, streamed;
+    the stats fill in as the iterator is consumed (:meth:`PackStats.finish` adds the totals).
+
+    ``overlong="chunk"``: end to end (see the module docstring); ``packing``: best-fit decreasing
+    over the pieces the over-long rule leaves, within windows of ``window`` documents (None: all of
+    them at once); otherwise one document per row, truncated (``"error"``: refused) past ``max_length``.
+    """
+    stats = PackStats()
+    if overlong == "chunk":
+        return _chunk_rows(lengths, max_length, stats), stats
+    if packing:
+        return _packed_rows(lengths, max_length, overlong, window, stats), stats
+    return _single_rows(lengths, max_length, overlong, stats), stats
+
+
+def _check(examples: list[Example], max_length: int, overlong: Overlong) -> None:
+    """Refuse, naming the example, what the planners cannot place: empty examples, and over-long
+    ones under ``overlong="error"``."""
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be 'chunk', 'truncate', 'split' or 'error', got {overlong!r}")
+    for i, ex in enumerate(examples):
+        n = len(ex)
+        if n == 0:
+            raise ValueError(f"{ex.source or f'example {i}'}: empty example (0 tokens) cannot be packed")
+        if n > max_length and overlong == "error":
+            raise ValueError(
+                f"{ex.source or f'example {i}'}: {n} tokens > max_length {max_length}; "
+                "raise max_length or use overlong='truncate' or 'split'"
+            )
+
+
+def pack(examples: list[Example], max_length: int, overlong: Overlong = "truncate",
+         packing: bool = True) -> PackResult:
+    """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing
+    (``overlong="chunk"``: end to end instead; ``packing=False``: one example per row).
+
+    The placement is :func:`plan_rows`' on the examples' lengths, the one the training plan on disk
+    uses; each planned segment is the example itself when whole, else its slice. Deterministic for a
+    given input order; rows keep their examples in placement order. Over-long examples follow
+    ``overlong`` (see the module docstring).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    _check(examples, max_length, overlong)
+    planned, stats = plan_rows([len(ex) for ex in examples], max_length, overlong, packing)
+    rows = [[examples[d] if (s, e) == (0, len(examples[d])) else slice_example(examples[d], s, e)
+             for d, s, e in row] for row in planned]
+    return PackResult(rows=rows, stats=stats.finish(len(rows), sum(len(ex) for row in rows for ex in row), max_length))
 
 
 def _check_blocked(ex: Example) -> None:

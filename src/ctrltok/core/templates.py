@@ -20,14 +20,21 @@ Two namespaces meet here. Inside ctrltok (recipes' ``data.template``, ``--templa
 tokenizer the key ``default`` is transformers' default slot, holding whichever template the run
 trained on, and ChatML is always there as ``chatml``. :func:`get_template` resolves ctrltok's names
 (shipped names first), :func:`default_template_name` tells which named template fills the slot.
+
+Reading a saved folder back (the model card, the checkpoint doctor, the command layer's checks):
+:func:`saved_templates` gives its templates by name, :func:`trained_source` the text of the one a
+run trained on.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ _SPECS = {
 NAMES = (*_SPECS, "model")
 DEFAULT = "default"  # transformers' key for the template apply_chat_template uses when none is named
 CHATML = "chatml"  # ChatML's name in a saved tokenizer (its `default` slot holds the trained template)
+# Where save_pretrained writes the templates: the default slot, and each other one by name.
+DEFAULT_FILE, ADDITIONAL_DIR = "chat_template.jinja", "additional_chat_templates"
 
 
 @lru_cache(maxsize=None)
@@ -82,13 +91,27 @@ def get_template(name: str, tokenizer=None) -> Template:
     raise ValueError(f"unknown chat template {name!r}; expected one of {known}")
 
 
+def preset_template(presets: Sequence[str]) -> str:
+    """The template for a tokenizer given the tokens of ``presets``: the first preset that has a
+    template of its own (the one that writes its tokens: ``eot``, ``oasst``, ``epe``), else ``default``."""
+    own = {preset: name for name, (_, needs, _) in _SPECS.items() for preset in needs}
+    return next((own[p] for p in presets if p in own), DEFAULT)
+
+
+def trained_source(name: str | None, saved: dict[str, str] | str | None) -> str | None:
+    """The text of the template a run trained on (``name``, as its manifest records it): a shipped
+    one, else the one saved by that name (``saved``: the tokenizer's ``chat_template``, or
+    :func:`saved_templates`; a single unnamed template is ``model``); None when neither has it."""
+    if not name:
+        return None
+    if name in _SPECS:
+        return get_template(name).source
+    if isinstance(saved, str):
+        return saved if name == "model" else None
+    return (saved or {}).get(name)
+
+
 _LITERAL = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
-
-
-def referenced_tokens(source: str, candidates: list[str]) -> list[str]:
-    """Which of `candidates` (special-token spellings) the template text writes in string literals."""
-    literals = "".join(a or b for a, b in _LITERAL.findall(source))
-    return [c for c in candidates if c in literals]
 
 
 def missing_tokens(template: Template, tokenizer) -> list[str]:
@@ -162,3 +185,29 @@ def default_template_name(templates: dict[str, str] | str | None) -> str | None:
     if named is not None:
         return named
     return next((n for n, (_, _, file) in _SPECS.items() if n != DEFAULT and _read(file) == source), DEFAULT)
+
+
+def saved_templates(folder: str | Path) -> dict[str, str]:
+    """The named chat templates a saved tokenizer folder holds: name -> Jinja source, read from the
+    files (``default`` for the default slot's file), else, in older layouts that keep them inside
+    ``tokenizer_config.json``, from there (as transformers loads them: the files win). Empty for a
+    folder with none, or no folder."""
+    folder = Path(folder).expanduser()
+    found: dict[str, str] = {}
+    main = folder / DEFAULT_FILE
+    if main.is_file():
+        found[DEFAULT] = main.read_text(encoding="utf-8")
+    for path in sorted((folder / ADDITIONAL_DIR).glob("*.jinja")):
+        found[path.stem] = path.read_text(encoding="utf-8")
+    if found:
+        return found
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return found
+    saved = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(saved, str):
+        found[DEFAULT] = saved
+    elif isinstance(saved, list):
+        found.update({t["name"]: t.get("template") or "" for t in saved if isinstance(t, dict) and t.get("name")})
+    return found

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tokenizers import AddedToken
+
+from ctrltok.core.records import resource_path
 
 FILLER_FORMAT = "<|ctrltok_filler_{}|>"
 INIT_STRATEGIES = ("mvn", "mean", "mean_noise", "describe", "copy:<token>")
@@ -47,9 +48,12 @@ class ControlToken:
 
 
 def _charter_path(path: str | Path | None = None) -> Path:
-    if path is not None:
-        return Path(path)
-    return Path(str(resources.files("ctrltok") / "resources" / "charter.jsonl"))
+    """A charter file: the shipped one when ``path`` is None, a ``ctrltok:<file>`` resource, or a path."""
+    if path is None:
+        return resource_path("charter.jsonl")
+    if str(path).startswith("ctrltok:"):
+        return resource_path(str(path).split(":", 1)[1])
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,14 @@ def load_charter(path: str | Path | None = None) -> list[CharterItem]:
     return items
 
 
+# The epe preset's fixed token; its charter tokens come from the charter the run loads.
+EPE_ASSISTANT = ControlToken("<assistant>", "opens an assistant turn (template `epe`) and an inserted reflection; "
+                             "the constitution head reads the hidden state here",
+                             description="assistant reflection")
+
+
 def _preset_epe(charter: str | Path | Sequence[CharterItem] | None) -> list[ControlToken]:
-    out = [ControlToken("<assistant>", "opens an assistant turn (template `epe`) and an inserted reflection; "
-                        "the constitution head reads the hidden state here",
-                        description="assistant reflection")]
+    out = [EPE_ASSISTANT]
     items = charter if isinstance(charter, (list, tuple)) else load_charter(charter)
     for item in items:
         out.append(ControlToken(item.token, f"charter item {item.id}: {item.title}", supervised=False, blocked=True,

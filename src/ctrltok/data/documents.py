@@ -1,6 +1,7 @@
-"""One input record -> its documents (Examples) or a drop reason, per ``data.kind``; and the
-held-out split. The one encoding that both the in-memory path (:func:`ctrltok.data.encode.build_examples`)
-and ``ctrltok prepare`` run, so prepared data equals the in-memory encoding by construction.
+"""One input record -> its documents (Examples) or a drop reason, per ``data.kind``; reading a
+recipe's inputs (:func:`read_inputs`); and the held-out split. The one reading and encoding that both
+the in-memory path (:func:`ctrltok.data.encode.build_examples`) and ``ctrltok prepare`` run, so
+prepared data equals the in-memory encoding by construction.
 
 Kinds: ``chat`` (any layout :mod:`ctrltok.core.conversation` reads, injection-safe
 :class:`~ctrltok.core.chat.ChatEncoder`), ``text`` (``data.text_field`` plus the EOS, special-token
@@ -17,19 +18,20 @@ every command that re-creates the split (evaluation) gets the same one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ctrltok.conditional.encode import encode_labelled
-from ctrltok.conditional.label import LabelError
+from ctrltok.conditional.label import ALIGNED, MISALIGNED, LabelError
 from ctrltok.conditional.stream import StreamLabeller
 from ctrltok.core.chat import ChatEncoder, ChatError
 from ctrltok.core.config import Recipe
 from ctrltok.core.conversation import to_conversations
 from ctrltok.core.example import IGNORE, Example
-from ctrltok.core.records import RecordError
+from ctrltok.core.records import RecordError, Skips, read_sources
 from ctrltok.core.tokens import CharterItem
-from ctrltok.epe.reflection import insert_reflection
+from ctrltok.epe.reflection import insert_reflection, read_annotated
 
 _MASK = (1 << 64) - 1
 
@@ -45,6 +47,22 @@ def mix64(seed: int, index: int) -> int:
 def is_held_out(index: int, fraction: float, seed: int) -> bool:
     """Whether input ``index`` belongs to the held-out split (see the module docstring)."""
     return fraction > 0 and mix64(seed, index) < fraction * 2.0**64
+
+
+def read_inputs(recipe: Recipe, which: str, skips: Skips, order: Sequence[str] | None = None) -> Iterator[Any]:
+    """The inputs of ``data.train`` (``which="train"``) or ``data.eval``, streamed as read, cut at
+    ``data.limit`` for train: what :class:`DocumentEncoder` takes. ``epe`` reads each document
+    joined with its annotations (``epe.sidecar``; for eval ``epe.eval_sidecar``, else the same
+    sidecar; ``order``: the charter's ids); every other kind, the records of the sources."""
+    data = recipe.data
+    if data.kind == "epe":
+        epe = recipe.epe
+        sidecar = epe.sidecar if which == "train" else (epe.eval_sidecar or epe.sidecar)
+        items: Iterable[Any] = read_annotated(data.train if which == "train" else data.eval, sidecar, order,
+                                              epe.reflection_column, "id", data.text_field, data.on_error, skips)
+    else:
+        items = read_sources(data, recipe.train.seed, skips, which=which)
+    return itertools.islice(items, data.limit) if data.limit and which == "train" else iter(items)
 
 
 # A drop: (reason, where). An encoded input: the documents it gives (one, or several for a tree).
@@ -68,8 +86,8 @@ class DocumentEncoder:
         if self.kind == "chat":
             self.chat = ChatEncoder(tokenizer, self.data.template, self.data.loss_on)
         elif self.kind == "labelled":
-            self.aligned = tokenizer.convert_tokens_to_ids("<|aligned|>")
-            self.misaligned = tokenizer.convert_tokens_to_ids("<|misaligned|>")
+            self.aligned = tokenizer.convert_tokens_to_ids(ALIGNED)
+            self.misaligned = tokenizer.convert_tokens_to_ids(MISALIGNED)
             self.supervise = recipe.conditional.supervise_control if recipe.conditional else True
             self.labeller = StreamLabeller(recipe.conditional, self.data, recipe.train.seed)
         elif self.kind == "epe":

@@ -1,7 +1,8 @@
 """A recipe's `data` section -> encoded Examples in memory, the held-out split, rows as trained.
 
-The encoding per ``data.kind`` is :class:`ctrltok.data.documents.DocumentEncoder`'s (the one
-``ctrltok prepare`` runs); this module reads the inputs, splits them, and counts every skip.
+The reading and the encoding per ``data.kind`` are :mod:`ctrltok.data.documents`' (``read_inputs``
+and ``DocumentEncoder``, what ``ctrltok prepare`` runs); this module splits the inputs, encodes
+them in memory, and counts every skip.
 Examples with no supervised token (for instance a reply cut off by truncation) are reported and
 left out, never silently trained on. Training streams prepared data (:mod:`ctrltok.data.prepare`);
 this in-memory path serves evaluation, small tools and the equality tests.
@@ -9,17 +10,15 @@ this in-memory path serves evaluation, small tools and the equality tests.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Sequence, TypeVar
 
 from ctrltok.core.config import DataConfig, Recipe
 from ctrltok.core.example import Example
-from ctrltok.core.packing import Batch, collate, pack, pad_batch, slice_example
-from ctrltok.core.records import RecordError, Skips, read_sources
+from ctrltok.core.packing import Batch, collate, pack, pad_batch
+from ctrltok.core.records import RecordError, Skips
 from ctrltok.core.tokens import CharterItem, load_charter
-from ctrltok.data.documents import DocumentEncoder, is_held_out
-from ctrltok.epe.reflection import read_annotated
+from ctrltok.data.documents import DocumentEncoder, is_held_out, read_inputs
 
 T = TypeVar("T")
 
@@ -57,19 +56,6 @@ def _encode(items: list, encoder: DocumentEncoder, skips: Skips) -> list[Example
     return out
 
 
-def _inputs(recipe: Recipe, which: str, skips: Skips, order: list[str] | None) -> list:
-    """The inputs of ``data.train`` (or ``data.eval``) as read, after ``data.limit`` for train."""
-    data = recipe.data
-    if data.kind == "epe":
-        sidecar = recipe.epe.sidecar if which == "train" else (recipe.epe.eval_sidecar or recipe.epe.sidecar)
-        source = data.train if which == "train" else data.eval
-        items = read_annotated(source, sidecar, order, recipe.epe.reflection_column, "id", data.text_field,
-                               data.on_error, skips)
-    else:
-        items = read_sources(data, recipe.train.seed, skips, which=which)
-    return list(itertools.islice(items, data.limit) if data.limit and which == "train" else items)
-
-
 def build_examples(recipe: Recipe, tokenizer, charter: list[CharterItem] | None = None) -> Encoded:
     """Read and encode the train (and eval) data of a recipe in memory; hold out ``eval_fraction``
     (the keyed draw) when there is no eval set. The same encoding and split ``ctrltok prepare``
@@ -79,16 +65,14 @@ def build_examples(recipe: Recipe, tokenizer, charter: list[CharterItem] | None 
     """
     data = recipe.data
     if data.kind == "epe":
-        if recipe.epe is None or not recipe.epe.sidecar:
-            raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
         charter = charter if charter is not None else load_charter(recipe.tokens.charter)
     encoder = DocumentEncoder(recipe, tokenizer, charter)
     order = [c.id for c in charter] if charter is not None else None
     skips = Skips()
-    train_items = list(enumerate(_inputs(recipe, "train", skips, order)))  # (index as read, input)
+    train_items = list(enumerate(read_inputs(recipe, "train", skips, order)))  # (index as read, input)
     n_records = len(train_items)
     if data.eval:
-        eval_items = list(enumerate(_inputs(recipe, "eval", skips, order)))
+        eval_items = list(enumerate(read_inputs(recipe, "eval", skips, order)))
     else:
         train_items, eval_items = split_heldout(train_items, data.eval_fraction, recipe.train.seed)
     train = _encode(train_items, encoder, skips)
@@ -100,22 +84,11 @@ def build_examples(recipe: Recipe, tokenizer, charter: list[CharterItem] | None 
 
 def make_rows(examples: list[Example], data: DataConfig) -> tuple[list[list[Example]], dict]:
     """Rows as the run trains on them: packed (``data.packing``) or one example per row, over-long
-    examples handled by ``data.overlong`` and counted. Training and every held-out loss use this."""
-    d = data
-    if d.packing or d.overlong == "chunk":  # chunked rows are full rows by construction
-        result = pack(examples, d.max_length, d.overlong)
-        return result.rows, asdict(result.stats)
-    rows, stats = [], {"examples": len(examples), "truncated_examples": 0, "truncated_tokens": 0}
-    for ex in examples:
-        if len(ex) > d.max_length:
-            if d.overlong == "error":
-                raise ValueError(f"{ex.source}: {len(ex)} tokens > data.max_length = {d.max_length}")
-            stats["truncated_examples"] += 1
-            stats["truncated_tokens"] += len(ex) - d.max_length
-            ex = slice_example(ex, 0, d.max_length)
-        rows.append([ex])
-    stats["rows"] = len(rows)
-    return rows, stats
+    examples handled by ``data.overlong`` and counted (:func:`ctrltok.core.packing.pack`'s stats,
+    whichever the mode). Every in-memory held-out loss uses this; the training plan on disk
+    (:mod:`ctrltok.data.plan`) is the same placement."""
+    result = pack(examples, data.max_length, data.overlong, packing=data.packing)
+    return result.rows, asdict(result.stats)
 
 
 def to_batch(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:

@@ -6,12 +6,14 @@ A *row plan* says which pieces of which documents make each training row::
     segments.bin  int64 [n_segments, 3] (document, start, end): tokens [start, end) of a document
 
 It is built in one streaming pass over the document lengths (never the documents), written next
-to the prepared data and memory-mapped by every rank, so memory does not grow with the corpus:
+to the prepared data and memory-mapped by every rank, so memory does not grow with the corpus. The
+placement is :func:`ctrltok.core.packing.plan_rows`', the one :func:`ctrltok.core.packing.pack`
+slices in-memory rows from:
 
 * ``overlong: chunk``: documents end to end, cut into rows of exactly ``max_length``;
 * ``packing: true``: best-fit decreasing within windows of ``window`` documents (pieces after the
-  over-long rule), the same placement :func:`ctrltok.core.packing.pack` makes, so for a corpus of
-  at most ``window`` documents the plan's rows are exactly the in-memory rows (tested);
+  over-long rule), so for a corpus of at most ``window`` documents the plan's rows are exactly the
+  in-memory rows (tested);
 * ``packing: false``: one document per row (truncated, or refused, past ``max_length``).
 
 The *order* of rows is a pure function of ``(seed, epoch, position)``: :func:`permute` maps a row
@@ -23,17 +25,16 @@ plan, seed and global batch reads the same rows. Each rank takes its own slice o
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ctrltok.core.packing import PackStats
+from ctrltok.core.packing import Segment, plan_rows
 from ctrltok.core.stages import atomic_write
 from ctrltok.data.documents import mix64
 
@@ -44,101 +45,6 @@ _M64 = np.uint64((1 << 64) - 1)
 
 # --------------------------------------------------------------------------------------------
 # Building
-
-
-def _pieces(length: int, max_length: int, overlong: str, stats: PackStats) -> list[tuple[int, int]]:
-    """The over-long rule of :func:`ctrltok.core.packing._fit` on a length: the pieces to place."""
-    if length <= max_length:
-        return [(0, length)]
-    if overlong == "error":
-        raise ValueError(f"a document of {length} tokens > data.max_length = {max_length} (data.overlong = error)")
-    if overlong == "truncate":
-        stats.truncated_examples += 1
-        stats.truncated_tokens += length - max_length
-        return [(0, max_length)]
-    pieces = [(s, min(s + max_length, length)) for s in range(0, length, max_length)]
-    stats.split_examples += 1
-    stats.split_pieces += len(pieces)
-    return pieces
-
-
-def _chunk_rows(lengths: Iterable[int], max_length: int, stats: PackStats) -> Iterator[list[tuple[int, int, int]]]:
-    row: list[tuple[int, int, int]] = []
-    room = max_length
-    for doc, n in enumerate(lengths):
-        stats.examples += 1
-        start = 0
-        while start < n:
-            end = min(n, start + room)
-            row.append((doc, start, end))
-            if (start, end) != (0, n):
-                stats.split_pieces += 1
-                stats.split_examples += start == 0
-            room -= end - start
-            start = end
-            if room == 0:
-                yield row
-                row, room = [], max_length
-    if row:
-        yield row
-
-
-def _best_fit(window: list[tuple[int, int, int]], max_length: int) -> list[list[tuple[int, int, int]]]:
-    """Best-fit decreasing of pieces ``(doc, start, end)``, as :func:`ctrltok.core.packing.pack` places them."""
-    order = sorted(range(len(window)), key=lambda i: (-(window[i][2] - window[i][1]), i))
-    rows: list[list[tuple[int, int, int]]] = []
-    free: list[tuple[int, int]] = []
-    for i in order:
-        n = window[i][2] - window[i][1]
-        j = bisect.bisect_left(free, (n, -1))
-        if j < len(free):
-            room, r = free.pop(j)
-        else:
-            room, r = max_length, len(rows)
-            rows.append([])
-        rows[r].append(window[i])
-        if room - n > 0:
-            bisect.insort(free, (room - n, r))
-    return rows
-
-
-def _packed_rows(lengths: Iterable[int], max_length: int, overlong: str, window: int,
-                 stats: PackStats) -> Iterator[list[tuple[int, int, int]]]:
-    pending: list[tuple[int, int, int]] = []
-    docs_in_window = 0
-    for doc, n in enumerate(lengths):
-        stats.examples += 1
-        pending.extend((doc, s, e) for s, e in _pieces(n, max_length, overlong, stats))
-        docs_in_window += 1
-        if docs_in_window == window:
-            yield from _best_fit(pending, max_length)
-            pending, docs_in_window = [], 0
-    if pending:
-        yield from _best_fit(pending, max_length)
-
-
-def _single_rows(lengths: Iterable[int], max_length: int, overlong: str,
-                 stats: PackStats) -> Iterator[list[tuple[int, int, int]]]:
-    for doc, n in enumerate(lengths):
-        stats.examples += 1
-        if n > max_length:
-            if overlong == "error":
-                raise ValueError(f"a document of {n} tokens > data.max_length = {max_length} (data.overlong = error)")
-            stats.truncated_examples += 1
-            stats.truncated_tokens += n - max_length
-        yield [(doc, 0, min(n, max_length))]
-
-
-def plan_rows(lengths: Iterable[int], max_length: int, overlong: str, packing: bool,
-              window: int = WINDOW) -> tuple[Iterator[list[tuple[int, int, int]]], PackStats]:
-    """The rows (lists of ``(doc, start, end)``) for documents of ``lengths``, streamed; the stats
-    fill in as the iterator is consumed."""
-    stats = PackStats()
-    if overlong == "chunk":
-        return _chunk_rows(lengths, max_length, stats), stats
-    if packing:
-        return _packed_rows(lengths, max_length, overlong, window, stats), stats
-    return _single_rows(lengths, max_length, overlong, stats), stats
 
 
 @dataclass
@@ -152,7 +58,7 @@ class RowPlan:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def row(self, r: int) -> list[tuple[int, int, int]]:
+    def row(self, r: int) -> list[Segment]:
         a, b = int(self.offsets[r]), int(self.offsets[r + 1])
         return [tuple(int(x) for x in seg) for seg in self.segments[a:b]]
 
@@ -167,7 +73,7 @@ class RowPlan:
             offsets.append(len(segments))
         tokens = sum(e - s for _, s, e in segments)
         return cls(np.asarray(offsets, dtype=np.int64), np.asarray(segments, dtype=np.int64).reshape(-1, 3),
-                   _stats(stats, len(offsets) - 1, max_length, tokens))
+                   asdict(stats.finish(len(offsets) - 1, tokens, max_length)))
 
     @classmethod
     def write(cls, folder: Path, lengths: Iterable[int], max_length: int, overlong: str, packing: bool,
@@ -184,7 +90,7 @@ class RowPlan:
         n_rows = n_segments = tokens = 0
         with open(tmp / "rows.bin", "wb") as fr, open(tmp / "segments.bin", "wb") as fs:
             fr.write(np.int64(0).tobytes())
-            buffer: list[tuple[int, int, int]] = []
+            buffer: list[Segment] = []
             ends: list[int] = []
             for row in rows:
                 buffer.extend(row)
@@ -199,7 +105,7 @@ class RowPlan:
             fs.write(np.asarray(buffer, dtype=np.int64).reshape(-1, 3).tobytes())
             fr.write(np.asarray(ends, dtype=np.int64).tobytes())
         atomic_write(tmp / PLAN_FILE, json.dumps({"rows": n_rows, "segments": n_segments,
-                                                   "stats": _stats(stats, n_rows, max_length, tokens)}))
+                                                   "stats": asdict(stats.finish(n_rows, tokens, max_length))}))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process (a rank on another node, same filesystem) finished first
@@ -213,13 +119,6 @@ class RowPlan:
         segments = np.memmap(Path(folder) / "segments.bin", dtype=np.int64, mode="r",
                              shape=(meta["segments"], 3)) if meta["segments"] else np.zeros((0, 3), np.int64)
         return cls(offsets, segments, meta["stats"])
-
-
-def _stats(stats: PackStats, n_rows: int, max_length: int, tokens: int) -> dict:
-    """The same counts :func:`ctrltok.core.packing.pack` reports for in-memory rows."""
-    stats.rows, stats.tokens = n_rows, tokens
-    stats.padding = n_rows * max_length - tokens
-    return asdict(stats)
 
 
 # --------------------------------------------------------------------------------------------

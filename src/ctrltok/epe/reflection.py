@@ -112,9 +112,9 @@ from typing import Any
 
 from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.records import Skips, read_records, reject
-from ctrltok.core.tokens import CharterItem, load_charter
+from ctrltok.core.tokens import EPE_ASSISTANT, CharterItem, load_charter
 
-ASSISTANT = "<assistant>"
+ASSISTANT = EPE_ASSISTANT.text  # declared once, in the epe preset
 
 
 @dataclass(frozen=True)
