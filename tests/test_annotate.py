@@ -136,3 +136,38 @@ def test_a_merge_redone_after_a_kill_adds_nothing_twice(tmp_path, monkeypatch):
     assert [json.loads(x)["doc_id"] for x in out.read_text().splitlines()] == ["d0", "d2", "d3", "d4"]
     failed = (tmp_path / "sidecar.failures.jsonl").read_text().splitlines()
     assert [json.loads(x)["doc_id"] for x in failed] == ["d1"]
+
+
+def test_an_unfinished_job_resumes_only_over_the_same_corpus(tmp_path):
+    """Given the corpus as a path, its fingerprint is compared on resume: the same ids with other
+    texts (edited in place) are refused naming the file, as is another model; the same corpus resumes."""
+    from ctrltok.core.stages import ResumeError
+
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [{"id": f"d{i}", "text": f"Doc {i} opens here. It goes on. It ends."} for i in range(6)]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in docs))
+    out = tmp_path / "sidecar.jsonl"
+    calls = []
+
+    class Dying(FakeBackend):
+        def complete(self, prompts, sampling):
+            calls.append(len(prompts))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # killed after the first batch
+            return super().complete(prompts, sampling)
+
+    model = {"model": {"name": "m1"}}
+    with pytest.raises(KeyboardInterrupt):
+        annotate_records(corpus, Dying(_answer), out, load_charter(), batch_size=2, inputs=model)
+    original = corpus.read_bytes()
+    corpus.write_bytes(original.replace(b"opens", b"OPENS"))  # the same ids and size, other texts
+    with pytest.raises(ResumeError, match=rf"other inputs: input {corpus}: contents changed"):
+        annotate_records(corpus, FakeBackend(_answer), out, load_charter(), batch_size=2, inputs=model)
+    corpus.write_bytes(original)
+    with pytest.raises(ResumeError, match=r"other inputs: model"):
+        annotate_records(corpus, FakeBackend(_answer), out, load_charter(), batch_size=2,
+                         inputs={"model": {"name": "m2"}})
+    fake = FakeBackend(_answer)
+    summary = annotate_records(corpus, fake, out, load_charter(), batch_size=2, inputs=model)
+    assert len(fake.calls) == 4 and summary["counts"]["already annotated (resumed)"] == 2  # prompts asked: d2-d5
+    assert [json.loads(x)["doc_id"] for x in out.read_text().splitlines()] == [f"d{i}" for i in range(6)]

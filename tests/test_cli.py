@@ -57,7 +57,7 @@ def test_wrong_type_names_the_key(tmp_path):
 
 def test_set_overrides_are_validated(tmp_path):
     p = tmp_path / "ok.yaml"
-    p.write_text("# x\nname: ok\n")
+    p.write_text("# x\nname: ok\ndata:\n  train: ctrltok:instructions\n")
     assert load_recipe(p, ["train.max_steps=7", "lora.enabled=true"]).lora.enabled
     with pytest.raises(ConfigError, match="nosuch"):
         load_recipe(p, ["train.nosuch=1"])

@@ -32,6 +32,7 @@ from ctrltok.training.runs import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = {"train": "ctrltok:instructions"}  # a recipe names its data (no default)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -157,6 +158,16 @@ def test_empty_recipe_is_an_error(capsys, tmp_path):
     code, _, err = cli(capsys, "train", tmp_path / "empty.yaml", "--out", tmp_path / "run")
     assert code == 2
     assert_one_line_error(err, "train", "empty.yaml", "empty")
+
+
+def test_recipe_without_data_train_is_an_error(capsys, tmp_path, tiny_model_dir):
+    path = tmp_path / "nodata.yaml"
+    path.write_text(f"# ctrltok train nodata.yaml\nmodel:\n  name: {tiny_model_dir}\ndata:\n  template: eot\n")
+    code, out, err = cli(capsys, "train", path, "--out", tmp_path / "run")
+    assert code == 2 and "model saved" not in out
+    assert_one_line_error(err, "train", "nodata.yaml", "data.train is missing", "ctrltok:instructions",
+                          "--set data.train=")
+    assert not (tmp_path / "run").exists()
 
 
 def test_folder_without_data_files_is_an_error(capsys, tmp_path, tiny_model_dir):
@@ -477,6 +488,58 @@ def test_resume_with_changes_continues_and_checkpoints_record_the_run(capsys, ti
     assert_one_line_error(err, "train", "train.max_steps = 3", "below step")
 
 
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@needs_identity
+def test_a_finished_run_continues_from_its_last_step_and_records_no_machine_path(capsys, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """4 steps (checkpoints every 3, and at the end), the run folder moved, then continued to 6 with
+    --resume-with-changes: it resumes at step 4 (the first run's metrics kept as they were), its
+    weights equal an uninterrupted 6-step run's exactly, the manifest says 6, and neither
+    ctrltok.json, metrics.jsonl nor a checkpoint names a path of this machine."""
+    monkeypatch.setenv("CTRLTOK_DATA_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "chats.jsonl"
+    shutil.copy(resource_path("instructions"), data)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data=str(data), max_steps=4, save_every=3,
+                          scheduler="constant")  # one lr throughout: a 4 + 2 run can equal a 6-step one
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", recipe, "--out", run)
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    recorded = [run / "ctrltok.json", run / "metrics.jsonl", *sorted(run.glob("checkpoints/*/state.json"))]
+    for path in recorded:
+        text = path.read_text()
+        for machine in (str(tmp_path), str(tiny_model_dir)):
+            assert machine not in text, f"{path.name} names {machine}"
+    manifest = RunManifest.read(run)
+    assert manifest.values["recipe_values"]["data"]["train"] == "../chats.jsonl"
+    assert os.path.samefile(manifest.recipe().data.train, data)  # read back as a path from here
+    first = (run / "metrics.jsonl").read_text().splitlines()
+
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    code, stdout, err = cli(capsys, "train", recipe, "--out", moved)  # moved, the run is still this recipe's
+    assert code == 0 and "already trained" in stdout, err
+    code, stdout, err = cli(capsys, "train", recipe, "--out", moved, "--set", "train.max_steps=6",
+                            "--resume-with-changes")
+    assert code == 0 and "model saved" in stdout, err
+    after = (moved / "metrics.jsonl").read_text().splitlines()
+    assert after[:len(first)] == first, "the continued run did not resume at step 4"
+    assert [json.loads(line)["step"] for line in after[len(first):] if "tokens_per_s" in line] == [5, 6]
+    assert RunManifest.read(moved).summary["steps"] == 6
+
+    straight = tmp_path / "straight"
+    code, _, err = cli(capsys, "train", recipe, "--out", straight, "--set", "train.max_steps=6")
+    assert code == 0, err
+    a, b = _tensors(straight), _tensors(moved)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 # -- check_run on unfinished folders (what each checkpoint records) ---------------------------------
 def _checkpoint(out: Path, step: int, identity: RunIdentity | None) -> None:
     folder = out / "checkpoints" / f"step-{step:06d}"
@@ -486,34 +549,55 @@ def _checkpoint(out: Path, step: int, identity: RunIdentity | None) -> None:
 
 
 def test_check_run_on_an_unfinished_folder(tmp_path):
-    recipe = recipe_from_mapping({"train": {"max_steps": 10, "save_every": 2}}, "r.yaml")
+    recipe = recipe_from_mapping({"data": DATA, "train": {"max_steps": 10, "save_every": 2}}, "r.yaml")
     identity = run_identity(recipe)
     out = tmp_path / "run"
     assert check_run(out, recipe, identity) == "fresh"
     _checkpoint(out, 4, identity)
     assert check_run(out, recipe, identity) == "resume"
 
-    longer = recipe_from_mapping({"train": {"max_steps": 20, "save_every": 2}}, "r.yaml")
+    longer = recipe_from_mapping({"data": DATA, "train": {"max_steps": 20, "save_every": 2}}, "r.yaml")
     with pytest.raises(RunError, match=r"stopped at step 4.*train.max_steps 10 -> 20.*--resume-with-changes"):
         check_run(out, longer, run_identity(longer))
     assert check_run(out, longer, run_identity(longer), resume_with_changes=True) == "resume"
 
-    shorter = recipe_from_mapping({"train": {"max_steps": 3, "save_every": 2}}, "r.yaml")
+    shorter = recipe_from_mapping({"data": DATA, "train": {"max_steps": 3, "save_every": 2}}, "r.yaml")
     with pytest.raises(RunError, match=r"train.max_steps = 3 is below step 4"):
         check_run(out, shorter, run_identity(shorter), resume_with_changes=True)
 
-    other = recipe_from_mapping({"train": {"max_steps": 10, "save_every": 2, "lr": 0.05}}, "r.yaml")
+    other = recipe_from_mapping({"data": DATA, "train": {"max_steps": 10, "save_every": 2, "lr": 0.05}}, "r.yaml")
     with pytest.raises(RunError, match=r"train.lr .*cannot change within a run"):
         check_run(out, other, run_identity(other), resume_with_changes=True)
 
 
 def test_identity_ignores_what_does_not_change_training():
-    a = recipe_from_mapping({"train": {"log_every": 1, "report_to": []}, "data": {"workers": 1}}, "a.yaml")
+    a = recipe_from_mapping({"train": {"log_every": 1, "report_to": []}, "data": {**DATA, "workers": 1}}, "a.yaml")
     b = recipe_from_mapping({"name": "other", "train": {"log_every": 9, "report_to": ["tensorboard"],
-                                                        "compile": True}, "data": {"workers": 4}}, "b.yaml")
+                                                        "compile": True}, "data": {**DATA, "workers": 4}}, "b.yaml")
     assert run_identity(a).key == run_identity(b).key
     old = RunIdentity.of({k: v for k, v in recipe_values(a).items() if k != "model.liger"}, None)
     assert run_identity(a).differences(old) == []  # a field added later reads as its default
+
+
+def test_recorded_paths_are_relative_to_the_run_and_compared_by_content(tmp_path, monkeypatch):
+    """What a run records names no machine path; the recorded identity still matches the same file
+    named another way (from another directory), and an edit of the file in place is a difference."""
+    from ctrltok.training.checkpoint import portable_run
+
+    data = tmp_path / "d" / "chats.jsonl"
+    data.parent.mkdir()
+    shutil.copy(resource_path("instructions"), data)
+    recipe = recipe_from_mapping({"data": {"train": str(data)}, "model": {"name": "smollm2-135m"}}, "r.yaml")
+    written = portable_run(run_identity(recipe).to_dict(), tmp_path / "runs" / "x")
+    assert written["values"]["data.train"] == written["inputs"]["data.train"]["path"] == "../../d/chats.jsonl"
+    assert written["values"]["model.name"] == "smollm2-135m"  # an alias is not a path
+    assert str(tmp_path) not in json.dumps(written)
+    monkeypatch.chdir(data.parent)
+    same = recipe_from_mapping({"data": {"train": "chats.jsonl"}, "model": {"name": "smollm2-135m"}}, "r.yaml")
+    assert run_identity(same).differences(RunIdentity.from_dict(written)) == []
+    data.write_bytes(data.read_bytes().replace(b"a", b"b", 1))
+    diff = run_identity(same).differences(RunIdentity.from_dict(written))
+    assert [d[0] for d in diff] == ["data.train (contents)"]
 
 
 # -- LoRA on every linear layer ----------------------------------------------------------------------
@@ -521,7 +605,7 @@ def test_lora_all_linear_and_a_typo(tiny_model_dir):
     from ctrltok.training.setup import apply_lora, prepare_model
 
     base = {"model": {"name": str(tiny_model_dir)}, "tokens": {"presets": ["eot"]},
-            "data": {"template": "eot"}, "lora": {"enabled": True, "target_modules": "all-linear"}}
+            "data": {**DATA, "template": "eot"}, "lora": {"enabled": True, "target_modules": "all-linear"}}
     recipe = recipe_from_mapping(base, "r.yaml")
     prepared = prepare_model(recipe)
     peft_model = apply_lora(prepared.model, recipe, prepared.surgery)

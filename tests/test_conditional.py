@@ -162,6 +162,31 @@ def test_resume_refuses_other_settings(tmp_path, scorers) -> None:
         label_file(src, tmp_path / "o.jsonl", scorer="cond_scorers:leading_number", threshold=SEED_T, quiet=True)
 
 
+def test_label_records_resumes_only_over_the_same_input(tmp_path, scorers) -> None:
+    """The library's contract, for any caller: an unfinished run compares its input's fingerprint;
+    another file, or the same file edited in place, is refused naming it; the same input resumes."""
+    from ctrltok.conditional.label import label_records
+    from ctrltok.conditional.scorers import get_scorer
+
+    scorer = get_scorer("cond_scorers:leading_number")
+    a = write_jsonl(tmp_path / "a.jsonl", corpus(6, 2) + [{"body": "no text field"}])
+    b = write_jsonl(tmp_path / "b.jsonl", corpus(7, 2))
+    out = tmp_path / "o.jsonl"
+    kw = dict(threshold=SEED_T, shard_size=2, chunk_size=2)
+    with pytest.raises(LabelError, match=r"a.jsonl:7"):
+        label_records(str(a), out, scorer, **kw)  # three shards of two documents committed, then stopped
+    with pytest.raises(LabelError, match=rf"unfinished run read other inputs: input {a} -> {b}; rerun with the same"):
+        label_records(str(b), out, scorer, **kw)
+    original = a.read_bytes()
+    a.write_bytes(original.replace(b"word0", b"WORD0"))  # the same path and size, other contents
+    with pytest.raises(LabelError, match=rf"input {a}: contents changed \("):
+        label_records(str(a), out, scorer, **kw)
+    a.write_bytes(original)
+    summary = label_records(str(a), out, scorer, on_error="skip", **kw)  # on_error is not a setting: resumes
+    assert summary["resumed_at_record"] == 6 and summary["documents"] == 6 and summary["skipped_total"] == 1
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(6))
+
+
 # ---------------------------------------------------------------- calibration
 
 

@@ -20,9 +20,10 @@ from transformers import AutoTokenizer
 from ctrltok.core.config import recipe_from_mapping
 from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.packing import pack
-from ctrltok.core.records import resource_path
+from ctrltok.core.records import Skips, read_records, resource_path
 from ctrltok.data import prepare as prepare_module
-from ctrltok.data.encode import build_examples
+from ctrltok.data.documents import read_inputs
+from ctrltok.data.encode import build_examples, make_rows
 from ctrltok.data.loader import in_memory, prepared_rows, rank_rows
 from ctrltok.data.plan import permute, rows_at, step_positions
 from ctrltok.data.prepare import cache_folder, prepare
@@ -105,7 +106,8 @@ def test_row_plan_equals_in_memory_packing(overlong, packing):
     rng = random.Random(0)
     examples = [Example(list(range(n)), list(range(n)), source=f"d{i}") for i, n in
                 enumerate(rng.randint(1, 90) for _ in range(300))]
-    data = recipe_from_mapping({"data": {"max_length": 64, "overlong": overlong, "packing": packing}}).data
+    data = recipe_from_mapping({"data": {"train": "ctrltok:instructions", "max_length": 64, "overlong": overlong,
+                                         "packing": packing}}).data
     source = in_memory(examples, data)
     rows = source.rows(range(len(source)))
     if packing:
@@ -115,6 +117,17 @@ def test_row_plan_equals_in_memory_packing(overlong, packing):
                                                              source=f"{ex.source}[0:64]")] for ex in examples]
     assert rows == expected
     assert source.plan.stats["tokens"] == sum(len(p) for r in expected for p in r)
+    in_memory_rows, stats = make_rows(examples, data)  # held-out losses: the same rows, the same counts
+    assert in_memory_rows == expected and stats == source.plan.stats
+
+
+def test_read_inputs_cuts_train_at_the_limit_only():
+    recipe = recipe_from_mapping({"data": {"train": "ctrltok:instructions", "eval": "ctrltok:instructions",
+                                           "limit": 3}})
+    skips = Skips()
+    train = list(read_inputs(recipe, "train", skips))
+    assert len(train) == 3 and train == list(read_records("ctrltok:instructions"))[:3]
+    assert len(list(read_inputs(recipe, "eval", skips))) > 3
 
 
 def test_permutation_is_a_bijection_per_epoch_and_differs_between_epochs():
@@ -237,3 +250,79 @@ def test_train_reads_a_prepared_folder_and_never_tokenizes_again(tmp_path, tiny_
     summaries = [json.loads((tmp_path / d / "ctrltok.json").read_text())["summary"] for d in "abc"]
     assert summaries[0]["documents"] == summaries[1]["documents"] == summaries[2]["documents"]
     assert sum(1 for lab in next(iter(PreparedData.open(cache).train)).labels if lab != IGNORE) > 0
+
+
+# -- the cache is keyed by the inputs' contents, not their paths ----------------------------------
+def _edit_last_line_in_place(path: Path) -> None:
+    """Another text on the last line, the file's size unchanged (what a fingerprint of the size alone
+    would miss)."""
+    raw = path.read_bytes()
+    cut = raw.rstrip(b"\n").rfind(b"\n") + 1
+    last = json.loads(raw[cut:])
+    last["text"] = "".join("x" if c != " " else " " for c in last["text"])
+    edited = raw[:cut] + json.dumps(last).encode() + b"\n"
+    assert len(edited) == len(raw) and edited != raw
+    path.write_bytes(edited)
+
+
+def test_cache_folder_follows_the_input_contents(tmp_path, tiny_model_dir, monkeypatch):
+    """Editing a data file in place (same size, another tail) gives a new prepared folder; the same
+    file, unchanged, reuses the cache without tokenizing again."""
+    from ctrltok.core.inputs import HEAD_TAIL, PREPARED_MANIFEST
+    from ctrltok.data.prepare import prepared_for
+    from ctrltok.data.store import MANIFEST
+
+    assert PREPARED_MANIFEST == MANIFEST  # core/inputs.py repeats the data layer's name
+    mapping = _recipe(tmp_path, "text", tiny_model_dir)
+    data = _texts(tmp_path / "big.jsonl", 9000)  # the tail is past the hashed head
+    assert data.stat().st_size > 2 * HEAD_TAIL
+    mapping["data"].update({"train": str(data), "limit": 40})  # the edit is past the records read, too
+    recipe = recipe_from_mapping(mapping)
+    tokenizer, _ = prepare_tokenizer(recipe)
+    root = tmp_path / "cache"
+    first = prepared_for(recipe, tokenizer, root=root)
+    assert first.path == cache_folder(recipe, tokenizer, root)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the data was tokenized again")
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module, "_run", no_tokenizing)
+        again = prepared_for(recipe_from_mapping(mapping), tokenizer, root=root)
+    assert again.path == first.path
+    _edit_last_line_in_place(data)
+    edited = recipe_from_mapping(mapping)
+    assert cache_folder(edited, tokenizer, root) != first.path
+    second = prepared_for(edited, tokenizer, root=root)
+    assert second.path != first.path and (second.path / MANIFEST).is_file()
+    assert second.manifest["sources_key"] != first.manifest["sources_key"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([first.path.name, second.path.name])
+
+
+def test_prepare_refuses_other_input_contents(tmp_path, tiny_model_dir, capsys):
+    """An unfinished prepared folder resumes only over the same contents (the stage runner's check),
+    and ``ctrltok prepare`` refuses a finished one made from other contents: one line naming the input."""
+    from ctrltok.cli.main import main
+    from ctrltok.core.stages import ResumeError
+    from ctrltok.data.store import MANIFEST
+
+    mapping = _recipe(tmp_path, "text", tiny_model_dir)
+    data = Path(mapping["data"]["train"])
+    recipe = recipe_from_mapping(mapping)
+    tokenizer, _ = prepare_tokenizer(recipe)
+    prepare(recipe, tokenizer, tmp_path / "p", shard_size=100)
+    (tmp_path / "p" / MANIFEST).unlink()  # as if killed before the end: the shards and run.json stay
+    original = data.read_bytes()
+    _edit_last_line_in_place(data)
+    with pytest.raises(ResumeError, match=rf"unfinished run read other inputs: data.train {data}: contents changed"):
+        prepare(recipe_from_mapping(mapping), tokenizer, tmp_path / "p", shard_size=100)
+    data.write_bytes(original)
+    prepare(recipe_from_mapping(mapping), tokenizer, tmp_path / "p", shard_size=100)  # the same contents: resumes
+    assert (tmp_path / "p" / MANIFEST).is_file()
+
+    path = tmp_path / "r.yaml"
+    path.write_text("# Run: ctrltok prepare r.yaml --out DIR\n" + json.dumps(mapping))
+    _edit_last_line_in_place(data)
+    assert main(["prepare", str(path), "--out", str(tmp_path / "p")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ctrltok prepare: error:")]
+    assert len(errors) == 1 and "already prepared from other inputs" in errors[0] and str(data) in errors[0]

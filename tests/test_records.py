@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ctrltok.core.chat import ChatError
-from ctrltok.core.config import recipe_from_mapping
+from ctrltok.core.config import ConfigError, recipe_from_mapping
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.records import RecordError, Skips, read_records
 from ctrltok.data.encode import build_examples
@@ -109,7 +109,9 @@ def test_data_train_string_and_set_override_unchanged(tmp_path):
     assert recipe.data.train == str(tmp_path / "d")
     assert list(read_sources(recipe.data, recipe.train.seed)) == [(str(tmp_path / "d" / "a.txt"),
                                                                    {"id": "a", "text": "hello"})]
-    assert recipe_from_mapping({}).data.train == "ctrltok:instructions"
+    with pytest.raises(ConfigError, match=r"r.yaml: data.train is missing.*--set data.train="):
+        recipe_from_mapping({"data": {"kind": "text"}}, "r.yaml")  # no silent default: the shipped set is asked for
+    assert recipe_from_mapping({}, "r.yaml", ["data.train=ctrltok:instructions"]).data.train == "ctrltok:instructions"
 
 
 def test_eval_sources_are_read_like_train(tmp_path, tiny_model_dir):

@@ -146,7 +146,8 @@ def test_recipe_level_checks(tiny_model_dir):
         recipe_from_mapping({"model": {"config": {"n layer": 2}}}, "x.yaml")
     with pytest.raises(ConfigError, match=r"model\.init = 'fresh'"):
         recipe_from_mapping({"model": {"init": "fresh"}}, "x.yaml")
-    r = recipe_from_mapping(base, "x.yaml", ["model.config.num_hidden_layers=3", "model.config.hidden_size=96"])
+    r = recipe_from_mapping({**base, "data": {"train": "ctrltok:instructions"}}, "x.yaml",
+                            ["model.config.num_hidden_layers=3", "model.config.hidden_size=96"])
     assert r.model.config == {"num_hidden_layers": 3, "hidden_size": 96}
 
 

@@ -158,6 +158,38 @@ def test_resume_checks_settings_and_keeps_its_shard_size(tmp_path):
     assert (tmp_path / "out.jsonl").read_bytes() == reference
 
 
+def test_resume_compares_input_fingerprints_by_content(tmp_path):
+    """``inputs``: the same bytes under another path resume; other bytes under the same path are
+    refused, naming the input; a folder started before inputs were recorded resumes."""
+    from ctrltok.core.inputs import file_fingerprint
+
+    reference, _ = clean_run(tmp_path)
+    data = tmp_path / "in.jsonl"
+    data.write_text("one\ntwo\n")
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    folder = tmp_path / "out.parts"
+    with pytest.raises(Killed):
+        StageRun(folder, 4, {"case": "upper"}, inputs={"input": file_fingerprint(data)}).run(upper(kill_at=13), items())
+    assert json.loads((folder / "run.json").read_text())["inputs"]["input"]["path"] == str(data)
+    data.write_text("one\nTWO\n")  # same size, other contents
+    with pytest.raises(ResumeError, match=rf"other inputs: input {data}: contents changed \(8 bytes"):
+        StageRun(folder, 4, {"case": "upper"}, inputs={"input": file_fingerprint(data)}).run(upper(), items())
+    with pytest.raises(ResumeError, match=rf"other inputs: sidecar none -> {copy}"):
+        StageRun(folder, 4, {"case": "upper"}, inputs={"input": file_fingerprint(copy),
+                                                       "sidecar": file_fingerprint(copy)}).run(upper(), items())
+    run = StageRun(folder, 4, {"case": "upper"}, inputs={"input": file_fingerprint(copy)})
+    assert run.run(upper(), items()).resumed_at == 12
+    run.merge(tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_bytes() == reference
+
+    old = tmp_path / "old.parts"  # run.json without "inputs": nothing to compare with
+    with pytest.raises(Killed):
+        StageRun(old, 4, {"case": "upper"}).run(upper(kill_at=13), items())
+    assert StageRun(old, 4, {"case": "upper"}, inputs={"input": file_fingerprint(data)}).run(
+        upper(), items()).resumed_at == 12
+
+
 def test_info_is_decided_once(tmp_path):
     calls = []
 

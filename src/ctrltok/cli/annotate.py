@@ -10,29 +10,24 @@ import json
 from pathlib import Path
 
 from ctrltok.cli.checks import check_output
-from ctrltok.core.records import read_records
-from ctrltok.core.stages import RUN_FILE
+from ctrltok.core.inputs import model_fingerprint
 from ctrltok.core.tokens import load_charter
 from ctrltok.epe.annotate import annotate_records
 from ctrltok.generation.completion import Sampling, make_backend
-from ctrltok.training.runs import check_inputs, input_fingerprint, model_fingerprint
 
 
 def annotate_file(model: str, input: str, out: str, max_new_tokens: int = 160, charter: str | None = None,
                   batch_size: int = 8) -> dict:
     """Annotate the corpus ``input`` with the model ``model`` into the sidecar ``out``; print the summary.
 
-    An unfinished job in ``OUT.parts`` resumes only with the same input and model (their
-    fingerprints are recorded there at its start); ``out`` may not be ``input``."""
+    An unfinished job in ``OUT.parts`` resumes only with the same input and model (``annotate_records``
+    compares their fingerprints); ``out`` may not be ``input``."""
     check_output(out, {"--input": input})
-    parts = Path(f"{out}.parts")
     model_fp = model_fingerprint(model) or {"name": model}
-    check_inputs(parts, {"input": input_fingerprint(input), "model": model_fp}, (parts / RUN_FILE).is_file(),
-                 "annotation job")
     backend = make_backend(model, kind="transformers")
-    summary = annotate_records(read_records(input), backend, Path(out), load_charter(charter),
+    summary = annotate_records(input, backend, Path(out), load_charter(charter),
                                tokenizer=getattr(backend, "tokenizer", None), batch_size=batch_size,
-                               sampling=Sampling(max_new_tokens=max_new_tokens))
+                               sampling=Sampling(max_new_tokens=max_new_tokens), inputs={"model": model_fp})
     print(json.dumps(summary, indent=1))
     return summary
 

@@ -7,7 +7,6 @@ to stderr (the summary is also written to ``OUT.summary.json``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,8 +15,6 @@ from typing import Any
 from ctrltok.cli.checks import UsageError, same_file
 from ctrltok.conditional.label import SEED_DROP_FRACTION, label_records
 from ctrltok.conditional.scorers import DEFAULT_SCORER, Scorer, get_scorer
-from ctrltok.core.stages import RUN_FILE
-from ctrltok.training.runs import RunError, check_inputs, input_fingerprint
 
 
 def label_file(input: Any, out: str | Path, scorer: str | Scorer = DEFAULT_SCORER, threshold: float | None = None,
@@ -28,9 +25,9 @@ def label_file(input: Any, out: str | Path, scorer: str | Scorer = DEFAULT_SCORE
     """Label ``input`` (a path, a ``datasets`` name or a ``datasets.Dataset``) into ``out`` with
     the scorer named ``scorer``; print the summary unless ``quiet``; return it.
 
-    An unfinished run in ``OUT.parts`` resumes only over the same input: its path and a fingerprint
-    of its contents are recorded there at the start (:func:`check_same_input`)."""
-    check_same_input(input, out)
+    An unfinished run in ``OUT.parts`` resumes only over the same input (``label_records`` compares
+    its fingerprint); ``out`` may not be ``input``."""
+    check_not_input(input, out)
     summary = label_records(input, out, get_scorer(scorer), threshold=threshold,
                             misaligned_fraction=misaligned_fraction, drop_fraction=drop_fraction, seed=seed,
                             text_field=text_field, processes=processes, on_error=on_error, splitter=splitter,
@@ -40,26 +37,12 @@ def label_file(input: Any, out: str | Path, scorer: str | Scorer = DEFAULT_SCORE
     return summary
 
 
-def check_same_input(input: Any, out: str | Path) -> None:
-    """Refuse to resume ``OUT.parts`` (an unfinished labelling run) over another input than the one
-    it started on: the stage settings of :func:`~ctrltok.conditional.label.label_records` name the
-    scorer, seed and thresholds, not the input, so the two runs' documents would be mixed."""
+def check_not_input(input: Any, out: str | Path) -> None:
+    """Refuse an ``--out`` that is the ``--input`` file: the merge would replace the input."""
     if not isinstance(input, (str, os.PathLike)):
-        return  # a datasets.Dataset object: nothing on disk to fingerprint
+        return  # a datasets.Dataset object: nothing on disk
     if Path(out).expanduser().exists() and same_file(out, input):
         raise UsageError(f"--out {out} is the --input file: writing it would destroy the input; choose another --out")
-    parts = Path(f"{out}.parts")
-    run_file = parts / RUN_FILE
-    started = run_file.is_file()
-    if started:  # the input the unfinished run recorded itself (its path as given)
-        try:
-            before = json.loads(run_file.read_text(encoding="utf-8")).get("info", {}).get("input")
-        except ValueError:
-            before = None
-        if isinstance(before, str) and before != str(input) and not same_file(before, input):
-            raise RunError(f"{parts}: an unfinished labelling run of --input {before} is there; rerun with that "
-                           f"--input to resume it, or write to a new --out (or delete {parts})")
-    check_inputs(parts, {"input": input_fingerprint(str(input))}, started, "labelling run")
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """`ctrltok prepare RECIPE.yaml --out DIR [--workers N]`: a recipe's data, encoded once into shards.
 
-A rerun resumes an unfinished folder made from the same data (its inputs' fingerprints are recorded
-in ``DIR/parts`` at the start) and says "already prepared" of a finished one; a folder prepared from
-other data settings or other input files is refused, naming what differs.
+A rerun resumes an unfinished folder made from the same data (the stage runner compares its inputs'
+fingerprints, :func:`ctrltok.data.prepare.prepare`) and says "already prepared" of a finished one; a
+folder prepared from other data settings or other input files is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 from ctrltok.cli.run import check_recipe_names
 from ctrltok.core.config import load_recipe
-from ctrltok.core.stages import RUN_FILE
-from ctrltok.data.prepare import data_key
+from ctrltok.core.inputs import changed, what_changed
+from ctrltok.data.prepare import data_key, data_sources
 from ctrltok.data.prepare import prepare as prepare_data
-from ctrltok.data.store import MANIFEST, PARTS, PreparedData
-from ctrltok.training.runs import RunError, check_inputs, recipe_inputs
+from ctrltok.data.store import MANIFEST, PreparedData
+from ctrltok.training.runs import RunError
 from ctrltok.training.setup import prepare_tokenizer
 
 NOT_DATA = ("data.workers",)  # in the data key, but not what the documents are made from
@@ -35,20 +35,23 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_prepared(recipe, out: Path) -> bool:
-    """Whether ``out`` is a finished prepared folder of ``recipe``'s data settings (a finished folder
-    of other settings is a :class:`~ctrltok.training.runs.RunError` naming them); records or checks
-    the inputs' fingerprints of an unfinished one."""
+    """Whether ``out`` is a finished prepared folder of ``recipe``'s data settings and inputs (a
+    finished folder of other settings or input contents is a :class:`~ctrltok.training.runs.RunError`
+    naming them; an unfinished one is checked by the stage runner as it resumes)."""
     finished = (out / MANIFEST).is_file()
     if finished:
-        stored = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("recipe")
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        stored = manifest.get("recipe")
         if isinstance(stored, dict):
             old, new = _flat(stored), _flat(json.loads(json.dumps(data_key(recipe), default=str)))
             diff = [k for k in sorted(set(old) | set(new)) if k not in NOT_DATA and old.get(k) != new.get(k)]
             if diff:
                 raise RunError(f"{out}: already prepared from other data settings ({', '.join(diff)}); prepare "
                                "into a new --out")
-    inputs = {k: v for k, v in recipe_inputs(recipe).items() if k != "model.name"}  # the tokenizer is checked apart
-    check_inputs(out / PARTS, inputs, finished or (out / PARTS / RUN_FILE).is_file(), "prepare")
+        read, now = manifest.get("sources"), data_sources(recipe)  # absent in folders prepared before it was
+        if isinstance(read, dict) and changed(read, now):
+            raise RunError(f"{out}: already prepared from other inputs ({what_changed(read, now)}); prepare into "
+                           "a new --out")
     return finished
 
 

@@ -19,7 +19,10 @@ JSONL, Parquet, folders, ``datasets`` names; or a ``datasets.Dataset``) with a
 (:mod:`ctrltok.core.stages`): complete shards of ``shard_size`` input records in ``OUT.parts/``,
 each renamed into place only when finished, so a killed run resumes at the first missing shard,
 losing and duplicating nothing; the shards are merged into ``OUT`` at the end and the summary is
-written to ``OUT.summary.json``. Scoring runs in ``processes`` worker processes with a bounded
+written to ``OUT.summary.json``. A resume is refused (one line naming the input) when the settings
+or the input differ: the input's fingerprint (:mod:`ctrltok.core.inputs`: path, size, a hash of
+its head and tail) is part of what the run compares, so another file, or the same file edited in
+place, is never mixed into an unfinished run's output. Scoring runs in ``processes`` worker processes with a bounded
 number of chunks in flight, so memory does not grow with the corpus. ``ctrltok label``
 (:mod:`ctrltok.cli.label`) resolves the scorer's name and prints the summary.
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrltok.conditional.scorers import Scorer, ScorerError
+from ctrltok.core.inputs import input_fingerprint
 from ctrltok.core.records import RecordError, Skips, read_records
 from ctrltok.core.segment import split_sentences
 from ctrltok.core.stages import (
@@ -276,7 +281,8 @@ def label_records(source: Any, out: str | Path, scorer: Scorer, threshold: float
     ``calibration_segments`` segments instead; with neither, the scorer's default threshold is used
     (Detoxify: the seed's 0.00056; profanity: 0.5, its own decision boundary). ``on_error="skip"``
     counts bad records by reason instead of raising. A previous run killed before the end resumes
-    from ``OUT.parts/`` when called again with the same settings. With ``processes > 1`` the
+    from ``OUT.parts/`` when called again with the same settings and the same input (a path's
+    fingerprint is compared; a ``datasets.Dataset`` object has none). With ``processes > 1`` the
     scorer object is handed to forked worker processes.
     """
     if on_error not in ("raise", "skip"):
@@ -292,7 +298,11 @@ def label_records(source: Any, out: str | Path, scorer: Scorer, threshold: float
     settings = {"scorer": scorer.provenance(), "text_field": text_field, "drop_fraction": drop_fraction,
                 "seed": seed, "splitter": splitter,
                 "requested": {"threshold": threshold, "misaligned_fraction": misaligned_fraction}}
-    run = StageRun(Path(f"{out}.parts"), shard_size, settings)
+    try:  # what the run reads, by content: a resume over another input would mix two corpora
+        read = {"input": input_fingerprint(source)} if isinstance(source, (str, os.PathLike)) else None
+    except RecordError as e:
+        raise LabelError(str(e)) from None
+    run = StageRun(Path(f"{out}.parts"), shard_size, settings, inputs=read)
 
     def decide() -> dict[str, Any]:  # once per run: a resumed run keeps the threshold it started with
         thr, calibration, threshold_source = _choose_threshold(

@@ -143,6 +143,8 @@ class DataConfig:
     the seed and their weights); :meth:`sources` gives the checked list."""
 
     kind: str = "chat"  # chat | text | labelled | epe
+    # The default serves recipes built in code (`Recipe()`); a recipe file or mapping must name its
+    # data (recipe_from_mapping refuses one without data.train), so none trains on the shipped set unasked.
     train: str | list[str | dict[str, Any]] | dict[str, Any] = "ctrltok:instructions"
     eval: str | list[str | dict[str, Any]] | dict[str, Any] | None = None
     eval_fraction: float = 0.1  # held out from train when `eval` is not given
@@ -353,7 +355,18 @@ def recipe_from_mapping(mapping: dict, source: str = "<recipe>", overrides: list
         raise
     recipe.source = source
     validate(recipe)
+    _require_train(mapping, source)  # after the checks of what is there, which name a more precise key
     return recipe
+
+
+def _require_train(mapping: dict, source: str) -> None:
+    """A recipe names its training data: ``data.train`` has no silent default (a backtranslation
+    recipe, whose pipeline makes the training data, needs none)."""
+    data = mapping.get("data") or {}  # a mapping: build() has refused anything else
+    if mapping.get("backtranslate") is None and data.get("train") is None:
+        raise ConfigError(f"{source}: data.train is missing; name the training data in the recipe's data section "
+                          "(a .jsonl/.json/.parquet file, a folder of them, hf:NAME for a hub dataset, or "
+                          "ctrltok:instructions for the shipped set), or pass --set data.train=PATH")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

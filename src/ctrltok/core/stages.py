@@ -21,7 +21,7 @@ and place. Drops are counted by reason with their first places, never silent::
 
 A stage folder on disk::
 
-    run.json                      {"shard_size": 1000, "settings": {...}, "info": {...}}
+    run.json                      {"shard_size": 1000, "settings": {...}, "inputs": {...}, "info": {...}}
     shard-000000.jsonl            records of outcomes [0, 1000)          \\ renamed into place
     shard-000000.dropped.jsonl    dropped records that carry one          / when the shard is complete
     shard-000000.done             the shard's stats and file sizes; written last: its commit marker
@@ -33,8 +33,10 @@ Resume: the first shard ``k`` without its ``.done`` marker is redone from outcom
 outcomes follow its inputs one to one; the runner checks the counts); with ``skip="outputs"``
 the stage sees every input and its first outcomes are discarded (a cheap, deterministic stage that
 keeps state across inputs, such as a deduplicating segmenter). ``run.json`` holds the settings
-of the first invocation: resuming with other settings is a :class:`ResumeError`, and the stored
-shard size wins, so a resumed run writes exactly the bytes an uninterrupted one would. Stats are
+of the first invocation: resuming with other settings is a :class:`ResumeError`, and so is
+resuming over other inputs (``inputs``: fingerprints of what the stage reads, by name, from
+:func:`ctrltok.core.inputs.input_fingerprint`; compared by content, so the same file under
+another path resumes, and the same path with other contents does not). The stored shard size wins, so a resumed run writes exactly the bytes an uninterrupted one would. Stats are
 read back from the markers, so they cover every invocation that contributed to the folder.
 
 Shard formats are pluggable: a :class:`Sink` writes one shard (:class:`JsonlSink` writes JSON
@@ -59,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ctrltok.core.inputs import changed, what_changed
 from ctrltok.core.records import Skips
 
 SHARD = "shard-{:06d}"
@@ -348,16 +351,19 @@ class StageRun:
     """One stage's folder of shards: start or resume, run, read the stats back, merge, remove.
 
     ``settings`` (JSON values) identify the run: resuming with different ones raises
-    :class:`ResumeError` naming the first difference. ``sink`` builds the writer of one shard.
+    :class:`ResumeError` naming the first difference. ``inputs`` (input fingerprints by name, or
+    ``None`` when the inputs are objects with nothing on disk) must match by content to resume; the
+    error names each input that differs. ``sink`` builds the writer of one shard.
     """
 
     def __init__(self, folder: str | Path, shard_size: int = 1000, settings: Mapping[str, Any] | None = None,
-                 sink: Callable[[Path], Sink] = JsonlSink) -> None:
+                 sink: Callable[[Path], Sink] = JsonlSink, inputs: Mapping[str, Any] | None = None) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.folder = Path(folder)
         self.shard_size = shard_size
         self.settings = _plain(dict(settings or {}))
+        self.inputs = _plain(dict(inputs)) if inputs is not None else None
         self.sink = sink
         self.info: dict[str, Any] | None = None
 
@@ -370,6 +376,10 @@ class StageRun:
         run_file = self.folder / RUN_FILE
         if run_file.exists():
             stored = json.loads(run_file.read_text(encoding="utf-8"))
+            read = stored.get("inputs")  # absent in a folder started before inputs were recorded
+            if self.inputs is not None and isinstance(read, dict) and changed(read, self.inputs):
+                raise ResumeError(f"{self.folder}: an unfinished run read other inputs: {what_changed(read, self.inputs)}; "
+                                  "rerun with the same inputs to resume it, or delete that folder")
             old = stored.get("settings", {})
             for key in [*self.settings, *(k for k in old if k not in self.settings)]:
                 if self.settings.get(key) != old.get(key):
@@ -387,7 +397,7 @@ class StageRun:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.info = _plain(dict((info() if callable(info) else info) or {}))
         atomic_write(run_file, json.dumps({"shard_size": self.shard_size, "settings": self.settings,
-                                           "info": self.info}, indent=2, ensure_ascii=False))
+                                           "inputs": self.inputs, "info": self.info}, indent=2, ensure_ascii=False))
         return self.info
 
     def committed(self) -> int:
@@ -502,18 +512,20 @@ def _copy_lines(path: Path, dst: Any, key: Callable[[dict], Any] | None, seen: s
 
 def run_stage(out: str | Path, stage: Callable[[Iterable[Any]], Iterable[Outcome]], inputs: Iterable[Any] = (), *,
               skip: str = "inputs", shard_size: int = 1000, settings: Mapping[str, Any] | None = None,
-              dropped: str = "inline", info: Callable[[], Mapping[str, Any]] | None = None) -> dict[str, Any]:
+              dropped: str = "inline", info: Callable[[], Mapping[str, Any]] | None = None,
+              read: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One stage into one JSONL file: ``NAME.jsonl`` with its ``NAME.done`` marker beside it,
     shards in ``NAME.parts/`` meanwhile. A stage whose marker exists is not run again. Returns the
     marker's content: the run's stats, ``seconds_last_run`` and whatever ``info()`` adds (called
-    once the stage is complete)."""
+    once the stage is complete). ``read``: fingerprints of the files the stage reads (``inputs`` of
+    :class:`StageRun`)."""
     out = Path(out)
     marker, folder = out.with_suffix(DONE), out.with_suffix(".parts")
     if marker.exists():
         shutil.rmtree(folder, ignore_errors=True)  # left by a kill between the marker and the removal
         return json.loads(marker.read_text(encoding="utf-8"))
     started = time.perf_counter()
-    run = StageRun(folder, shard_size, settings, sink=lambda base: JsonlSink(base, dropped))
+    run = StageRun(folder, shard_size, settings, sink=lambda base: JsonlSink(base, dropped), inputs=read)
     stats = run.run(stage, inputs, skip)
     run.merge(out)
     done = {**stats.as_dict(), "seconds_last_run": round(time.perf_counter() - started, 2),

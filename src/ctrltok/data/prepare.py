@@ -13,7 +13,13 @@ the data section's hash and the tokenizer's fingerprint (``$CTRLTOK_DATA_CACHE``
 small run stays one command and a resumed or repeated run never tokenizes again. What the cache
 key covers: the ``data`` section except the row settings (``max_length``, ``overlong``,
 ``packing``: those shape rows, not documents), ``conditional``, ``epe``, ``train.seed`` (the
-held-out draw) and the tokenizer with the recipe's tokens.
+held-out draw), the tokenizer with the recipe's tokens, and the contents of the inputs: each data
+file's, sidecar's and charter's fingerprint (:func:`ctrltok.core.inputs.recipe_inputs`: size and a
+hash of its head and tail), so a data file edited in place is prepared again into a new folder.
+
+The same fingerprints are the stage runner's ``inputs`` (an unfinished folder resumes only over
+the same contents) and are recorded in the manifest (``sources``, hashed as ``sources_key``, which
+is what a run reading the prepared folder fingerprints).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 from ctrltok.conditional.stream import scorer_provenance
 from ctrltok.core.config import Recipe
+from ctrltok.core.inputs import content, recipe_inputs
 from ctrltok.core.models import cache_dir
 from ctrltok.core.records import Skips, read_sources
 from ctrltok.core.stages import Outcome, StageRun, map_ordered
@@ -59,6 +66,17 @@ def data_key(recipe: Recipe) -> dict[str, Any]:
     data = {k: v for k, v in asdict(recipe.data).items() if k not in ROW_SETTINGS}
     return {"data": data, "conditional": asdict(recipe.conditional) if recipe.conditional else None,
             "epe": asdict(recipe.epe) if recipe.epe else None, "seed": recipe.train.seed}
+
+
+def data_sources(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Fingerprints of what the prepared documents are read from (data files, sidecars, the
+    charter), by recipe key; the model is left out (the tokenizer is keyed apart)."""
+    return recipe_inputs(recipe, data_only=True)
+
+
+def sources_key(sources: dict[str, dict[str, Any]]) -> str:
+    """One hash of the inputs' contents (not their paths: the same bytes elsewhere are the same data)."""
+    return fingerprint({key: content(fp) for key, fp in sources.items()})
 
 
 def _inputs(recipe: Recipe, which: str, sidecar: str | None, order: list[str] | None, skips: Skips) -> Iterator[Any]:
@@ -113,9 +131,10 @@ def _stage(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None
 
 
 def _run(folder: Path, recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None, which: str,
-         sidecar: str | None, split: str | None, workers: int, shard_size: int, settings: dict,
+         sidecar: str | None, split: str | None, workers: int, shard_size: int, settings: dict, sources: dict,
          read_skips: Skips, progress: Callable[[int], None] | None) -> tuple[StageRun, Any]:
-    run = StageRun(folder, shard_size, settings, sink=partial(ArrowShardSink, ids=id_type(len(tokenizer))))
+    run = StageRun(folder, shard_size, settings, sink=partial(ArrowShardSink, ids=id_type(len(tokenizer))),
+                   inputs=sources)
     order = [c.id for c in charter] if charter else None
     inputs: Iterable[tuple[int, Any]] = enumerate(_inputs(recipe, which, sidecar, order, read_skips))
     if progress is not None:
@@ -146,10 +165,11 @@ def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Seq
         raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
     key = data_key(recipe)
     settings = {"key": fingerprint(key), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    sources = data_sources(recipe)
     skips = Skips()
     sidecar = recipe.epe.sidecar if data.kind == "epe" else None
     run, stats = _run(out / PARTS, recipe, tokenizer, charter, "train", sidecar, None if not data.eval else "train",
-                      workers, shard_size, settings, skips, progress)
+                      workers, shard_size, settings, sources, skips, progress)
     files = {s: shard_files(out / PARTS, run.committed(), s) for s in SPLITS}
     counts, inputs = dict(stats.counts), stats.outcomes
     drops = Skips()
@@ -157,7 +177,7 @@ def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Seq
     if data.eval:  # a separate held-out set: every document of it goes to "eval"
         eval_sidecar = (recipe.epe.eval_sidecar or recipe.epe.sidecar) if data.kind == "epe" else None
         eval_run, eval_stats = _run(out / "eval-parts", recipe, tokenizer, charter, "eval", eval_sidecar, "eval",
-                                    workers, shard_size, settings, skips, progress)
+                                    workers, shard_size, settings, sources, skips, progress)
         files["eval"] = [f"../eval-parts/{name}" for name in shard_files(out / "eval-parts", eval_run.committed(), "eval")]
         for k, v in eval_stats.counts.items():
             counts[k] = counts.get(k, 0) + v
@@ -167,6 +187,7 @@ def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Seq
         raise ValueError(f"{data.train}: no usable training documents (skips: {dict(drops)})")
     write_manifest(out, {
         "kind": data.kind, "tokenizer": settings["tokenizer"], "data_key": settings["key"], "recipe": key,
+        "sources": sources, "sources_key": sources_key(sources),
         "ids": "uint16" if id_type(len(tokenizer)).bit_width == 16 else "uint32", "vocab": len(tokenizer),
         "inputs": inputs, "splits": {s: {n: counts.get(f"{s}_{n}", 0) for n in ("documents", "tokens", "supervised")}
                                      for s in SPLITS},
@@ -184,10 +205,12 @@ def _merge(into: Skips, other: Skips) -> None:
 
 
 def cache_folder(recipe: Recipe, tokenizer: Any, root: str | os.PathLike | None = None) -> Path:
-    """Where ``ctrltok train`` keeps the prepared form of ``recipe``'s raw data."""
+    """Where ``ctrltok train`` keeps the prepared form of ``recipe``'s raw data: named by the data
+    settings and the inputs' contents together, and by the tokenizer."""
     env = os.environ.get("CTRLTOK_DATA_CACHE")
     root = Path(root) if root is not None else Path(env) if env else cache_dir() / "prepared"
-    return root / f"{recipe.data.kind}-{fingerprint(data_key(recipe))}-{tokenizer_fingerprint(tokenizer)}"
+    key = fingerprint({"data": data_key(recipe), "sources": sources_key(data_sources(recipe))})
+    return root / f"{recipe.data.kind}-{key}-{tokenizer_fingerprint(tokenizer)}"
 
 
 def is_prepared(source: Any) -> bool:

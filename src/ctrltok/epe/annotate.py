@@ -15,7 +15,10 @@ document. The run is a stage of :mod:`ctrltok.core.stages`: one shard per batch 
 ``OUT.parts/``, each renamed into place when its batch is answered, so a killed run resumes after
 the last answered batch without losing or duplicating a document; at the end the shards are
 appended to ``OUT`` and its failures file. Documents already in those files are not annotated
-again, so a grown corpus costs only its new documents. LLM calls go through a
+again, so a grown corpus costs only its new documents. An unfinished job resumes only over the same
+inputs: given the corpus as a path, its fingerprint (:mod:`ctrltok.core.inputs`: path, size, a hash
+of its head and tail) is compared, with whatever else the caller fingerprints (the model); another
+file, or the same one edited in place, is refused with one line naming it. LLM calls go through a
 ``complete(prompts, sampling)`` backend (:mod:`ctrltok.generation.completion`), so tests use a
 fake; ``ctrltok annotate`` (:mod:`ctrltok.cli.annotate`) loads the model by name.
 """
@@ -25,12 +28,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from ctrltok.core.inputs import input_fingerprint
+from ctrltok.core.records import read_records
 from ctrltok.core.segment import split_sentences
 from ctrltok.core.stages import JsonlSink, Outcome, StageRun, atomic_write, read_jsonl
 from ctrltok.core.tokens import CharterItem
@@ -100,17 +107,26 @@ def _doc_ids(paths: Iterable[Path], repair: bool = False) -> set[str]:
     return {str(rec["doc_id"]) for path in paths for _, rec in read_jsonl(path, repair=repair) if "doc_id" in rec}
 
 
-def annotate_records(records: Iterable[tuple[str, dict]], backend: Backend, out: Path, charter: list[CharterItem],
-                     tokenizer=None, window_chars: int = 1500, batch_size: int = 8,
-                     sampling: Sampling | None = None, id_field: str = "id", text_field: str = "text") -> dict:
+def annotate_records(records: Iterable[tuple[str, dict]] | str | os.PathLike, backend: Backend, out: Path,
+                     charter: list[CharterItem], tokenizer=None, window_chars: int = 1500, batch_size: int = 8,
+                     sampling: Sampling | None = None, id_field: str = "id", text_field: str = "text",
+                     inputs: Mapping[str, Any] | None = None) -> dict:
     """Annotate the documents not yet in ``out`` (or its failures file); returns the summary.
 
+    ``records``: ``(where, record)`` pairs, or the corpus as a path (read with
+    :func:`~ctrltok.core.records.read_records` and fingerprinted). ``inputs``: fingerprints of what
+    else the answers depend on (e.g. ``{"model": model_fingerprint(name)}``). An unfinished job
+    resumes only when they and the corpus's fingerprint are the same.
     ``counts`` cover the whole job, including batches an earlier, killed invocation answered;
     ``already annotated (resumed)`` counts the documents this invocation did not ask about.
     """
     out = Path(out)
     failures, summary_path = _sibling(out, ".failures.jsonl"), _sibling(out, ".summary.json")
     folder = Path(f"{out}.parts")
+    read = dict(inputs or {})
+    if isinstance(records, (str, os.PathLike)):
+        read["input"] = input_fingerprint(records)
+        records = read_records(records)
     records = list(records)
     # Documents of an unfinished job are in its shards, not yet in OUT (or already there, when a
     # kill came between the merge and the removal of the shards): they still belong to this job.
@@ -123,7 +139,7 @@ def annotate_records(records: Iterable[tuple[str, dict]], backend: Backend, out:
                 "window_chars": window_chars, "sampling": dataclasses.asdict(sampling),
                 "charter": [c.id for c in charter], "id_field": id_field, "text_field": text_field}
     run = StageRun(folder, shard_size=batch_size, settings=settings,
-                   sink=lambda base: JsonlSink(base, dropped="apart"))
+                   sink=lambda base: JsonlSink(base, dropped="apart"), inputs=read or None)
     ids = {c.id for c in charter}
 
     def stage(items: Iterable[tuple[str, dict]]) -> Iterator[Outcome]:

@@ -2,7 +2,11 @@
 
 :class:`RunManifest` is the only code that writes or reads ``ctrltok.json``: what the final save
 records beside a model (tokens, template, end-of-turn token, the recipe's values, the run's summary)
-and what generation, evaluation, the card and ``inspect`` read back from it.
+and what generation, evaluation, the card and ``inspect`` read back from it. It names no machine:
+the local paths among the recipe's values and the run identity's inputs (the data, the base model
+folder, the recipe file) are written relative to the run folder (``../data/chats.jsonl``; the key
+``paths`` says so), and :meth:`RunManifest.recipe` reads them back as paths from here. Each
+checkpoint's ``state.json`` records the run identity the same way.
 
 A checkpoint is a folder ``<out>/checkpoints/step-000040``::
 
@@ -48,10 +52,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ctrltok.core.config import Recipe, recipe_from_mapping
+from ctrltok.core.inputs import portable, portable_inputs
 
 STATE = "state.json"
 MANIFEST = "ctrltok.json"
 DEFAULT_TEMPLATE = "default"
+RELATIVE = "relative to this folder"  # the manifest's `paths` once its local paths are written so
+
+
+def portable_run(run: Any, base: str | os.PathLike) -> Any:
+    """A run identity's dict (``{"values", "inputs", ...}``) with its local paths relative to ``base``."""
+    if not isinstance(run, dict):
+        return run
+    values = run.get("values")
+    return {**run, "values": portable(values, base, dotted=True) if isinstance(values, dict) else values,
+            "inputs": portable_inputs(run.get("inputs"), base)}
 
 
 @dataclass
@@ -87,12 +102,21 @@ class RunManifest:
                     "complete": False})
 
     def write(self, model_dir: str | os.PathLike, complete: bool | None = None) -> Path:
-        """Write atomically (a temporary file renamed into place): a reader never sees half a file."""
+        """Write atomically (a temporary file renamed into place): a reader never sees half a file.
+        The file's local paths are relative to ``model_dir`` (see the module docstring); ``values``
+        in memory keep them as the run was given them (the card, written from them, scrubs its own)."""
         if complete is not None:
             self.values["complete"] = complete
+        values = self.values
+        if values.get("paths") != RELATIVE:  # as given (a run's final save): written relative, once
+            values = {**values, "paths": RELATIVE}
+            if isinstance(values.get("recipe_values"), dict):
+                values["recipe_values"] = portable(values["recipe_values"], model_dir)
+            if "run" in values:
+                values["run"] = portable_run(values["run"], model_dir)
         path = Path(model_dir) / MANIFEST
         tmp = path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.values, indent=1, default=str), encoding="utf-8")
+        tmp.write_text(json.dumps(values, indent=1, default=str), encoding="utf-8")
         os.replace(tmp, path)
         self.path = path
         return path
@@ -127,6 +151,8 @@ class RunManifest:
         values = self.values.get("recipe_values")
         if not isinstance(values, dict):
             return None
+        if self.values.get("paths") == RELATIVE and self.path is not None:
+            values = portable(values, self.path.parent, back=True)
         values = {k: v for k, v in values.items() if k != "source" and v is not None}
         return recipe_from_mapping(values, f"{self.path or MANIFEST}:recipe_values")
 
@@ -215,7 +241,8 @@ def save_checkpoint(out_dir: Path, step: int, accelerator, model: torch.nn.Modul
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if main:
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        state = {**state, "step": step, **({"run": portable_run(state["run"], out_dir)} if "run" in state else {})}
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)  # the bytes are durable before the rename makes them visible
         if final.exists():
             shutil.rmtree(final)

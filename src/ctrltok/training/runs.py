@@ -9,11 +9,15 @@ A :class:`RunIdentity` is two things, hashed into one ``key``:
   ``train.gradient_checkpointing`` and ``train.strategy`` (how it runs: the same weights; DDP and
   FSDP2 checkpoints load into each other), ``data.workers`` (encoding processes) and the
   ``backtranslate`` section (the pipeline's, not the trainer's).
-* ``inputs``: a fingerprint of every input the recipe reads (:func:`recipe_inputs`): per file its
-  path, size and a hash of its first and last 256 KiB (an edit of the middle that keeps the size
-  is not seen); per folder the same for each data file in it; for a prepared folder its
-  manifest's data key and tokenizer; for a hub dataset its name and revision; for a local model
-  folder its config, tokenizer and weight files.
+* ``inputs``: a fingerprint of every input the recipe reads (:func:`~ctrltok.core.inputs.recipe_inputs`):
+  per file its path, size and a hash of its first and last 256 KiB (an edit of the middle that
+  keeps the size is not seen); per folder the same for each data file in it; for a prepared folder
+  its manifest's keys; for a hub dataset its name and revision; for a local model folder its
+  config, tokenizer and weight files (:mod:`ctrltok.core.inputs`).
+
+A local path among the values (``data.train``, ``model.name``, ... :data:`~ctrltok.core.inputs.PATH_KEYS`)
+is compared by its input's fingerprint, not by its spelling: the same file named by another path,
+or a run folder moved elsewhere (whose manifest records paths relative to itself), is the same run.
 
 The identity is stored in the run manifest (``ctrltok.json``, key ``run``) and in every checkpoint
 (``state.json``, key ``run``). :func:`check_run` compares it, before anything loads, with what an
@@ -27,9 +31,9 @@ output folder holds:
   difference is one of :data:`SAFE_CHANGES` (more steps or tokens, other eval/save intervals);
 * a ``train.max_steps`` below the step the folder already reached: a :class:`RunError`.
 
-Commands whose resumable stage folder (:mod:`ctrltok.core.stages`) does not record what it read
-(``label``, ``annotate``, ``prepare``, ``backtranslate``) record input fingerprints beside their
-shards with :func:`check_inputs`, which refuses to resume over other inputs.
+Resumable stage folders (:mod:`ctrltok.core.stages`) compare their inputs' fingerprints
+themselves (``StageRun(inputs=...)``: ``label``, ``annotate``, ``prepare``); :func:`check_inputs`
+records them beside the stage files of a pipeline whose stages do not (``backtranslate``).
 """
 
 from __future__ import annotations
@@ -42,10 +46,17 @@ from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ctrltok.core.config import ConfigError, Recipe, SourceConfig, source_config
-from ctrltok.core.records import FORMATS, RecordError, file_format, resource_path
+from ctrltok.core.config import ConfigError, Recipe
+from ctrltok.core.inputs import (
+    PATH_KEYS,
+    changed,
+    content,
+    describe,
+    pathless,
+    recipe_inputs,
+    what_changed,
+)
 from ctrltok.core.stages import atomic_write
-from ctrltok.data.store import MANIFEST as DATA_MANIFEST
 from ctrltok.training.checkpoint import STATE, RunManifest, latest_checkpoint
 
 Status = Literal["fresh", "resume", "done"]
@@ -57,8 +68,6 @@ EXCLUDED = ("name", "source", "train.log_every", "train.report_to", "train.push_
 # evaluates and saves. The data order is a function of the seed and the step, so a longer run
 # continues the same sequence (the learning-rate schedule is stretched to the new length).
 SAFE_CHANGES = ("train.max_steps", "train.num_tokens", "train.epochs", "train.eval_every", "train.save_every")
-HEAD_TAIL = 1 << 18  # bytes hashed at each end of a file
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 INPUTS_FILE = "ctrltok-inputs.json"  # check_inputs' record beside a stage folder's shards
 
 
@@ -120,111 +129,6 @@ class _Absent:
     """A key one identity has and the other has no default for."""
 
 
-# -- inputs ---------------------------------------------------------------------------------------
-def file_fingerprint(path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
-    """``{"path", "size", "head_tail"}``: the size and a hash of the first and last ``HEAD_TAIL`` bytes."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(HEAD_TAIL))
-        if size > HEAD_TAIL:
-            fh.seek(max(HEAD_TAIL, size - HEAD_TAIL))
-            digest.update(fh.read(HEAD_TAIL))
-    return {"path": name or str(path), "size": size, "head_tail": digest.hexdigest()[:16]}
-
-
-def data_files(folder: Path) -> list[Path]:
-    """The files of a folder that ctrltok reads as records (what ``core.records`` reads, in order)."""
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and file_format(p)[0] is not None]
-
-
-def _folder_fingerprint(folder: Path, name: str) -> dict[str, Any]:
-    manifest = folder / DATA_MANIFEST
-    if manifest.is_file():  # a prepared folder: its data key says what it was made from
-        try:
-            m = json.loads(manifest.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise RecordError(f"{manifest}: not valid JSON ({exc}); prepare the folder again") from None
-        return {"path": name, "prepared": m.get("data_key"), "tokenizer": m.get("tokenizer")}
-    files = data_files(folder)
-    if not files:
-        kinds = ", ".join(f"*.{f}" for f in FORMATS)
-        raise RecordError(f"{folder}: no data files in this folder (ctrltok reads {kinds}, .jsonl and .json "
-                          "also .gz or .zst compressed); point at a file or a folder holding such files")
-    return {"path": name, "files": [{**file_fingerprint(p), "path": p.name} for p in files]}
-
-
-def input_fingerprint(source: str | os.PathLike | SourceConfig | dict) -> dict[str, Any]:
-    """The fingerprint of one input as :func:`ctrltok.core.records.read_records` reads it: a file, a
-    folder (its data files; a prepared folder by its data key), ``ctrltok:<resource>``, or a hub
-    dataset (by name and revision). A folder without data files, or a missing file, is a
-    :class:`~ctrltok.core.records.RecordError` naming it."""
-    src = source_config(str(source) if isinstance(source, Path) else source, "input")
-    if src.hf is not None:
-        return {"hub": src.label, "revision": src.revision, "data_files": _plain(src.data_files)}
-    text = str(src.path)
-    if text.startswith("ctrltok:"):
-        return file_fingerprint(resource_path(text.split(":", 1)[1]), text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return _folder_fingerprint(path, text)
-    if path.is_file():
-        return file_fingerprint(path, text)
-    if file_format(path)[0] is not None or text.startswith(("/", "./", "../", "~")):
-        raise RecordError(f"{text}: no such file")
-    return {"hub": text}  # a `datasets` name (core.records reads it so)
-
-
-def model_fingerprint(name: str) -> dict[str, Any] | None:
-    """A local model folder's config, tokenizer and weight files; ``None`` for an alias or hub name
-    (the name itself is among the recipe's values)."""
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        return None
-    files = [p for p in sorted(path.iterdir()) if p.is_file()
-             and (p.name in MODEL_FILES or p.suffix in (".safetensors", ".bin", ".gguf"))]
-    return {"path": name, "files": [{**file_fingerprint(p), "path": p.name} for p in files]}
-
-
-def recipe_inputs(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    """Fingerprints of everything ``recipe`` reads, by the dotted key that names it."""
-    out: dict[str, dict[str, Any]] = {}
-    for which in ("train", "eval"):
-        if getattr(recipe.data, which) is None:
-            continue
-        sources = recipe.data.sources(which)
-        for i, src in enumerate(sources):
-            key = f"data.{which}" + (f"[{i}]" if len(sources) > 1 else "")
-            try:
-                out[key] = input_fingerprint(src)
-            except RecordError as exc:
-                raise ConfigError(f"{recipe.source}: {key}: {exc}") from None
-    files = {"tokens.charter": recipe.tokens.charter}
-    if recipe.epe is not None:
-        files.update({"epe.sidecar": recipe.epe.sidecar, "epe.eval_sidecar": recipe.epe.eval_sidecar})
-    for key, value in files.items():
-        if value:
-            try:  # `ctrltok:<resource>` names a shipped file (the sidecar of epe-cpu, say)
-                path = resource_path(value.split(":", 1)[1]) if value.startswith("ctrltok:") else Path(value).expanduser()
-            except RecordError as exc:
-                raise ConfigError(f"{recipe.source}: {key}: {exc}") from None
-            if not path.is_file():
-                raise ConfigError(f"{recipe.source}: {key} = {value!r}: no such file")
-            out[key] = file_fingerprint(path, value)
-    model = model_fingerprint(recipe.model.name)
-    if model is not None:
-        out["model.name"] = model
-    return out
-
-
-def _content(fingerprint: dict[str, Any] | None) -> Any:
-    """A fingerprint without the path it was read from: the same bytes elsewhere are the same input."""
-    if not isinstance(fingerprint, dict):
-        return fingerprint
-    return {k: v for k, v in fingerprint.items() if k != "path"}
-
-
 # -- the identity ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunIdentity:
@@ -237,8 +141,8 @@ class RunIdentity:
 
     @classmethod
     def of(cls, values: dict[str, Any], inputs: dict[str, Any] | None) -> RunIdentity:
-        text = json.dumps({"values": values, "inputs": {k: _content(v) for k, v in (inputs or {}).items()}},
-                          sort_keys=True, default=str)
+        text = json.dumps({"values": {k: _compared(k, v) for k, v in values.items()},
+                           "inputs": {k: content(v) for k, v in (inputs or {}).items()}}, sort_keys=True, default=str)
         return cls(values, inputs, hashlib.sha256(text.encode("utf-8")).hexdigest()[:16])
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,26 +165,20 @@ class RunIdentity:
             if key in SECTIONS:  # `epe: None` on one side, its fields on the other
                 new_v = None if self.values.get(key, "set") is None else "set"
                 old_v = None if old.values.get(key, "set") is None else "set"
-            if new_v != old_v:
+            if _compared(key, new_v) != _compared(key, old_v):
                 out.append((key, old_v, new_v))
         if old.inputs is not None and self.inputs is not None:
-            for key in sorted(set(self.inputs) | set(old.inputs)):
-                a, b = old.inputs.get(key), self.inputs.get(key)
-                if _content(a) != _content(b) and not any(d[0] == key for d in out):
-                    out.append((f"{key} (contents)", _describe(a), _describe(b)))
+            for key in changed(old.inputs, self.inputs):
+                base = key.split("[", 1)[0]  # data.train[1] is one source of data.train
+                if not any(d[0] in (key, base) for d in out):
+                    out.append((f"{key} (contents)", describe(old.inputs.get(key)), describe(self.inputs.get(key))))
         return out
 
 
-def _describe(fingerprint: dict[str, Any] | None) -> str:
-    if not fingerprint:
-        return "none"
-    if "size" in fingerprint:
-        return f"{fingerprint['size']:,} bytes, {fingerprint['head_tail']}"
-    if "files" in fingerprint:
-        return f"{len(fingerprint['files'])} files, {sum(f['size'] for f in fingerprint['files']):,} bytes"
-    if "prepared" in fingerprint:
-        return f"prepared data {fingerprint['prepared']}"
-    return json.dumps(fingerprint, sort_keys=True)
+def _compared(key: str, value: Any) -> Any:
+    """A value as identities compare it: a local path by its input's fingerprint (in ``inputs``), so
+    not by how it is spelled here."""
+    return pathless(value) if key in PATH_KEYS else value
 
 
 def run_identity(recipe: Recipe) -> RunIdentity:
@@ -341,14 +239,14 @@ def check_run(out_dir: str | os.PathLike, recipe: Recipe, identity: RunIdentity,
     diff = identity.differences(stored)
     if not diff:
         return "done" if manifest.complete else "resume"
-    changed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in diff)
+    listed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in diff)
     unsafe = [k for k, _, _ in diff if k not in SAFE_CHANGES]
     if unsafe:
-        raise RunError(f"{out}: holds {what} made with other settings: {changed}; train into a new --out "
+        raise RunError(f"{out}: holds {what} made with other settings: {listed}; train into a new --out "
                        f"({', '.join(unsafe)} cannot change within a run; --resume-with-changes allows only "
                        f"{', '.join(SAFE_CHANGES)})")
     if not resume_with_changes:
-        raise RunError(f"{out}: holds {what} made with other settings: {changed}; rerun with "
+        raise RunError(f"{out}: holds {what} made with other settings: {listed}; rerun with "
                        "--resume-with-changes to continue it with the new values, or train into a new --out")
     max_steps = recipe.train.max_steps
     if max_steps is not None and isinstance(reached, int) and max_steps < reached:
@@ -383,14 +281,9 @@ def check_inputs(folder: str | os.PathLike, inputs: dict[str, Any], started: boo
             old = json.loads(record.read_text(encoding="utf-8"))
         except ValueError:
             return
-        diff = [k for k in sorted(set(old) | set(inputs)) if _content(old.get(k)) != _content(inputs.get(k))]
-        if diff:
-            changed = ", ".join(f"{k} {_short((old.get(k) or {}).get('path', _describe(old.get(k))))} -> "
-                                f"{_short((inputs.get(k) or {}).get('path', _describe(inputs.get(k))))}"
-                                + ("" if (old.get(k) or {}).get("path") != (inputs.get(k) or {}).get("path")
-                                   else " (contents changed)") for k in diff)
-            raise RunError(f"{folder}: an unfinished {what} read other inputs: {changed}; rerun with the same "
-                           f"inputs to resume it, or write to a new --out (or delete {folder})")
+        if changed(old, inputs):
+            raise RunError(f"{folder}: an unfinished {what} read other inputs: {what_changed(old, inputs)}; rerun "
+                           f"with the same inputs to resume it, or write to a new --out (or delete {folder})")
         return
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(record, json.dumps(inputs, indent=1, sort_keys=True), fsync=False)
