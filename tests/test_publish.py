@@ -144,6 +144,21 @@ def test_refused_before_any_network(run_dir, tmp_path, monkeypatch):
         publish(run_dir, "me/x")
 
 
+def test_an_adapter_only_folder_is_published_as_it_is(run_dir, fake_hub):
+    """`save.merged: false`: no config.json, no weights of its own; the adapter is the model."""
+    for name in ("config.json", "model.safetensors"):
+        (run_dir / name).unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):  # not yet a model: no adapter either
+        publish(run_dir, "me/x")
+    _write(run_dir / "adapter" / "adapter_config.json", "{}")
+    with pytest.raises(FileNotFoundError, match="no adapter weights"):
+        publish(run_dir, "me/x")
+    _write(run_dir / "adapter" / "adapter_model.safetensors")
+    publish(run_dir, "me/x")
+    assert sorted(fake_hub.sent) == sorted(set(SENT) - {"config.json", "model.safetensors"}
+                                           | {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"})
+
+
 def test_cli_push(run_dir, fake_hub, capsys):
     args = argparse.Namespace(path=str(run_dir), repo="me/x", private=False, revision=None, exclude=[],
                               message=None, dry_run=False)
@@ -159,5 +174,6 @@ def test_cli_push(run_dir, fake_hub, capsys):
 
 
 def test_recipe_push_to_hub_field():
-    assert recipe_from_mapping({}).train.push_to_hub is None
-    assert recipe_from_mapping({"train": {"push_to_hub": "me/x"}}).train.push_to_hub == "me/x"
+    data = {"train": "ctrltok:instructions"}
+    assert recipe_from_mapping({"data": data}).train.push_to_hub is None
+    assert recipe_from_mapping({"data": data, "train": {"push_to_hub": "me/x"}}).train.push_to_hub == "me/x"

@@ -14,6 +14,11 @@ Every command that takes ``--model`` goes through :func:`load_model`, which asks
 * anything else is handed to ``from_pretrained`` as a hub name, which works where the network
   allows it.
 
+A LoRA run saved with ``save.merged: false`` holds no weights of its own, only its adapter
+(``DIR/adapter``) and tokenizer: :func:`load_adapter_run` loads the base it names, resizes the
+embedding to the run's rows, applies the adapter and merges it, so every command that takes
+``--model`` (generate, chat, eval) reads such a folder like a merged one.
+
 ``init="scratch"`` (``model.init`` in a recipe) reads only the config and the tokenizer from there and
 builds the architecture with fresh, seeded weights; ``config_overrides`` (``model.config``) change the
 config first (``{"n_layer": 12}`` for GPT-2, ``{"num_hidden_layers": 2, "hidden_size": 64}`` for
@@ -46,11 +51,14 @@ from typing import Any, Iterator
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from peft import PeftModel
 from rich.console import Console
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -72,6 +80,8 @@ ALIASES = {"smollm2-135m": DEFAULT_MODEL, "smollm2-135m-instruct": DEFAULT_MODEL
 MARKER = "ctrltok-source.json"
 DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("pretrained", "scratch")  # model.init: the checkpoint's weights, or the architecture with fresh ones
+ADAPTER = "adapter"  # a LoRA run's adapter folder inside its output (PEFT's files, with the new token rows)
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -337,6 +347,8 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
     if init not in INITS:
         raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     where = resolve_model(name)
+    if adapter_only(where):
+        return load_adapter_run(Path(where), dtype=dtype, attn=attn)
     config = None
     with _loading(name, where):
         tokenizer = AutoTokenizer.from_pretrained(where)
@@ -362,6 +374,68 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
         raise ConfigError(f"{source + ': ' if source else ''}{keys}: the pretrained weights of {name} do not have "
                           "this shape (the load report above lists them); with model.init: pretrained an override "
                           "must keep every weight's shape (model.init: scratch builds a new one)") from None
+    return model.eval(), tokenizer
+
+
+def adapter_only(where: Path | str) -> bool:
+    """A run folder saved with ``save.merged: false``: the LoRA adapter (``DIR/adapter``) and the
+    tokenizer, no model weights."""
+    return (isinstance(where, Path) and where.is_dir() and not (where / "config.json").is_file()
+            and (where / ADAPTER / ADAPTER_CONFIG).is_file())
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model of a run's adapter: ``base_model_name_or_path`` in ``DIR/adapter/adapter_config.json``,
+    where ``train`` writes the recipe's ``model.name`` (an alias, a hub id, or an absolute path),
+    the same name ``ctrltok.json`` records."""
+    path = Path(folder) / ADAPTER / ADAPTER_CONFIG
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except ValueError as exc:
+        raise ModelNotFoundError(f"{path}: not valid JSON ({exc})") from None
+    if not base:
+        raise ModelNotFoundError(f"{path}: names no base model (base_model_name_or_path); the adapter cannot be loaded")
+    return str(base)
+
+
+def adapter_rows(adapter: Path, model: PreTrainedModel) -> int | None:
+    """The embedding rows a LoRA run trained with: the rows of the resized embedding saved in the
+    adapter (read from the safetensors header), or None when none was saved (vocabulary not resized)."""
+    path = Path(adapter) / "adapter_model.safetensors"
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if name is None or not path.is_file():
+        return None
+    prefix = f"base_model.model.{name}."
+    with safe_open(str(path), "pt") as fh:
+        for key in fh.keys():
+            # the embedding itself (PEFT's `base_layer` under trainable tokens), not a LoRA factor or the new rows
+            if key.startswith(prefix) and key.endswith("weight") and "lora_" not in key and "trainable_tokens" not in key:
+                return int(fh.get_slice(key).get_shape()[0])
+    return None
+
+
+def load_adapter_run(folder: Path, dtype: str = "float32", attn: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A run folder without merged weights (``save.merged: false``), ready for inference: the base
+    model (:func:`adapter_base`) with its embedding resized to the rows the run trained, the adapter
+    applied (``PeftModel.from_pretrained``: the LoRA factors, the new tokens' rows, the resized
+    embedding) and merged (``merge_and_unload``); the run's tokenizer and generation config. Logits
+    equal those of the merged folder an identical run saves (tested)."""
+    folder = Path(folder)
+    base = adapter_base(folder)
+    try:
+        model, _ = load_model(base, dtype=dtype, attn=attn)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"{folder}: its adapter's base model {base!r} could not be loaded: {exc}") from None
+    with _loading(folder, folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = adapter_rows(folder / ADAPTER, model) or len(tokenizer)
+    if model.get_input_embeddings().weight.shape[0] != rows:
+        with torch.random.fork_rng(devices=[]):  # the new rows are overwritten by the adapter's; keep the caller's RNG
+            model.resize_token_embeddings(rows, mean_resizing=False)
+    model = PeftModel.from_pretrained(model, folder / ADAPTER).merge_and_unload()
+    if (folder / "generation_config.json").is_file():  # the run's stops, blocked ids and decoding
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval(), tokenizer
 
 

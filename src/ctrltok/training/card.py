@@ -9,7 +9,8 @@ disk::
 The card follows the layout of the seed model cards (seed 000 above all): YAML front matter, a
 title, Details, the tokens added with their ids, the named chat templates and how to select one
 (the trained one is the default), where control tokens in user text stay text and where they
-cannot, the data, the recipe, the hyper-parameters, evaluation results and notes for users. Its
+cannot, the data, the recipe, the hyper-parameters, the LoRA adapter and how to load it (beside
+the merged model, or alone under ``save.merged: false``), evaluation results and notes for users. Its
 text lives in the package template ``templates/model_card.md.jinja``; this module only gathers
 facts into a plain context dict (:func:`card_context`) from the manifest and from the files in the
 checkpoint (``config.json``, ``generation_config.json``, ``tokenizer.json``, the safetensors
@@ -46,7 +47,7 @@ from huggingface_hub import (
 )
 from jinja2 import Environment, StrictUndefined
 
-from ctrltok.core.models import ALIASES
+from ctrltok.core.models import ADAPTER, ADAPTER_CONFIG, ALIASES, adapter_only
 from ctrltok.core.templates import DEFAULT, default_template_name, get_template
 from ctrltok.training.curves import plot_curves, read_metrics
 
@@ -92,25 +93,37 @@ def scrub(value: Any) -> Any:
     return value
 
 
+def _shapes(path: Path) -> dict[str, list[int]] | None:
+    """Tensor name -> shape of a safetensors file, from its header only (None when unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    return {name: [int(d) for d in info.get("shape", [])] for name, info in header.items()
+            if name != "__metadata__" and isinstance(info, dict)}
+
+
 def count_parameters(out_dir: Path) -> int | None:
     """Parameters stored in the checkpoint's safetensors files, read from their headers only."""
     total, found = 0, False
     for path in sorted(Path(out_dir).glob("*.safetensors")):
-        try:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
-            continue
-        for name, info in header.items():
-            if name == "__metadata__" or not isinstance(info, dict):
-                continue
+        for shape in (_shapes(path) or {}).values():
             numel = 1
-            for d in info.get("shape", []):
-                numel *= int(d)
+            for d in shape:
+                numel *= d
             total += numel
             found = True
     return total if found else None
+
+
+def adapter_embedding(out_dir: Path, vocab_rows: int | None) -> int | None:
+    """The rows of the resized embedding the run's LoRA adapter carries (``vocab_rows`` when the
+    adapter holds a matrix of that many rows; None when it holds none, or there is no adapter)."""
+    shapes = _shapes(Path(out_dir) / ADAPTER / "adapter_model.safetensors") or {}
+    found = vocab_rows is not None and any(len(s) == 2 and s[0] == vocab_rows for s in shapes.values())
+    return vocab_rows if found else None
 
 
 def _human(n: int | None) -> str | None:
@@ -495,6 +508,9 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
         "curves": (out_dir / "loss_curves.png").exists(),
         "metrics": (out_dir / "metrics.jsonl").exists(),
         "head": (out_dir / "head.safetensors").exists() or any(out_dir.glob("*head*.safetensors")),
+        "merged": not adapter_only(out_dir),  # save.merged: false leaves the adapter alone
+        "adapter": (out_dir / ADAPTER / ADAPTER_CONFIG).is_file(),
+        "adapter_embedding": adapter_embedding(out_dir, vocab_rows),
     }
 
 

@@ -22,7 +22,9 @@ an interrupted write), plus whatever the caller adds. :func:`upload_files` lists
 the network.
 
 A folder whose manifest says the final save did not finish (``complete: false``: the run was
-killed while saving) is refused, as is a folder with no model in it.
+killed while saving) is refused, as is a folder with no model in it. A LoRA run saved with
+``save.merged: false`` is published as what it holds: the adapter (``adapter/``), the tokenizer,
+the card and the manifest, which ``ctrltok generate`` reads back onto the base.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
+from ctrltok.core.models import ADAPTER, adapter_only
 from ctrltok.training.checkpoint import MANIFEST, RunManifest, checkpoint_root
 
 TEMPORARY = ["*.tmp", "*.tmp/*"]  # atomic writes in flight (card, manifest, checkpoints)
@@ -88,10 +91,13 @@ def check_publishable(out_dir: str | Path, repo: str | None = None) -> None:
             raise PublishError(f"{repo!r} is not a Hub repository name (owner/name): {exc}") from exc
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir}: no such model folder")
-    if not (out_dir / "config.json").is_file():
+    if adapter_only(out_dir):  # save.merged: false: the adapter is the model
+        if not (out_dir / ADAPTER / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{out_dir / ADAPTER}: no adapter weights (adapter_model.safetensors)")
+    elif not (out_dir / "config.json").is_file():
         raise FileNotFoundError(f"{out_dir}: no config.json; not a saved model folder (the output of ctrltok train "
                                 "or add-tokens)")
-    if not any(out_dir.glob("*.safetensors")) and not any(out_dir.glob("*.bin")):
+    elif not any(out_dir.glob("*.safetensors")) and not any(out_dir.glob("*.bin")):
         raise FileNotFoundError(f"{out_dir}: no model weights (*.safetensors)")
     manifest = RunManifest.read(out_dir)
     if manifest.exists and not manifest.complete:

@@ -24,7 +24,11 @@ What it guarantees:
   replayed or skipped.
 * The final model in ``DIR`` is gathered once and written by the main process as a plain Hugging
   Face checkpoint (LoRA merged), with its tokenizer, named templates, generation config, model card,
-  loss curves and metrics.
+  loss curves and metrics. Under LoRA the adapter goes to ``DIR/adapter`` too (``save.adapter``);
+  ``save.merged: false`` keeps the adapter alone (``core.models.load_adapter_run`` reads it back).
+* Every metrics line (train steps, held-out losses) also goes to ``train.report_to``'s trackers
+  through accelerate (TensorBoard, W&B, trackio, ...), with the recipe's values as the run's config;
+  a tracker whose package is missing is refused before the model loads.
 
 Engines: DDP (default), FSDP2 (``train.strategy: fsdp2``) and DeepSpeed ZeRO-2/3
 (``train.strategy: deepspeed`` with ``train.deepspeed``), or whichever the ``accelerate launch
@@ -62,6 +66,7 @@ from ctrltok.core.attention import TRAINING_ONLY, loading_attention, training_at
 from ctrltok.core.config import ConfigError, Recipe
 from ctrltok.core.heads import ConstitutionHead, save_head
 from ctrltok.core.loss import LossModel, apply_liger, heldout_loss, run_batch
+from ctrltok.core.models import ADAPTER
 from ctrltok.core.packing import Batch
 from ctrltok.core.tokens import apply_generation_config
 from ctrltok.data.encode import to_batch
@@ -174,6 +179,23 @@ def check_trackers(recipe: Recipe) -> None:
                               f"package (pip install {TRACKER_PACKAGES[name]}), or remove it from train.report_to")
 
 
+def check_save(recipe: Recipe) -> None:
+    """``save.merged: false`` keeps the adapter alone, which is loaded onto ``model.name`` again: only
+    a base loaded as it is can be rebuilt from its name (the recipe checks already refuse LoRA on
+    ``model.init: scratch``)."""
+    if not recipe.save.merged and recipe.model.config:
+        raise ConfigError(f"{recipe.source}: save.merged = false with model.config overrides: the adapter's base "
+                          "could not be rebuilt from model.name when the folder is loaded; set save.merged: true "
+                          "(or drop the overrides)")
+
+
+def _track(accelerator, recipe: Recipe, values: dict, step: int) -> None:
+    """The numbers of a metrics line to ``train.report_to``'s trackers (main process; the step as their x axis)."""
+    if recipe.train.report_to:
+        accelerator.log({k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))
+                         and not isinstance(v, bool)}, step=step)
+
+
 def _flat(values: dict, prefix: str = "") -> dict:
     """Nested recipe values as flat scalar keys (what trackers' hyperparameter tables take)."""
     out: dict = {}
@@ -262,6 +284,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     if status == "done":
         return out_dir
     check_trackers(recipe)  # a missing tracker package is an error now, not a warning after setup
+    check_save(recipe)
     engine = engines.make_engine(recipe, out_dir)  # DDP, FSDP2 or DeepSpeed: the recipe's or the launcher's
     accelerator = engine.accelerator
     main = accelerator.is_main_process
@@ -327,7 +350,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     if main:
         summary = {"event": "setup", "step": start, "rows": len(rows), "eval_rows": len(eval_rows),
                    "records": data.manifest["inputs"], "skips": skips, "pack": pack_stats,
-                   "prepared": str(data.path), "total_steps": steps, "processes": world, "attention": impl,
+                   "prepared": data.path.name,  # the prepared folder's name (its keys), no machine path
+                   "total_steps": steps, "processes": world, "attention": impl,
                    "compile": compiled, "strategy": engine.name,
                    "new_ids": prepared.surgery.new_ids, "trainable_params": trainable}
         if start == 0:
@@ -338,6 +362,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
         if start == 0:
             if first_eval:
                 _log(metrics_path, {"step": 0, **first_eval})
+                _track(accelerator, recipe, first_eval, 0)
         if skips:
             print(f"skipped records: {skips} (first places: {data.manifest.get('skip_places')})")
 
@@ -378,15 +403,17 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
             record["head_bce"] = head_step / max(n_head, 1)
         if main and (done % max(t.log_every, 1) == 0 or done == steps):
             _log(metrics_path, record)
-            if recipe.train.report_to:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+            _track(accelerator, recipe, record, done)
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=record["loss"], tps=record["supervised_tokens_per_s"])
         if t.eval_every and done % t.eval_every == 0 and len(eval_rows) and done < steps:
             result = held_out()
             if main:
                 _log(metrics_path, {"step": done, **result})
-        if t.save_every and done % t.save_every == 0 and done < steps:
+                _track(accelerator, recipe, result, done)
+        # Also at the last step: a finished run continued (--resume-with-changes, more steps) resumes
+        # from where it ended, not from an older checkpoint.
+        if t.save_every and (done % t.save_every == 0 or done == steps):
             ckpt.save_checkpoint(out_dir, done, accelerator, loss_model, optimizer, scheduler,
                                  {"recipe": recipe.name, "loader": position, "strategy": engine.name,
                                   "run": identity.to_dict()},
@@ -404,6 +431,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     if main:
         if final_eval:
             _log(metrics_path, {"step": steps, **final_eval})
+            _track(accelerator, recipe, final_eval, steps)
         save_final(out_dir, model, prepared, recipe,
                    {"pack": pack_stats, "skips": skips, "records": data.manifest["inputs"],
                     "documents": data.manifest["splits"], "steps": steps, "processes": world, "attention": impl,
@@ -426,25 +454,39 @@ def _progress(enabled: bool, total: int, start: int, name: str):
     return prog, task
 
 
-ADAPTER = "adapter"  # the LoRA adapter's folder inside a run's output
+def save_adapter(model, folder: Path, recipe: Recipe, resized: bool) -> None:
+    """The LoRA adapter in ``folder`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``):
+    the LoRA factors, the new tokens' trained rows and, when the run added rows, the resized embedding
+    (which PEFT's "auto" would decide by looking the base up on disk or on the Hub); its base is the
+    recipe's ``model.name`` (an alias, a hub id, or a local folder's absolute path), what
+    :func:`ctrltok.core.models.load_adapter_run` loads."""
+    local = Path(recipe.model.name).expanduser()
+    model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else recipe.model.name
+    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=resized)
+    # PEFT's blank card template names the base by its local path; the run's card (DIR/README.md) covers the adapter.
+    (folder / "README.md").unlink(missing_ok=True)
 
 
 def save_final(out_dir: Path, loss_model: LossModel, prepared: Prepared, recipe: Recipe, summary: dict,
                run: dict | None = None) -> None:
-    """The deliverable: a plain HF checkpoint in out_dir (LoRA merged), card, curves, manifest last."""
+    """The deliverable in out_dir, as ``recipe.save`` says: the merged model (a plain HF checkpoint)
+    and, under LoRA, the adapter in ``DIR/adapter``; tokenizer, card, curves, the manifest last."""
+    out_dir = Path(out_dir)
     model = loss_model.model
     uncompile_blocks(model)  # the saved model and any later use in this process run eager
+    surgery, tokenizer = prepared.surgery, prepared.tokenizer
     if hasattr(model, "merge_and_unload"):
-        # The LoRA adapter (with the trainable new-token rows) beside the merged model: to share, or to
-        # serve as one of several adapters over the base with these tokens added.
-        model.save_pretrained(Path(out_dir) / ADAPTER, safe_serialization=True)
-        model = model.merge_and_unload()
+        if recipe.save.adapter:  # to share, or to serve as one of several adapters over the base with these tokens
+            save_adapter(model, out_dir / ADAPTER, recipe, resized=bool(surgery.new_ids))
+        model = model.merge_and_unload() if recipe.save.merged else model.get_base_model()
     if model.config._attn_implementation in TRAINING_ONLY:  # a training path (no KV cache): reload-equivalent sdpa
         model.set_attn_implementation(loading_attention(model.config._attn_implementation))
-    surgery, tokenizer = prepared.surgery, prepared.tokenizer
     surgery.model = model
     apply_generation_config(model, surgery, prepared.end_of_turn_id)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if recipe.save.merged:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:  # the adapter alone: the stops, blocked ids and decoding beside the tokenizer, no weights (no config.json)
+        model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if loss_model.head is not None:
         save_head(loss_model.head, out_dir, [c.id for c in prepared.charter])
