@@ -48,7 +48,12 @@ from huggingface_hub import (
 from jinja2 import Environment, StrictUndefined
 
 from ctrltok.core.models import ADAPTER, ADAPTER_CONFIG, ALIASES, adapter_only
-from ctrltok.core.templates import DEFAULT, default_template_name, get_template
+from ctrltok.core.templates import (
+    DEFAULT,
+    default_template_name,
+    saved_templates,
+    trained_source,
+)
 from ctrltok.training.curves import plot_curves, read_metrics
 
 __all__ = ["card_context", "plot_curves", "read_metrics", "render_card", "token_rows", "write_card"]
@@ -133,24 +138,6 @@ def _human(n: int | None) -> str | None:
         if n >= size:
             return f"{n / size:.1f}{unit}".replace(".0" + unit, unit)
     return str(n)
-
-
-def saved_templates(out_dir: Path) -> dict[str, str]:
-    """Named chat templates saved with the tokenizer: name -> Jinja source."""
-    out_dir = Path(out_dir)
-    found: dict[str, str] = {}
-    main = out_dir / "chat_template.jinja"
-    if main.exists():
-        found["default"] = main.read_text(encoding="utf-8")
-    for path in sorted((out_dir / "additional_chat_templates").glob("*.jinja")):
-        found[path.stem] = path.read_text(encoding="utf-8")
-    if not found:  # older layouts keep the templates inside tokenizer_config.json
-        saved = _read_json(out_dir / "tokenizer_config.json").get("chat_template")
-        if isinstance(saved, str):
-            found["default"] = saved
-        elif isinstance(saved, list):
-            found.update({t["name"]: t["template"] for t in saved if isinstance(t, dict) and "name" in t})
-    return found
 
 
 def _template_use(name: str, source: str) -> str:
@@ -423,11 +410,11 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
 
     templates = saved_templates(out_dir)
     trained = manifest.get("template")
-    trained_source = _trained_source(trained, templates)
-    if trained and trained not in templates and trained_source not in templates.values():
-        templates[trained] = trained_source or ""
+    source = trained_source(trained, templates)
+    if trained and trained not in templates and source not in templates.values():
+        templates[trained] = source or ""
     default_name = default_template_name(templates)
-    template_rows = [{"name": n, "trained": n == trained or bool(trained_source and s == trained_source),
+    template_rows = [{"name": n, "trained": n == trained or bool(source and s == source),
                       "use": (f"the default: what `apply_chat_template(messages)` renders when no template is named "
                               f"(the same text as `{default_name}`)" if n == DEFAULT and default_name != DEFAULT
                               else _template_use(n, s))}
@@ -512,16 +499,6 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
         "adapter": (out_dir / ADAPTER / ADAPTER_CONFIG).is_file(),
         "adapter_embedding": adapter_embedding(out_dir, vocab_rows),
     }
-
-
-def _trained_source(name: str | None, saved: dict[str, str]) -> str | None:
-    """The text of the template the run trained on: a shipped one, else the one saved by that name."""
-    if not name:
-        return None
-    try:
-        return get_template(name).source
-    except (ValueError, OSError):
-        return saved.get(name)
 
 
 # -- rendering -----------------------------------------------------------------------------
