@@ -168,6 +168,12 @@ class DataConfig:
         if self.oasst_paths not in OASST_PATHS:
             raise ConfigError(f"data.oasst_paths = {self.oasst_paths!r}; expected one of {list(OASST_PATHS)}")
 
+    @property
+    def packed(self) -> bool:
+        """Rows may hold several documents (packing, or ``overlong: chunk``: documents end to end),
+        so batches carry document ids; else one document per row, padded."""
+        return self.packing or self.overlong == "chunk"
+
     def sources(self, which: str = "train") -> list[SourceConfig]:
         """``data.train`` (or ``data.eval``) as a checked list of sources."""
         value = getattr(self, which)

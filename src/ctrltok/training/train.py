@@ -134,8 +134,7 @@ def evaluate_loss(loss_model, rows: RowSource, recipe: Recipe, pad_id: int, impl
     Called with :func:`engines.eval_module`'s module: the unwrapped one on the main process, or the
     sharded one on every rank (FSDP2, ZeRO-3), all running the same batches.
     """
-    packed = recipe.data.packing or recipe.data.overlong == "chunk"
-    batches = (to_batch(r, pad_id, packed) for r in rows.all_rows(recipe.train.micro_batch_size))
+    batches = (to_batch(r, pad_id, recipe.data.packed) for r in rows.all_rows(recipe.train.micro_batch_size))
     out = heldout_loss(loss_model, batches, impl, device)
     out.pop("ce_sum", None)
     return out
@@ -306,7 +305,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
         tokenizer = prepared.tokenizer
         data, rows, eval_rows = _data(accelerator, recipe, prepared)
         pack_stats = rows.plan.stats
-        packed = recipe.data.packing or recipe.data.overlong == "chunk"
+        packed = recipe.data.packed
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         impl = training_attention(recipe.model.attn, accelerator.device)
         loss_model, compiled = _loss_model(prepared, recipe, impl)
