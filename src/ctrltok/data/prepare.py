@@ -37,10 +37,10 @@ from ctrltok.conditional.stream import scorer_provenance
 from ctrltok.core.config import Recipe
 from ctrltok.core.inputs import content, recipe_inputs
 from ctrltok.core.models import cache_dir
-from ctrltok.core.records import Skips, read_sources
+from ctrltok.core.records import Skips
 from ctrltok.core.stages import Outcome, StageRun, map_ordered
 from ctrltok.core.tokens import CharterItem
-from ctrltok.data.documents import DocumentEncoder, is_held_out
+from ctrltok.data.documents import DocumentEncoder, is_held_out, read_inputs
 from ctrltok.data.store import (
     MANIFEST,
     PARTS,
@@ -53,7 +53,6 @@ from ctrltok.data.store import (
     tokenizer_fingerprint,
     write_manifest,
 )
-from ctrltok.epe.reflection import read_annotated
 
 # Shape rows (or only how fast the pass runs), not documents: not in the data key.
 ROW_SETTINGS = ("max_length", "overlong", "packing", "workers")
@@ -77,16 +76,6 @@ def data_sources(recipe: Recipe) -> dict[str, dict[str, Any]]:
 def sources_key(sources: dict[str, dict[str, Any]]) -> str:
     """One hash of the inputs' contents (not their paths: the same bytes elsewhere are the same data)."""
     return fingerprint({key: content(fp) for key, fp in sources.items()})
-
-
-def _inputs(recipe: Recipe, which: str, sidecar: str | None, order: list[str] | None, skips: Skips) -> Iterator[Any]:
-    data = recipe.data
-    if data.kind == "epe":
-        items: Iterable[Any] = read_annotated(data.train if which == "train" else data.eval, sidecar, order,
-                                              recipe.epe.reflection_column, "id", data.text_field, data.on_error, skips)
-    else:
-        items = read_sources(data, recipe.train.seed, skips, which=which)
-    return itertools.islice(items, data.limit) if data.limit and which == "train" else iter(items)
 
 
 # Worker state, one encoder per process (built by the pool's initializer).
@@ -131,12 +120,12 @@ def _stage(recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None
 
 
 def _run(folder: Path, recipe: Recipe, tokenizer: Any, charter: Sequence[CharterItem] | None, which: str,
-         sidecar: str | None, split: str | None, workers: int, shard_size: int, settings: dict, sources: dict,
+         split: str | None, workers: int, shard_size: int, settings: dict, sources: dict,
          read_skips: Skips, progress: Callable[[int], None] | None) -> tuple[StageRun, Any]:
     run = StageRun(folder, shard_size, settings, sink=partial(ArrowShardSink, ids=id_type(len(tokenizer))),
                    inputs=sources)
     order = [c.id for c in charter] if charter else None
-    inputs: Iterable[tuple[int, Any]] = enumerate(_inputs(recipe, which, sidecar, order, read_skips))
+    inputs: Iterable[tuple[int, Any]] = enumerate(read_inputs(recipe, which, read_skips, order))
     if progress is not None:
         inputs = _counting(inputs, progress)
     return run, run.run(_stage(recipe, tokenizer, charter, workers, split), inputs)
@@ -161,22 +150,18 @@ def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Seq
     if (out / MANIFEST).is_file():
         return PreparedData.open(out, tokenizer)
     data = recipe.data
-    if data.kind == "epe" and (recipe.epe is None or not recipe.epe.sidecar):
-        raise ValueError(f"{recipe.source}: data.kind = epe needs epe.sidecar")
     key = data_key(recipe)
     settings = {"key": fingerprint(key), "tokenizer": tokenizer_fingerprint(tokenizer)}
     sources = data_sources(recipe)
     skips = Skips()
-    sidecar = recipe.epe.sidecar if data.kind == "epe" else None
-    run, stats = _run(out / PARTS, recipe, tokenizer, charter, "train", sidecar, None if not data.eval else "train",
+    run, stats = _run(out / PARTS, recipe, tokenizer, charter, "train", None if not data.eval else "train",
                       workers, shard_size, settings, sources, skips, progress)
     files = {s: shard_files(out / PARTS, run.committed(), s) for s in SPLITS}
     counts, inputs = dict(stats.counts), stats.outcomes
     drops = Skips()
     _merge(drops, stats.drops)
     if data.eval:  # a separate held-out set: every document of it goes to "eval"
-        eval_sidecar = (recipe.epe.eval_sidecar or recipe.epe.sidecar) if data.kind == "epe" else None
-        eval_run, eval_stats = _run(out / "eval-parts", recipe, tokenizer, charter, "eval", eval_sidecar, "eval",
+        eval_run, eval_stats = _run(out / "eval-parts", recipe, tokenizer, charter, "eval", "eval",
                                     workers, shard_size, settings, sources, skips, progress)
         files["eval"] = [f"../eval-parts/{name}" for name in shard_files(out / "eval-parts", eval_run.committed(), "eval")]
         for k, v in eval_stats.counts.items():
