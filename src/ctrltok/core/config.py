@@ -191,7 +191,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    scheduler: str = "cosine"  # any name transformers.get_scheduler knows
+    scheduler: str = "cosine"  # linear | cosine | cosine_with_restarts | polynomial | constant | constant_with_warmup | inverse_sqrt
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
     num_tokens: int | None = None  # a token budget: train for ceil(num_tokens / tokens per step) steps
@@ -401,6 +401,9 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.strategy": ("ddp", "fsdp2", "deepspeed"),
+    # transformers.get_scheduler's names that need nothing ctrltok does not pass (no metric, no extra args)
+    "train.scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                        "inverse_sqrt"),
 }
 CUSTOM_ROLES = ("supervised", "stop", "blocked", "marker")  # tokens.custom[i].role
 INITS = ("mvn", "mean", "mean_noise", "describe")  # tokens.init (also copy:<token>), as core.tokens reads them
@@ -409,7 +412,7 @@ ALL_LINEAR = "all-linear"  # lora.target_modules: every linear layer but the out
 # Numeric ranges, by dotted key: ">0", ">=N", or an interval "[a,b]" / "[a,b)" / "(a,b)". A value of
 # None (an optional field left out) and a section that is absent are not checked.
 _RANGES = {
-    "tokens.pad_to_multiple_of": ">=1",
+    "tokens.pad_to_multiple_of": "[1,4096]",
     "data.max_length": ">=8",
     "data.eval_fraction": "[0,1)",
     "data.limit": ">=1",
@@ -442,6 +445,7 @@ _RANGES = {
     "epe.reflection_weight": ">=0",
     "epe.context_weight": ">=0",
     "epe.head_weight": ">=0",
+    "conditional.threshold": "[0,1]",
     "conditional.misaligned_fraction": "(0,1)",
     "conditional.drop_token_fraction": "[0,1]",
     "backtranslate.max_documents": ">=1",

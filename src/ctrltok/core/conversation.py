@@ -197,7 +197,12 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
         else:
             raise ChatError(f"{where}: `conversations` must be strings (LIMA) or {{from, value}} objects (ShareGPT)")
     elif "instruction" in record and ("output" in record or "response" in record):
-        prompt = str(record["instruction"]) + (f"\n\n{record['input']}" if record.get("input") else "")
+        # Checked, not str()-ed: a null or a list would become the user's text "None" / "['...']".
+        for key in ("instruction", "input"):
+            value = record.get(key)
+            if not isinstance(value, str) and not (key == "input" and value is None):
+                raise ChatError(f"{where}: `{key}` must be a string, found {type(value).__name__}")
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         msgs = _history(record.get("history") or [], where) + [
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": record.get("output", record.get("response"))}]

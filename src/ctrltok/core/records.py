@@ -60,6 +60,9 @@ FORMATS = ("jsonl", "ndjson", "json", "parquet", "txt")
 COMPRESSIONS = ("gz", "zst")
 _WS = re.compile(r"[ \t\r\n]*")
 _END = object()
+# A JSON escape of a UTF-16 surrogate: decoded alone (without its pair) it is a string no tokenizer
+# or UTF-8 writer accepts, so such a record is refused at reading, where its line is known.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class RecordError(ValueError):
@@ -101,6 +104,30 @@ def reject(msg: str, where: str, on_error: str, skips: Skips | None, reason: str
             skips.add(reason, where)
         return
     raise RecordError(f"{where}: {msg}")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first unpaired UTF-16 surrogate in a decoded JSON value (``"\\ud800"``), or ``None``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return f"\\u{ord(item[exc.start]):04x}"
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _surrogate_problem(surrogate: str) -> str:
+    return (f"a lone surrogate {surrogate} in a string (half of a UTF-16 pair, not text); fix the escaping where "
+            "the file was written, or drop the record")
 
 
 def file_format(path: Path) -> tuple[str | None, str | None]:
@@ -166,10 +193,24 @@ def _read_jsonl(path: Path, on_error: str, skips: Skips | None,
             except json.JSONDecodeError as exc:
                 reject(f"malformed JSON ({exc.msg} at column {exc.colno})", where, on_error, skips, "malformed JSON")
                 continue
+            except (ValueError, RecursionError) as exc:  # an integer over 4,300 digits, nesting deeper than the stack
+                reject(f"malformed JSON ({_unreadable(exc)})", where, on_error, skips, "malformed JSON")
+                continue
             if not isinstance(rec, dict):
                 reject(f"expected a JSON object, found {type(rec).__name__}", where, on_error, skips, "not an object")
                 continue
+            surrogate = _lone_surrogate(rec) if _SURROGATE_ESCAPE.search(raw) else None
+            if surrogate:
+                reject(_surrogate_problem(surrogate), where, on_error, skips, "lone surrogate")
+                continue
             yield where, rec
+
+
+def _unreadable(exc: BaseException) -> str:
+    """What Python's JSON reader refused beyond syntax, in a few words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    return " ".join(str(exc).split())[:160]
 
 
 class _TextBuffer:
@@ -213,7 +254,10 @@ class _TextBuffer:
                 if end < len(self.buf) or self.eof:  # a number at the buffer's end may go on
                     self.advance(end)
                     return obj
-            except json.JSONDecodeError as exc:
+            except (RecursionError, ValueError) as exc:
+                if not isinstance(exc, json.JSONDecodeError):  # too deep, or an integer over 4,300 digits
+                    raise RecordError(f"{self.path}:{self.line}: malformed JSON ({_unreadable(exc)}); a .json array "
+                                      "cannot skip it") from exc
                 cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf) - 12  # may go on
                 if self.eof or not cut or len(self.buf) - self.pos > MAX_ITEM:
                     line = self.line + self.buf.count("\n", self.pos, exc.pos)
@@ -247,7 +291,10 @@ def _read_json(path: Path, on_error: str, skips: Skips | None, compression: str 
                 n += 1
                 where = f"{path}:{buf.line} (item {n})"
                 rec = buf.value(decoder)
-                if isinstance(rec, dict):
+                surrogate = _lone_surrogate(rec) if isinstance(rec, dict) else None
+                if surrogate:
+                    reject(_surrogate_problem(surrogate), where, on_error, skips, "lone surrogate")
+                elif isinstance(rec, dict):
                     yield where, rec
                 else:
                     reject(f"expected a JSON object, found {type(rec).__name__}", where, on_error, skips,
@@ -387,8 +434,9 @@ def read_records(source: str | Path | SourceConfig | dict | list, on_error: str 
 
     ``source``: a path string (or :class:`~pathlib.Path`), a mapping / :class:`SourceConfig` (``path``
     or ``hf`` with its options), or a list of them mixed by :func:`mix` with their ``weight`` and
-    ``seed``. Records that are not JSON objects, malformed JSON lines and invalid UTF-8 are rejected
-    by ``on_error`` (an error naming file and line, or a counted skip).
+    ``seed``. Records that are not JSON objects, malformed JSON lines, invalid UTF-8 and strings with
+    a lone UTF-16 surrogate escape are rejected by ``on_error`` (an error naming file and line, or a
+    counted skip).
     """
     specs = source if isinstance(source, list) else [source]
     srcs = [source_config(str(s) if isinstance(s, Path) else s, f"source[{i}]" if isinstance(source, list) else

@@ -73,7 +73,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 def build(cls: type, mapping: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(mapping) - names)
+    unknown = sorted(set(mapping) - names, key=str)  # a YAML key may be a number or null
     if unknown:
         raise ConfigError(
             f"{where}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
@@ -103,7 +103,11 @@ def apply_overrides(mapping: dict, overrides: list[str], source: str = "--set") 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: {key!r} goes through a non-mapping value")
-        node[parts[-1]] = _parse_scalar(raw)
+        try:
+            node[parts[-1]] = _parse_scalar(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: {item!r}: the value is not YAML ({' '.join(str(exc).split())[:120]}); "
+                              "quote it, e.g. --set 'key=\"text\"'") from exc
     return mapping
 
 

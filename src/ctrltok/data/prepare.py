@@ -47,6 +47,7 @@ from ctrltok.data.store import (
     SPLITS,
     ArrowShardSink,
     PreparedData,
+    PreparedDataError,
     fingerprint,
     id_type,
     shard_files,
@@ -169,7 +170,8 @@ def prepare(recipe: Recipe, tokenizer: Any, out: str | os.PathLike, charter: Seq
         _merge(drops, eval_stats.drops)
     _merge(drops, skips)  # records the reader skipped (malformed lines, bad sidecar rows)
     if not counts.get("train_documents"):
-        raise ValueError(f"{data.train}: no usable training documents (skips: {dict(drops)})")
+        raise PreparedDataError(f"{data.train}: no usable training documents (skips: {dict(drops)}); "
+                                "see data.on_error and the skip reasons")
     write_manifest(out, {
         "kind": data.kind, "tokenizer": settings["tokenizer"], "data_key": settings["key"], "recipe": key,
         "sources": sources, "sources_key": sources_key(sources),

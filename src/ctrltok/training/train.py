@@ -215,11 +215,20 @@ def _log(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint so nothing is logged twice."""
+    """On resume, drop metric lines past the checkpoint so nothing is logged twice (a line cut by
+    the kill is dropped too), through a temp file so a second kill leaves the old or the new log."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in path.read_text().splitlines() if line and kept(line)))
+    os.replace(tmp, path)
 
 
 def is_complete(out_dir: Path) -> bool:
@@ -344,6 +353,8 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
                               "Resume with the same data and row settings, or train into a new --out")
         if main:
             _truncate_metrics(metrics_path, start)
+    elif main:  # a run killed before its first checkpoint starts over: its old lines would repeat steps
+        metrics_path.unlink(missing_ok=True)
     skips = data.manifest.get("skips", {})
     first_eval = held_out() if start == 0 and len(eval_rows) else None
     if main:
