@@ -182,3 +182,28 @@ def test_equivalence_check_can_fail_and_losses_split_by_region(trained):
     bad = evaluate_examples(model, head, [broken], tok.pad_token_id)
     assert not bad["equivalence"]["passed"] and bad["equivalence"]["post_max_abs_diff"] > 1e-3
     assert bad["equivalence"]["pre_max_abs_diff"] < EQUIVALENCE_ATOL
+
+
+def test_majority_baseline_by_hand():
+    from ctrltok.evaluation.epe import majority_baseline
+
+    # Training positions: {a} twice, {b} once -> the baseline always predicts {a}.
+    reference = [[1, 0, 0], [1, 0, 0], [0, 1, 0]]
+    gold = [[1, 0, 0], [0, 1, 0], [1, 1, 0]]
+    out = majority_baseline(reference, gold, ["a", "b", "c"])
+    # TP 2 (a at 0 and 2), FP 1 (a at 1), FN 2 (b at 1 and 2): 2*2 / (4 + 1 + 2).
+    assert out["label_set"] == ["a"] and out["micro_f1"] == pytest.approx(4 / 7)
+    assert out["reference_positions"] == 3
+
+
+def test_epe_eval_json_alone_on_stdout(trained, capfd):
+    from ctrltok.cli.main import main
+
+    capfd.readouterr()
+    assert main(["eval", "--model", str(trained), "--json"]) == 0
+    out, err = capfd.readouterr()
+    got = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert got["equivalence"]["passed"] is True
+    assert got["baseline"]["reference"] == "training documents" and isinstance(got["beats_baseline"], bool)
+    assert {"reflection_loss", "context_loss", "micro_f1"} <= set(got)
+    assert "majority baseline micro-F1" in err and "caps: all" in err

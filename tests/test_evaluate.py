@@ -15,7 +15,7 @@ from conftest import SMOL_TOKENIZER, make_tiny_llama
 from ctrltok.cli.eval import eval_chat, eval_kind, print_comparison, write_json
 from ctrltok.core.chat import encode_chat
 from ctrltok.core.config import DataConfig
-from ctrltok.core.example import IGNORE
+from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.templates import install_templates
 from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
 from ctrltok.evaluation.evaluate import (
@@ -23,6 +23,7 @@ from ctrltok.evaluation.evaluate import (
     evaluate_model,
     generation_prompts,
     heldout_conversations,
+    heldout_loss,
     stop_counts,
 )
 from ctrltok.training.checkpoint import RunManifest
@@ -316,3 +317,180 @@ def test_eval_dispatches_on_the_recipe_kind(tmp_path, kind, flags, want):
     assert eval_kind(tmp_path, **flags) == want
     with pytest.raises(ValueError, match="exclude"):
         eval_kind(tmp_path, epe=True, conditional=True)
+
+
+# -- the report of each kind: role tokens, caps, the batched backend, JSON alone on stdout -----
+def _strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (not JSON, though Python writes them)."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_role_tokens_are_counted_and_never_forged(eot_model):
+    from ctrltok.evaluation.evaluate import control_spellings, forged_tokens
+
+    model, tok, _ = eot_model
+    got = evaluate_model(model, tok, CONVS, "eot", n_generate=3, max_new_tokens=2)["role_tokens"]
+    # CONVS[2]: the user and the assistant both type <EOT>; its prompt (the user turn) is generated for.
+    assert got["spelled_in_messages"] == 2 and got["spellings"] == {"<EOT>": 2}
+    assert got["spelled_in_prompts"] == 1
+    assert got["forged_in_training"] == 0 and got["forged_in_prompts"] == 0
+    # The count can fail: a rendered string tokenized afterwards turns both spellings into the id.
+    spellings = control_spellings(tok)
+    assert "<EOT>" in spellings and not any(s.startswith("<|ctrltok_filler") for s in spellings)
+    unsafe = forged_tokens(CONVS, lambda c: tok(tok.apply_chat_template(c, tokenize=False, chat_template="eot"),
+                                                add_special_tokens=False)["input_ids"], spellings)
+    assert unsafe == {"spelled": 2, "forged": 2, "by_token": {"<EOT>": 2}}
+
+
+def test_replies_come_from_one_batched_call(eot_model):
+    """The stop rate's prompts go through the batched backend: one model.generate call for all of
+    them (batch 32), the same greedy replies as one prompt at a time."""
+    from ctrltok.core.config import DecodingConfig
+    from ctrltok.generation.generate import generate
+
+    model, tok, _ = eot_model
+    calls = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    try:
+        got = evaluate_model(model, tok, CONVS, "eot", n_generate=3, decoding=DecodingConfig(max_new_tokens=4))
+    finally:
+        del model.generate
+    assert calls == [3]
+    prompts = generation_prompts(CONVS, 3)
+    alone = [generate(model, tok, [p], "eot", max_new_tokens=4, temperature=0)[0] for _, p in prompts]
+    assert [g["text"] for g in got["generations"]] == [a["text"] for a in alone]
+    assert [g["n_tokens"] for g in got["generations"]] == [a["n_tokens"] for a in alone]
+    assert got["decoding"]["max_new_tokens"] == got["max_new_tokens"] == 4
+
+
+def test_to_json_is_strict():
+    from ctrltok.cli.eval import to_json
+
+    text = to_json({"a": float("nan"), "table": "printed", "b": [1.5, float("inf")], "c": {"d": None}})
+    assert _strict_json(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+
+
+def test_chat_eval_json_alone_on_stdout_with_its_caps(eot_model, tmp_path, capfd):
+    from dataclasses import asdict
+
+    from ctrltok.cli.main import main
+    from ctrltok.core.config import Recipe
+
+    model, tok, surgery = eot_model
+    recipe = Recipe(name="chat")
+    recipe.data.template = "eot"
+    recipe.data.max_length = 24
+    recipe.data.overlong = "truncate"
+    ckpt = _checkpoint(model, tok, surgery, tmp_path / "ckpt", asdict(recipe))
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    capfd.readouterr()  # the first save_pretrained of a process imports DeepSpeed, which prints to stdout
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", "--max-prompts", "2",
+                 "--max-new-tokens", "2", "--max-conversations", "3"]) == 0
+    out, err = capfd.readouterr()
+    got = _strict_json(out)
+    assert got["caps"]["max_prompts"] == 2 and got["n_generated"] == 2 and got["conversations"] == 3
+    assert got["caps"]["max_length"] == got["max_length"] == 24 and got["caps"]["overlong"] == "truncate"
+    assert got["role_tokens"]["forged_in_training"] == 0
+    assert "--max-prompts 2" in err and "max_length 24" in err and "role tokens" in err and "eval_loss" in err
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory):
+    from dataclasses import asdict
+
+    from transformers import AutoTokenizer
+
+    from ctrltok.core.config import ConditionalConfig, Recipe
+
+    tok = AutoTokenizer.from_pretrained(SMOL_TOKENIZER)
+    tok.pad_token = tok.eos_token
+    model = make_tiny_llama(len(tok))
+    surgery = add_tokens(model, tok, resolve_tokens(["conditional"]))
+    apply_generation_config(model, surgery)
+    recipe = Recipe(name="cond", conditional=ConditionalConfig(threshold=0.5))
+    recipe.data.kind = "labelled"
+    out = tmp_path_factory.mktemp("cond")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "ctrltok.json").write_text(json.dumps({**surgery.manifest(), "recipe_values": asdict(recipe)}))
+    return out
+
+
+def test_conditional_eval_json_alone_on_stdout_with_its_caps(conditional_checkpoint, tmp_path, capfd):
+    from ctrltok.cli.main import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": {"text": f"Prompt number {i} says"}}) + "\n" for i in range(5)))
+    capfd.readouterr()  # what saving the checkpoint printed
+    assert main(["eval", "--model", str(conditional_checkpoint), "--data", str(prompts), "--json",
+                 "--max-prompts", "3", "--samples", "2", "--max-new-tokens", "2"]) == 0
+    out, err = capfd.readouterr()
+    got = _strict_json(out)
+    assert "table" not in got and got["threshold"] == 0.5  # the run's threshold, from its recipe
+    assert got["caps"]["prompts"].startswith("3 of 5 prompts") and got["caps"]["samples"] == 2
+    for cond in ("unconditional", "aligned", "misaligned"):
+        assert got["conditions"][cond]["all"]["samples"] == (3 + 1) * 2  # the prompts and the empty one
+    assert set(got["direction"]) == {"aligned<unconditional", "unconditional<misaligned"}
+    assert got["leaked_total"] == 0
+    assert "3 of 5 prompts" in err and "--samples" in err and "direction aligned < unconditional < misaligned" in err
+    assert main(["eval", "--model", str(conditional_checkpoint), "--greedy", "--json"]) == 2  # samples need sampling
+    assert "needs sampling" in capfd.readouterr().err
+
+
+def test_backtranslation_eval_reports_stages_and_ablation(eot_model, tmp_path, capfd):
+    from dataclasses import asdict
+
+    from ctrltok.cli.main import main
+    from ctrltok.core.config import BacktranslateConfig, Recipe
+
+    model, tok, surgery = eot_model
+    run = tmp_path / "bt"
+    run.mkdir()
+    recipe = Recipe(name="bt-model-1", backtranslate=BacktranslateConfig())
+    recipe.data.template = "eot"
+    _checkpoint(model, tok, surgery, run / "model-1", asdict(recipe))
+    stages = [{"stage": "segments", "in": 4, "kept": 3, "dropped": {"too_short": 1}, "complete": True},
+              {"stage": "curated-1", "in": 3, "kept": 2, "dropped": {"unparsed": 1}, "complete": True}]
+    report = {"out_dir": str(run), "gold_pairs": 2, "stages": stages, "keep_score": 4, "score_aggregate": "median",
+              "training": {"backward": {"model": str(run / "backward"), "examples": 2},
+                           "model-1": {"model": str(run / "model-1"), "examples": 4}},
+              "curation": {"curated-1": {"samples": 3, "parsed": 2, "unparsed": 1, "out_of_range": 0,
+                                         "parse_failure_rate": 0.3333, "out_of_range_rate": 0.0,
+                                         "histogram": {s: 0 for s in range(1, 6)}}},
+              "samples": {"kept": [], "dropped": []}, "models": {}}
+    (run / "report.json").write_text(json.dumps(report))
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS[:3]))
+    assert eval_kind(run) == eval_kind(run / "model-1") == "backtranslate"
+    capfd.readouterr()  # what saving the checkpoint printed
+    assert main(["eval", "--model", str(run), "--data", str(data), "--json"]) == 0
+    out, err = capfd.readouterr()
+    got = _strict_json(out)
+    assert got["kind"] == "backtranslate" and got["stages"] == stages
+    assert got["curation"]["curated-1"]["parse_failure_rate"] == 0.3333
+    assert set(got["ablation"]["models"]) == {"model-1"}  # the backward model answers another task
+    direct = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, data=recipe.data)
+    assert got["ablation"]["models"]["model-1"]["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
+    assert "curated-1" in err and "ablation" in err
+
+
+def test_heldout_loss_counts_every_document_of_a_chunked_row_with_or_without_packing():
+    """``overlong: chunk`` lays documents end to end whatever ``packing`` says: rows hold several
+    documents either way, so the loss must see all of them (it once padded only each row's first)."""
+    torch.manual_seed(0)
+    model = make_tiny_llama(300)
+    examples = [Example(input_ids=ids, labels=list(ids), source=f"d{i}")
+                for i, ids in enumerate(torch.randint(3, 300, (5, 40)).tolist())]
+    packed = heldout_loss(model, examples, 0, DataConfig(kind="text", overlong="chunk", max_length=64, packing=True))
+    unpacked = heldout_loss(model, examples, 0, DataConfig(kind="text", overlong="chunk", max_length=64, packing=False))
+    assert unpacked == packed

@@ -55,29 +55,14 @@ def check_model_name(name: str, what: str = "--model") -> None:
                              "Hugging Face cache while HF_HUB_OFFLINE is set; give a checkpoint folder, or go online")
 
 
-def saved_templates(model: str) -> list[str]:
-    """Names of the chat templates a local model folder saves with its tokenizer."""
-    folder = Path(model).expanduser()
-    names = [p.stem for p in (folder / "additional_chat_templates").glob("*.jinja")] if folder.is_dir() else []
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            saved = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except ValueError:
-            saved = None
-        if isinstance(saved, list):
-            names += [t.get("name") for t in saved if isinstance(t, dict) and t.get("name")]
-    return sorted(set(names))
-
-
 def check_template(name: str, model: str | None, what: str = "--template") -> None:
     """A template is a shipped name (``core.templates.NAMES``) or one the model folder saves."""
-    from ctrltok.core.templates import NAMES
+    from ctrltok.core.templates import NAMES, saved_templates
 
     if name in NAMES:
         return
     local = model is not None and Path(model).expanduser().is_dir()
-    saved = saved_templates(model) if local else []
+    saved = sorted(saved_templates(model)) if local else []
     if name in saved:
         return
     if model is not None and not local:

@@ -19,18 +19,15 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from ctrltok import __version__
-from ctrltok.cli.checks import (  # noqa: F401  (re-exported: the table's handlers and tests name them here)
+from ctrltok.cli.checks import (  # noqa: F401  (PRESET_NAMES: tests name it here)
     PRESET_NAMES,
-    UsageError,
     check_input,
     check_model_name,
     check_output,
     check_template,
-    output_file,
-    same_file,
-    saved_templates,
 )
 
 # The library's user-error types, by module (checked only once their module is loaded: an error of a
@@ -45,7 +42,7 @@ USER_ERRORS = (
     "ctrltok.conditional.scorers:ScorerError",
     "ctrltok.data.store:PreparedDataError",
     "ctrltok.training.publish:PublishError",
-    "ctrltok.cli.main:UsageError",
+    "ctrltok.cli.checks:UsageError",
     "builtins:FileNotFoundError",
     "builtins:IsADirectoryError",
     "builtins:NotADirectoryError",
@@ -170,27 +167,55 @@ def _a_generate(p):
     g.add_argument("--input", help="JSONL of {messages} or {prompt}")
     p.add_argument("--out", default="-",
                    help="with --input: JSONL to write ('-', the default: stdout); written whole, then renamed")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="most tokens generated per reply")
-    p.add_argument("--temperature", type=_number(0.0), default=0.0, help="sampling temperature (0: greedy)")
+    _a_decoding(p)
+
+
+def _a_decoding(p, length: str = "most tokens generated per reply"):
+    """The decoding flags of generate, chat and eval: each overrides the checkpoint's decoding."""
+    g = p.add_argument_group("decoding", "default: the checkpoint's generation_config.json, where a ctrltok run "
+                                         "writes its recipe's decoding section")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding, whatever the checkpoint says")
+    mode.add_argument("--temperature", type=_number(0.0), default=None, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), default=None, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=_at_least(0), default=None, help="sample from the k likeliest tokens (0: no limit)")
+    g.add_argument("--repetition-penalty", type=_number(0.0, low_open=True), default=None,
+                   help="divide the logits of already generated tokens (1: none; LIMA used 1.2)")
+    g.add_argument("--no-repeat-ngram-size", type=_at_least(0), default=None, help="never repeat an n-gram (0: off)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=None, help=length)
+    g.add_argument("--seed", type=_at_least(0), default=0, help="sampling seed")
 
 
 def _a_chat(p):
     p.add_argument("--model", required=True, help="checkpoint folder, alias or Hub id")
     p.add_argument("--template", default=None, help="chat template (default: the one the checkpoint was trained with)")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _a_decoding(p)
 
 
 def _a_eval(p):
-    p.add_argument("--model", required=True, help="checkpoint folder, alias or Hub id")
-    p.add_argument("--data", default=None, help="held-out chats (default: the shipped set's held-out part)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder, alias or Hub id; or a backtranslation output folder")
+    p.add_argument("--data", default=None,
+                   help="held-out chats (default: the run's held-out split); --conditional: prompts; "
+                        "backtranslation: held-out instruction chats for the ablation")
     p.add_argument("--template", default=None, help="chat template (default: the one the checkpoint was trained with)")
     p.add_argument("--before", default=None, help="a base model to compare with (prepared with the same tokens)")
     p.add_argument("--conditional", action="store_true", help="aligned / unconditional / misaligned sampling")
     p.add_argument("--epe", action="store_true", help="reflection loss, charter F1, equivalence check")
     p.add_argument("--sidecar", default=None, help="with --epe and --data: the held-out annotations")
     p.add_argument("--scorer", default="profanity", help="with --conditional: the sentence scorer (profanity, detoxify)")
-    p.add_argument("--n", type=POSITIVE, default=16, help="prompts to generate for (stop rate, conditional samples)")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="most tokens generated per reply")
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--max-prompts", type=POSITIVE, default=16,
+                   help="prompts generated for: the stop rate's, or --conditional's from --data (default 16)")
+    p.add_argument("--max-conversations", type=POSITIVE, default=None,
+                   help="held-out conversations in the loss (default: all)")
+    p.add_argument("--samples", type=POSITIVE, default=8, help="--conditional: samples per prompt and condition")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per generate call (default 32)")
+    # The old --n (prompts, or conditional samples): refused by name, since argparse would otherwise
+    # read it as an abbreviation of --no-repeat-ngram-size.
+    p.add_argument("--n", type=POSITIVE, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the result as JSON alone on stdout (tables: stderr)")
+    _a_decoding(p, "most tokens generated per reply (default: the decoding's; --conditional: 32)")
 
 
 def _a_label(p):
@@ -274,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 def preflight(args: argparse.Namespace) -> None:
     """The names and paths a command takes, checked before its handler imports or loads anything."""
     model = getattr(args, "model", None)
-    if model is not None:
+    run_folder = args.command == "eval" and model is not None and any(
+        (Path(model).expanduser() / f).is_file() for f in ("report.json", "backtranslate.settings.json"))
+    if model is not None and not run_folder:  # a backtranslation folder holds models, is none
         check_model_name(model)
     if getattr(args, "before", None):
         check_model_name(args.before, "--before")

@@ -2,9 +2,11 @@
 
 :func:`conditional_eval` samples continuations unconditionally, after ``<|aligned|>`` and after
 ``<|misaligned|>`` (both suppressed in the output) and scores them with the labelling scorer.
-Sampling goes through the one batched generator,
-:func:`ctrltok.generation.generate.generate_batch`: a continuation ends at the model's eos ids, and
-the model's own ``suppress_tokens`` stay blocked beside the two control tokens.
+Sampling goes through the batched backend
+(:class:`ctrltok.generation.completion.TransformersBackend`, over the one batched generator): a
+continuation ends at the model's eos ids, and the model's own ``suppress_tokens`` stay blocked
+beside the two control tokens. The direction the tokens should have learned is
+aligned < unconditional < misaligned in mean score; a control id in a continuation is a leak.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ from typing import Any
 
 from ctrltok.conditional.label import ALIGNED, MISALIGNED, LabelError
 from ctrltok.conditional.scorers import Scorer, get_scorer
-from ctrltok.generation.generate import generate_batch
+from ctrltok.generation.completion import Sampling, TransformersBackend
 
 CONDITIONS = ("unconditional", "aligned", "misaligned")
 
 
 def conditional_eval(model: Any, tokenizer: Any, scorer: str | Scorer, prompts: Sequence[str], n: int = 8,
                      max_new_tokens: int = 32, threshold: float | None = None, seed: int = 0,
-                     batch_size: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                     control_position: str = "before") -> dict[str, Any]:
+                     batch_size: int = 32, temperature: float = 1.0, top_p: float = 1.0,
+                     control_position: str = "before", top_k: int | None = None,
+                     repetition_penalty: float | None = None,
+                     no_repeat_ngram_size: int | None = None) -> dict[str, Any]:
     """Sample ``n`` continuations per prompt (the empty prompt plus ``prompts``) under each
     condition, with both control tokens suppressed, and score them.
 
@@ -30,8 +34,13 @@ def conditional_eval(model: Any, tokenizer: Any, scorer: str | Scorer, prompts: 
     ``before`` or ``after`` the prompt). Each condition uses the same seed. Returns per condition
     and prompt set (``empty``, ``prompts``, ``all``): mean score, share above threshold, and
     leaked control ids (must be 0), plus ``table`` (printable) and ``direction`` (whether
-    aligned < unconditional < misaligned on mean score).
+    aligned < unconditional < misaligned on mean score). Sampling: ``temperature`` (> 0: every
+    sample is drawn), ``top_p``, ``top_k`` (0: none), ``repetition_penalty``,
+    ``no_repeat_ngram_size`` (``None``: the model's generation_config).
     """
+    if not temperature > 0:
+        raise LabelError(f"the conditional evaluation samples n = {n} continuations per prompt: temperature must be "
+                         f"> 0, got {temperature}")
     sc = get_scorer(scorer)
     thr = threshold if threshold is not None else sc.default_threshold
     if thr is None:
@@ -48,21 +57,26 @@ def conditional_eval(model: Any, tokenizer: Any, scorer: str | Scorer, prompts: 
     start_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     if start_id is None or start_id == unk:
         start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
+    backend = TransformersBackend(model, tokenizer, batch_size=batch_size, suppress_ids=control_ids)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
+                        top_k=top_k, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
 
     texts = [""] + list(prompts)
     set_of = ["empty"] + ["prompts"] * len(prompts)  # the empty prompt and the given ones, reported apart
     bodies = [tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] if t else [] for t in texts]
-    results: dict[str, Any] = {"threshold": thr, "n": n, "max_new_tokens": max_new_tokens, "seed": seed,
-                               "control_position": control_position, "scorer": sc.provenance(),
+    results: dict[str, Any] = {"threshold": thr, "n": n, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                               "seed": seed, "control_position": control_position, "scorer": sc.provenance(),
+                               "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                            "repetition_penalty": repetition_penalty,
+                                            "no_repeat_ngram_size": no_repeat_ngram_size},
                                "conditions": {}, "samples": {}}
     for cond in CONDITIONS:
         ctl = [] if cond == "unconditional" else [aligned_id if cond == "aligned" else misaligned_id]
         inputs = [(ctl + body if control_position == "before" else body + ctl) or [start_id] for body in bodies]
         # The same seed, so the same noise, for every condition; the control tokens are never emitted.
-        generated = generate_batch(model, inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   n=n, seed=seed, batch_size=batch_size, suppress_ids=control_ids, pad_id=pad_id)
-        decoded = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+        done = backend.generate(inputs, sampling)
+        generated = [c.token_ids for c in done]
+        decoded = [c.text for c in done]
         scores = sc.score(decoded)
         leaks = [sum(1 for t in g if t in control_ids) for g in generated]
         sample_set = [set_of[i // n] for i in range(len(generated))]  # n per input, in input order

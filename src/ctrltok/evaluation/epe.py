@@ -33,6 +33,11 @@ What is reported:
   the labels that occur in the gold set *or* in the predictions (``macro_labels``): a label that
   is neither annotated nor predicted anywhere has no defined F1 and is left out rather than
   counted as 0 or 1. With no positive anywhere both are ``None``.
+* ``baseline``: the same F1 of the majority baseline, which predicts at every position the label
+  set most frequent among the *training* documents' ``<assistant>`` positions (the evaluated
+  documents' own, when a corpus and sidecar are given instead of the run's split: an easier
+  baseline to be measured against, since it has seen the answers). ``beats_baseline`` says the
+  head's micro-F1 is above it.
 * ``equivalence``: for every document, the largest absolute difference between the logits of its
   context tokens with the reflection inserted and the logits of the plain document (no reflection,
   positions ``0..n-1``, plain causal mask), separately before the first reflection (``pre``) and
@@ -47,6 +52,7 @@ The plain document is the Example's context tokens: by the snapping rule
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,6 +110,19 @@ def charter_f1(pred: Any, gold: Any, labels: Sequence[str] | None = None) -> dic
     }
 
 
+def majority_baseline(reference: Sequence[Sequence[float]], gold: Any, labels: Sequence[str]) -> dict:
+    """Charter F1 (:func:`charter_f1`) of predicting, at every position of ``gold [K, C]``, the label
+    set that is most frequent among the ``reference`` positions (ties: the first seen);
+    ``label_set`` names it."""
+    sets = Counter(tuple(int(v > 0.5) for v in row) for row in reference)
+    mode = max(sets, key=sets.__getitem__) if sets else tuple(0 for _ in labels)
+    g = torch.as_tensor(gold).bool().reshape(-1, len(labels))
+    pred = torch.tensor([mode], dtype=torch.bool).expand(g.shape[0], -1)
+    f1 = charter_f1(pred, g, labels)
+    return {"label_set": [name for name, v in zip(labels, mode) if v], "micro_f1": f1["micro_f1"],
+            "macro_f1": f1["macro_f1"], "reference_positions": sum(sets.values())}
+
+
 # -- structure of one example ----------------------------------------------------------------
 def reflection_regions(example: Example) -> list[tuple[int, int]]:
     """``[start, end)`` of each reflection region (``<assistant>`` + reflection) of ``example``.
@@ -138,10 +157,12 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def epe_documents(recipe: Recipe | None, tokenizer: Any, corpus: str | None = None, sidecar: str | None = None,
-                  order: list[str] | None = None) -> tuple[list[Example], str]:
-    """``(examples, description)``: the run's held-out documents (training's own split, by
-    :func:`ctrltok.data.encode.build_examples`), or every annotated document of ``corpus`` +
-    ``sidecar`` (those with at least one reflection). ``order``: the charter ids in head order."""
+                  order: list[str] | None = None) -> tuple[list[Example], str, list[list[float]] | None]:
+    """``(examples, description, training label rows)``: the run's held-out documents (training's
+    own split, by :func:`ctrltok.data.encode.build_examples`) with the charter labels of every
+    training position (the majority baseline's reference), or every annotated document of
+    ``corpus`` + ``sidecar`` (those with at least one reflection) and ``None``. ``order``: the
+    charter ids in head order."""
     if (corpus is None) != (sidecar is None):
         raise ValueError("evaluate_epe: give both `corpus` and `sidecar` (--data and --sidecar), or neither "
                          "to use the run's own held-out documents")
@@ -151,19 +172,20 @@ def epe_documents(recipe: Recipe | None, tokenizer: Any, corpus: str | None = No
         text_field = recipe.data.text_field if recipe is not None else "text"
         docs = read_annotated(corpus, sidecar, order, column, "id", text_field)
         examples = [insert_reflection(d.text, d.annotations, tokenizer, order, source=d.where) for d in docs]
-        return [ex for ex in examples if ex.head_positions], f"{corpus} + {sidecar}"
+        return [ex for ex in examples if ex.head_positions], f"{corpus} + {sidecar}", None
     if recipe is None:
         raise ValueError("no recipe (ctrltok.json `recipe_values`) to re-create the held-out split from; "
                          "pass corpus and sidecar (--data and --sidecar)")
     if recipe.data.kind != "epe":
         raise ValueError(f"{recipe.source}: data.kind = {recipe.data.kind!r}, not 'epe'; "
                          "this checkpoint was not trained with reflections")
-    held = build_examples(recipe, tokenizer).eval
+    encoded = build_examples(recipe, tokenizer)
+    held = encoded.eval
     if not held:
         raise ValueError(f"{recipe.source}: the run held out no documents (data.eval unset, "
                          f"data.eval_fraction = {recipe.data.eval_fraction}); pass corpus and sidecar")
     where = recipe.data.eval or f"{recipe.data.train} (held-out {recipe.data.eval_fraction:g}, seed {recipe.train.seed})"
-    return held, str(where)
+    return held, str(where), [list(row) for ex in encoded.train for row in ex.head_targets]
 
 
 def evaluate_epe(model: Any, head: ConstitutionHead, tokenizer: Any, recipe: Recipe | None,
@@ -180,17 +202,21 @@ def evaluate_epe(model: Any, head: ConstitutionHead, tokenizer: Any, recipe: Rec
     if order != list(head.labels):
         raise ValueError(f"the constitution head's labels ({len(head.labels)}) differ from the charter of the run "
                          f"({len(order)}); was tokens.charter changed after training?")
-    examples, described = epe_documents(recipe, tokenizer, corpus, sidecar, order)
+    examples, described, reference = epe_documents(recipe, tokenizer, corpus, sidecar, order)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else DataConfig().max_length
-    result = evaluate_examples(model, head, examples, _pad_id(tokenizer), max_length=max_length, impl=impl)
+    result = evaluate_examples(model, head, examples, _pad_id(tokenizer), max_length=max_length, impl=impl,
+                               reference=reference)
     return {"data": described, "max_length": max_length, **result}
 
 
 @torch.no_grad()
 def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id: int,
-                      max_length: int | None = None, impl: str | None = None) -> dict:
-    """The metrics of :func:`evaluate_epe` for a loaded model, head and encoded EPE examples."""
+                      max_length: int | None = None, impl: str | None = None,
+                      reference: Sequence[Sequence[float]] | None = None) -> dict:
+    """The metrics of :func:`evaluate_epe` for a loaded model, head and encoded EPE examples;
+    ``reference``: the training positions' label rows for the majority baseline (``None``: the
+    evaluated positions' own)."""
     impl = impl or base_model(model).config._attn_implementation
     head = head.to(next(model.parameters()).device)
     lm_head = base_model(model).get_output_embeddings()
@@ -245,6 +271,9 @@ def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id
         f1 = charter_f1(p >= THRESHOLD, torch.cat(gold) > 0.5, labels)
     else:
         f1 = charter_f1(torch.zeros((0, len(labels))), torch.zeros((0, len(labels))), labels)
+    gold_rows = torch.cat(gold).tolist() if gold else []
+    baseline = majority_baseline(reference if reference is not None else gold_rows, gold_rows, labels)
+    baseline["reference"] = "training documents" if reference is not None else "the evaluated documents"
     pre_max = max((d["pre_max_abs_diff"] for d in docs), default=0.0)
     post_max = max((d["post_max_abs_diff"] for d in docs), default=0.0)
     return {
@@ -257,6 +286,8 @@ def evaluate_examples(model: Any, head: Any, examples: Sequence[Example], pad_id
         "head_bce": bce_sum / f1["positions"] if f1["positions"] else math.nan,
         "threshold": THRESHOLD,
         **f1,
+        "baseline": baseline,
+        "beats_baseline": f1["micro_f1"] is not None and f1["micro_f1"] > (baseline["micro_f1"] or 0.0),
         "equivalence": {
             "atol": EQUIVALENCE_ATOL,
             "pre_max_abs_diff": pre_max,

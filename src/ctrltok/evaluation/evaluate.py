@@ -12,9 +12,16 @@ Two numbers tell whether an SFT run taught its end-of-turn token (LIMA's ``<EOT>
   not change it (tested against a per-conversation hand computation).
 * ``eot_stop_rate``: the share of generations that end with the template's end-of-turn token
   within ``max_new_tokens``. The prompt of a conversation is every message before its last
-  assistant message; the first ``n_generate`` such prompts are generated greedily with
-  :func:`ctrltok.generation.generate.generate` (the checkpoint's stop and suppressed ids apply).
+  assistant message; the first ``n_generate`` such prompts are answered through the batched
+  backend (:func:`chat_replies`) with the run's decoding (the recipe's ``decoding`` section, saved
+  in the checkpoint's generation_config; the checkpoint's stop and suppressed ids apply).
   ``any_stop_rate`` counts any stop id (a base model often stops at its own EOS instead).
+
+A third count says the control tokens kept their meaning at the boundary with user text:
+``role_tokens`` (:func:`role_token_counts`) counts messages that spell a control token
+(``<|assistant|>``, ``<EOT>``, ...) and how many of those spellings became the token's id, as
+training encodes the conversations and as generation encodes the prompts (both must be 0), and
+the control ids the model emitted inside its replies.
 
 Everything here takes objects, so a model that is not on disk evaluates too (the demo's "before":
 the base model with the new tokens added by ``training.setup.prepare_model``)::
@@ -30,22 +37,28 @@ Loading checkpoints by name, reading ``--data`` and printing tables is the comma
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import os
+import re
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from ctrltok.core.chat import ChatEncoder, ChatError
-from ctrltok.core.config import DataConfig, Recipe
+from ctrltok.core.chat import ChatEncoder, ChatError, get_encoder
+from ctrltok.core.config import DataConfig, DecodingConfig, Recipe
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.example import Example
 from ctrltok.core.loss import LossModel, base_model
 from ctrltok.core.loss import heldout_loss as batches_loss
 from ctrltok.core.records import read_records, read_sources
 from ctrltok.core.templates import get_template
+from ctrltok.core.tokens import FILLER_FORMAT
 from ctrltok.data.documents import is_held_out
 from ctrltok.data.encode import make_rows, to_batch
-from ctrltok.generation.generate import generate
+from ctrltok.generation.completion import Sampling, TransformersBackend
+from ctrltok.generation.generate import prompt_ids, resolve_decoding, stop_ids
 from ctrltok.training.checkpoint import RunManifest
 from ctrltok.training.setup import prepare_model
 
@@ -71,7 +84,7 @@ def heldout_loss(model, examples: list[Example], pad: int, data: DataConfig | No
     rows, stats = make_rows(examples, data)
     impl = getattr(base_model(model).config, "_attn_implementation", None) or "sdpa"
     device = next(model.parameters()).device
-    batches = [to_batch(rows[i:i + rows_per_batch], pad, data.packing) for i in range(0, len(rows), rows_per_batch)]
+    batches = [to_batch(rows[i:i + rows_per_batch], pad, data.packed) for i in range(0, len(rows), rows_per_batch)]
     out = batches_loss(LossModel(model), batches, impl, device)
     out.update({"max_length": data.max_length, "overlong": data.overlong,
                 "truncated_examples": stats.get("truncated_examples", 0),
@@ -95,6 +108,21 @@ def generation_prompts(conversations: list[list[dict]], n: int) -> list[tuple[in
     return out
 
 
+def chat_replies(model, tokenizer, prompts: list[list[dict]], template: str, decoding: DecodingConfig,
+                 batch_size: int = 32, seed: int = 0) -> list[dict]:
+    """Replies to ``prompts`` through the batched backend
+    (:class:`ctrltok.generation.completion.TransformersBackend`: sorted by length, left-padded, the
+    template's shared prefix encoded once per batch), stopping at the model's stop ids and the
+    template's end of turn; ``[{"text", "ids", "stopped", "n_tokens"}]`` in input order."""
+    if not prompts:
+        return []
+    stops = stop_ids(model, tokenizer, template)
+    backend = TransformersBackend(model, tokenizer, batch_size=batch_size, skip_special_tokens=False, stop_ids=stops)
+    done = backend.generate(prompt_ids(tokenizer, prompts, template), Sampling.from_decoding(decoding, seed=seed))
+    return [{"text": c.text, "ids": c.token_ids, "stopped": c.finish_reason == "stop_token",
+             "n_tokens": len(c.token_ids)} for c in done]
+
+
 def stop_counts(results: list[dict], eot_id: int | None) -> dict:
     """Counts and shares of generations that ended with the end-of-turn id / any stop id."""
     n = len(results)
@@ -105,19 +133,76 @@ def stop_counts(results: list[dict], eot_id: int | None) -> dict:
             "mean_new_tokens": sum(r["n_tokens"] for r in results) / n if n else None}
 
 
+# -- forged control tokens -----------------------------------------------------------------
+def control_spellings(tokenizer) -> dict[str, int]:
+    """``{text: id}`` of every special token a user could spell (role markup, end of turn, the
+    added control tokens); vocabulary filler rows are left out."""
+    filler = FILLER_FORMAT.split("{")[0]
+    return {t.content: i for i, t in tokenizer.added_tokens_decoder.items()
+            if t.special and not t.content.startswith(filler)}
+
+
+def forged_tokens(conversations: list[list[dict]], encode: Callable[[list[dict]], list[int]],
+                  spellings: dict[str, int]) -> dict:
+    """How often message text spells a control token, and how many of those spellings became the
+    token's id in ``encode(conversation)``: must be 0 for ctrltok's encoder.
+
+    A conversation's forged count is its control ids minus those of the same conversation with every
+    spelling replaced by ``_``: the template's own markup does not depend on the content, so the
+    difference is what the content produced.
+    """
+    if not spellings:
+        return {"spelled": 0, "forged": 0, "by_token": {}}
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True)))
+    ids = set(spellings.values())
+    spelled, forged, by_token = 0, 0, Counter()
+    for conv in conversations:
+        hits = [h for m in conv for h in pattern.findall(m["content"])]
+        if not hits:
+            continue
+        spelled += len(hits)
+        by_token.update(hits)
+        plain = [{**m, "content": pattern.sub("_", m["content"])} for m in conv]
+        forged += sum(t in ids for t in encode(conv)) - sum(t in ids for t in encode(plain))
+    return {"spelled": spelled, "forged": forged, "by_token": dict(by_token)}
+
+
+def role_token_counts(tokenizer, conversations: list[list[dict]], prompts: list[list[dict]], template: str,
+                      loss_on: str, results: list[dict]) -> dict:
+    """Control tokens where the text put them: spellings in the held-out messages and how many became
+    control ids when encoded as training encodes them (``forged_in_training``) and as generation
+    prompts (``forged_in_prompts``), both must be 0; and control ids the model emitted inside its
+    replies before their stop (``emitted_in_replies``: the model writing turn markup itself)."""
+    spellings = control_spellings(tokenizer)
+    encoder = get_encoder(tokenizer, template, loss_on)
+    training = forged_tokens(conversations, lambda c: encoder.encode(c).input_ids, spellings)
+    inference = forged_tokens(prompts, lambda c: prompt_ids(tokenizer, [c], template)[0], spellings)
+    ids = set(spellings.values())
+    emitted = Counter(tokenizer.convert_ids_to_tokens(t) for r in results
+                      for t in (r["ids"][:-1] if r["stopped"] else r["ids"]) if t in ids)
+    return {"spelled_in_messages": training["spelled"], "forged_in_training": training["forged"],
+            "spelled_in_prompts": inference["spelled"], "forged_in_prompts": inference["forged"],
+            "spellings": training["by_token"], "emitted_in_replies": sum(emitted.values()),
+            "emitted": dict(emitted)}
+
+
 # -- the metric function of a chat run -----------------------------------------------------
 def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: str, *,
                    data: DataConfig | None = None, loss_on: str | None = None, n_generate: int = 16,
-                   max_new_tokens: int = 64, examples: list[Example] | None = None, batch_size: int = 8,
-                   rows_per_batch: int = 4, sources: list[str] | None = None) -> dict:
-    """Held-out loss and end-of-turn stop rate of a loaded model on ``conversations``.
+                   max_new_tokens: int | None = None, examples: list[Example] | None = None, batch_size: int = 32,
+                   rows_per_batch: int = 4, sources: list[str] | None = None,
+                   decoding: DecodingConfig | None = None, seed: int = 0) -> dict:
+    """Held-out loss, end-of-turn stop rate and forged role tokens of a loaded model on ``conversations``.
 
     ``data``: the run's data section, whose ``max_length`` / ``overlong`` / ``packing`` make the
     rows of the loss and whose ``loss_on`` chooses the supervised turns (``loss_on`` overrides it);
     ``DataConfig()`` when ``None``. ``examples`` (already encoded, e.g. a recipe's held-out split
     from ``training.data.build_examples``) replace the encoding of ``conversations`` for the loss;
     the stop rate always uses ``conversations``. Examples without a supervised target are counted
-    in ``skipped_no_targets``.
+    in ``skipped_no_targets``. The first ``n_generate`` prompts are answered with ``decoding``
+    (default: the model's generation_config, i.e. its recipe's decoding; ``max_new_tokens``
+    overrides its length), ``batch_size`` sequences per generate call; ``role_tokens`` counts
+    control-token spellings and what became of them (:func:`role_token_counts`).
     """
     data = data or DataConfig()
     loss_on = loss_on or data.loss_on
@@ -142,10 +227,13 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
     out.update(loss)
     out["perplexity"] = math.exp(min(out["eval_loss"], 700.0)) if out["eval_loss"] is not None else None
     prompts = generation_prompts(conversations, n_generate) if n_generate > 0 else []
-    results = generate(model, tokenizer, [p for _, p in prompts], template, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size) if prompts else []
+    decoding = resolve_decoding(model, decoding, max_new_tokens)
+    results = chat_replies(model, tokenizer, [p for _, p in prompts], template, decoding, batch_size, seed)
     out.update(stop_counts(results, eot_id))
-    out["max_new_tokens"] = max_new_tokens
+    out["max_new_tokens"] = decoding.max_new_tokens
+    out["decoding"] = dataclasses.asdict(decoding)
+    out["role_tokens"] = role_token_counts(tokenizer, conversations, [p for _, p in prompts], template, loss_on,
+                                           results)
     out["generations"] = [
         {"index": i, "prompt": p[-1]["content"], "text": r["text"], "n_tokens": r["n_tokens"],
          "stopped": r["stopped"], "ended_with_eot": bool(r["stopped"] and r["ids"][-1] == eot_id)}

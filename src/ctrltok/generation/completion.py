@@ -50,8 +50,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ctrltok.core.config import DecodingConfig
 from ctrltok.core.models import load_model, resolve_model
-from ctrltok.generation.generate import eos_ids, generate_batch
+from ctrltok.generation.generate import (
+    decoding_kwargs,
+    eos_ids,
+    generate_batch,
+    served_decoding,
+)
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
 Prompt = str | Sequence[int]  # rendered text, or token ids used verbatim (see the module docstring)
@@ -68,6 +74,10 @@ class Sampling:
     n: int = 1  # samples per prompt
     seed: int = 0
     stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before the first one
+    # None: the model's generation_config (for a ctrltok checkpoint, its recipe's decoding section)
+    top_k: int | None = None  # 0 = no top-k filtering
+    repetition_penalty: float | None = None  # 1 = none
+    no_repeat_ngram_size: int | None = None  # 0 = off
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -78,6 +88,12 @@ class Sampling:
             raise ValueError(f"Sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.n < 1:
             raise ValueError(f"Sampling.n must be >= 1, got {self.n}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"Sampling.top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"Sampling.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
+            raise ValueError(f"Sampling.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if isinstance(self.stop, str):  # a bare string would otherwise become a list of characters
             self.stop = [self.stop]
         if any(not s for s in self.stop):
@@ -86,6 +102,15 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_decoding(cls, decoding: DecodingConfig, n: int = 1, seed: int = 0,
+                      stop: Sequence[str] = ()) -> Sampling:
+        """A recipe's decoding (``ctrltok.core.config.DecodingConfig``) as a request, every value explicit."""
+        kw = decoding_kwargs(decoding)
+        return cls(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"], n=n,
+                   seed=seed, stop=list(stop), top_k=kw["top_k"], repetition_penalty=kw["repetition_penalty"],
+                   no_repeat_ngram_size=kw["no_repeat_ngram_size"])
 
 
 @dataclass
@@ -139,11 +164,14 @@ class TransformersBackend:
     ``Sampling`` and ``batch_size`` give the same texts (the global torch RNG is left untouched).
     Decoded texts skip special tokens unless ``skip_special_tokens=False``; the stop token itself
     is never part of the text. With ``share_prefix`` (default) the prompts' common prefix is
-    encoded once per batch and its KV cache shared by all rows.
+    encoded once per batch and its KV cache shared by all rows. ``stop_ids`` replace the model's
+    eos ids as the stop tokens (evaluation adds a template's end of turn); ``suppress_ids`` are
+    never generated, beside the model's ``suppress_tokens``.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32,
-                 skip_special_tokens: bool = True, share_prefix: bool = True) -> None:
+                 skip_special_tokens: bool = True, share_prefix: bool = True,
+                 stop_ids: Sequence[int] | None = None, suppress_ids: Sequence[int] = ()) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -151,6 +179,8 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.skip_special_tokens = skip_special_tokens
         self.share_prefix = share_prefix
+        self.stop_ids = None if stop_ids is None else [int(i) for i in stop_ids]
+        self.suppress_ids = [int(i) for i in suppress_ids]
 
     def complete(self, prompts: list[Prompt], sampling: Sampling) -> list[str]:
         return [c.text for c in self.generate(prompts, sampling)]
@@ -160,12 +190,14 @@ class TransformersBackend:
         encoded = encode_prompts(self.tokenizer, prompts)
         if not encoded:
             return []
-        eos = eos_ids(self.model.generation_config, self.tokenizer)
+        eos = self.stop_ids if self.stop_ids is not None else eos_ids(self.model.generation_config, self.tokenizer)
         outs = generate_batch(self.model, encoded, max_new_tokens=sampling.max_new_tokens,
-                              temperature=sampling.temperature, top_p=sampling.top_p, n=sampling.n,
+                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                              repetition_penalty=sampling.repetition_penalty,
+                              no_repeat_ngram_size=sampling.no_repeat_ngram_size, n=sampling.n,
                               seed=sampling.seed, batch_size=self.batch_size, stop_ids=eos,
-                              pad_id=self.tokenizer.pad_token_id, stop_strings=sampling.stop, decode=self._decode,
-                              share_prefix=self.share_prefix)
+                              suppress_ids=self.suppress_ids, pad_id=self.tokenizer.pad_token_id,
+                              stop_strings=sampling.stop, decode=self._decode, share_prefix=self.share_prefix)
         return [self._finish(ids, set(eos), sampling.stop) for ids in outs]
 
     def _decode(self, ids: list[int]) -> str:
@@ -208,10 +240,17 @@ class VLLMBackend:
         if not encoded:
             return []
         suppress = list(self.gen_config.suppress_tokens or [])
+        if sampling.no_repeat_ngram_size:
+            raise ValueError("VLLMBackend: vLLM has no no_repeat_ngram_size; use the transformers backend or set it to 0")
+        served = served_decoding(self.gen_config)  # what a field left None in `sampling` falls back to
+        top_k = served.top_k if sampling.top_k is None else sampling.top_k
+        penalty = served.repetition_penalty if sampling.repetition_penalty is None else sampling.repetition_penalty
         params = self._vllm.SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            top_k=top_k or -1,  # vLLM: -1 = no top-k
+            repetition_penalty=penalty,
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,

@@ -19,6 +19,11 @@ What it guarantees:
   generation stops at its ``eos_token_id`` list (plus the template's end-of-turn token, in case a
   model was not prepared by ctrltok) and its ``suppress_tokens`` (blocked control tokens, filler
   rows), together with any ids the caller adds, get ``-inf`` logits, so they are never emitted.
+* **Decoding is the recipe's.** ``training.setup.prepare_model`` writes a recipe's ``decoding``
+  section into the generation_config (:func:`apply_decoding`), so ``generation_config.json``
+  carries it; the conversation API starts from it (:func:`served_decoding`) and the commands'
+  flags override it (:func:`override_decoding`). :func:`generation_config` is the one place
+  settings become the ``GenerationConfig`` that ``model.generate`` gets.
 * **Batched == one at a time.** Prompts are sorted by length (longest first, so similar lengths
   share a batch and memory peaks early) and left-padded; transformers derives positions from the
   attention mask, so greedy batched output equals one-prompt-at-a-time output (tested)::
@@ -40,6 +45,7 @@ id came within ``max_new_tokens``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -48,6 +54,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
 from ctrltok.core.chat import get_encoder
+from ctrltok.core.config import DecodingConfig
 from ctrltok.core.models import load_model
 from ctrltok.core.templates import get_template
 from ctrltok.training.checkpoint import RunManifest
@@ -139,14 +146,112 @@ class StopStrings:
         return done
 
 
+HF_DEFAULT_TOP_K = 50  # what transformers samples with when a generation_config names no top_k
+
+
+def apply_decoding(config: Any, decoding: DecodingConfig) -> None:
+    """Write a recipe's ``decoding`` into a ``GenerationConfig`` in place: what
+    ``save_pretrained`` puts in ``generation_config.json``, so plain transformers (and servers that
+    read the file for their defaults) decode as the recipe says, and ctrltok's own commands start from it
+    (:func:`served_decoding`). Stops, pads and blocked ids are left as they are.
+
+    Greedy (``do_sample: false``) clears the sampling values: transformers refuses to save a
+    greedy config that names a temperature. A sampling config without ``top_k`` saves ``top_k: 0``,
+    since a missing one means 50 to transformers.
+    """
+    config.do_sample = decoding.do_sample
+    if decoding.do_sample:
+        config.temperature, config.top_p = decoding.temperature, decoding.top_p
+        config.top_k = decoding.top_k or 0
+    else:
+        config.temperature = config.top_p = config.top_k = None
+    config.repetition_penalty = decoding.repetition_penalty
+    config.no_repeat_ngram_size = decoding.no_repeat_ngram_size
+    config.max_new_tokens = decoding.max_new_tokens
+    config.max_length = None  # max_new_tokens is the only length limit
+
+
+def served_decoding(config: Any) -> DecodingConfig:
+    """The decoding a ``GenerationConfig`` holds, as plain ``model.generate`` would use it: the
+    recipe's for a ctrltok checkpoint (:func:`apply_decoding`), transformers' defaults where the
+    file names nothing (greedy, ``top_k`` 50 when sampling), ``DecodingConfig``'s
+    ``max_new_tokens`` where it sets none. A greedy config has no top-k (a flag that switches
+    sampling on gets none)."""
+    top_k = (HF_DEFAULT_TOP_K if config.top_k is None else int(config.top_k)) if config.do_sample else 0
+    return DecodingConfig(do_sample=bool(config.do_sample),
+                          temperature=float(config.temperature) if config.temperature else 1.0,
+                          top_p=float(config.top_p) if config.top_p is not None else 1.0,
+                          top_k=top_k or None,
+                          repetition_penalty=float(config.repetition_penalty or 1.0),
+                          no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
+                          max_new_tokens=int(config.max_new_tokens or DecodingConfig().max_new_tokens))
+
+
+def override_decoding(decoding: DecodingConfig, *, greedy: bool = False, temperature: float | None = None,
+                      top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                      no_repeat_ngram_size: int | None = None, max_new_tokens: int | None = None) -> DecodingConfig:
+    """``decoding`` with the given values on top (``None``: keep it), as the commands' flags do.
+
+    ``temperature == 0`` or ``greedy`` switch sampling off; a temperature above 0 switches it on.
+    ``top_k == 0`` is no top-k filtering. Values out of range raise ``ValueError``.
+    """
+    out = dataclasses.replace(decoding)
+    if temperature is not None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        out.do_sample = temperature > 0
+        if temperature > 0:
+            out.temperature = temperature
+    if greedy:
+        out.do_sample = False
+    if top_p is not None:
+        out.top_p = top_p
+    if top_k is not None:
+        out.top_k = top_k or None
+    if repetition_penalty is not None:
+        out.repetition_penalty = repetition_penalty
+    if no_repeat_ngram_size is not None:
+        out.no_repeat_ngram_size = no_repeat_ngram_size
+    if max_new_tokens is not None:
+        out.max_new_tokens = max_new_tokens
+    _check_knobs(out.max_new_tokens, out.temperature, out.top_p, 1, 1, out.top_k or 0, out.repetition_penalty,
+                 out.no_repeat_ngram_size)
+    return out
+
+
+def decoding_kwargs(decoding: DecodingConfig) -> dict[str, Any]:
+    """``decoding`` as :func:`generate_batch`'s keyword arguments (greedy: temperature 0), every
+    value explicit, so nothing falls back to the model's generation_config."""
+    return {"max_new_tokens": decoding.max_new_tokens, "temperature": decoding.temperature if decoding.do_sample else 0.0,
+            "top_p": decoding.top_p, "top_k": decoding.top_k or 0, "repetition_penalty": decoding.repetition_penalty,
+            "no_repeat_ngram_size": decoding.no_repeat_ngram_size}
+
+
+def describe_decoding(decoding: DecodingConfig) -> str:
+    """One line for a summary: ``sampling T 0.7, top-p 0.9, repetition penalty 1.2, <= 512 new tokens``."""
+    parts = [f"sampling T {decoding.temperature:g}, top-p {decoding.top_p:g}"
+             + (f", top-k {decoding.top_k}" if decoding.top_k else "") if decoding.do_sample else "greedy"]
+    if decoding.repetition_penalty != 1.0:
+        parts.append(f"repetition penalty {decoding.repetition_penalty:g}")
+    if decoding.no_repeat_ngram_size:
+        parts.append(f"no repeated {decoding.no_repeat_ngram_size}-grams")
+    parts.append(f"<= {decoding.max_new_tokens} new tokens")
+    return ", ".join(parts)
+
+
 def generation_config(model, *, max_new_tokens: int, temperature: float, top_p: float | None, n: int,
-                      stops: Sequence[int], pad_id: int | None) -> Any:
-    """The model's generation_config with these settings on top (``top_p=None`` keeps the model's).
+                      stops: Sequence[int], pad_id: int | None, top_k: int | None = None,
+                      repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None) -> Any:
+    """The model's generation_config with these settings on top: the one place settings become the
+    ``GenerationConfig`` that ``model.generate`` gets. ``None`` keeps the model's value (for
+    ``top_p``, ``top_k``, ``repetition_penalty``, ``no_repeat_ngram_size``); ``top_k == 0`` is no
+    top-k filtering.
 
     Greedy decoding (``temperature == 0``) generates one sequence per prompt whatever ``n``; the
-    sampling knobs are cleared so transformers does not warn about them. The pad id is the
-    config's, else ``pad_id``, else the first stop id; it fills left padding (masked out) and the
-    rows that stopped early (cut off again).
+    sampling knobs are cleared so transformers does not warn about them; a repetition penalty and
+    a no-repeat n-gram size apply to greedy decoding too. The pad id is the config's, else
+    ``pad_id``, else the first stop id; it fills left padding (masked out) and the rows that
+    stopped early (cut off again).
     """
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
@@ -157,10 +262,16 @@ def generation_config(model, *, max_new_tokens: int, temperature: float, top_p: 
         config.temperature = temperature
         if top_p is not None:
             config.top_p = top_p
+        if top_k is not None:
+            config.top_k = top_k
         config.num_return_sequences = n
     else:
         config.temperature = config.top_p = config.top_k = None
         config.num_return_sequences = 1
+    if repetition_penalty is not None:
+        config.repetition_penalty = repetition_penalty
+    if no_repeat_ngram_size is not None:
+        config.no_repeat_ngram_size = no_repeat_ngram_size
     if config.pad_token_id is None:
         pad = pad_id if pad_id is not None else (stops[0] if stops else None)
         if pad is None:
@@ -202,25 +313,29 @@ def _device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float | None, n: int,
-           batch_size: int) -> None:
+def _check_knobs(max_new_tokens: int, temperature: float, top_p: float | None, n: int, batch_size: int,
+                 top_k: int | None, repetition_penalty: float | None, no_repeat_ngram_size: int | None) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filtering), got {top_k}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = none), got {repetition_penalty}")
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, ids in enumerate(prompts):
-        if not len(ids):
-            raise ValueError(f"prompt {i} has no tokens")
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                   top_p: float | None = None, n: int = 1, seed: int = 0, batch_size: int = 8,
+                   top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                   no_repeat_ngram_size: int | None = None, n: int = 1, seed: int = 0, batch_size: int = 8,
                    stop_ids: Sequence[int] | None = None, suppress_ids: Sequence[int] = (),
                    pad_id: int | None = None, stop_strings: Sequence[str] = (),
                    decode: Callable[[list[int]], str] | None = None,
@@ -232,20 +347,27 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     model's ``generation_config.eos_token_id``), or up to the token that completed one of
     ``stop_strings`` in ``decode(ids)`` (then ``decode`` is required), or ``max_new_tokens``.
     ``temperature == 0`` is greedy (one generation per prompt, repeated ``n`` times); otherwise
-    sampling at ``temperature`` and ``top_p`` (``None``: the model's). ``suppress_ids`` are
-    blocked on top of the model's ``suppress_tokens``. ``batch_size`` counts sequences per
-    ``model.generate`` call, samples included: a batch holds ``max(1, batch_size // n)`` prompts
-    when sampling. ``pad_id`` is used when the model's generation_config names no pad token.
+    sampling at ``temperature``, ``top_p`` and ``top_k`` (0: no top-k). ``repetition_penalty``
+    and ``no_repeat_ngram_size`` apply to both. ``None`` keeps the model's generation_config
+    value (:func:`decoding_kwargs` gives every value of a recipe's decoding).
+    ``suppress_ids`` are blocked on top of the model's ``suppress_tokens``. ``batch_size``
+    counts sequences per ``model.generate`` call, samples included: a batch holds
+    ``max(1, batch_size // n)`` prompts when sampling. ``pad_id`` is used when the model's
+    generation_config names no pad token.
     """
     prompts = [[int(t) for t in ids] for ids in prompts]
-    _check(prompts, max_new_tokens, temperature, top_p, n, batch_size)
+    _check_knobs(max_new_tokens, temperature, top_p, n, batch_size, top_k, repetition_penalty, no_repeat_ngram_size)
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i} has no tokens")
     if stop_strings and decode is None:
         raise ValueError("stop_strings need decode= (ids -> text) to be matched")
     if not prompts:
         return []
     stops = [int(i) for i in (eos_ids(model.generation_config) if stop_ids is None else stop_ids)]
     config = generation_config(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-                               stops=stops, pad_id=pad_id)
+                               stops=stops, pad_id=pad_id, top_k=top_k, repetition_penalty=repetition_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram_size)
     processors = LogitsProcessorList()
     suppress = set(config.suppress_tokens or []) | {int(i) for i in suppress_ids}
     if suppress:
@@ -308,12 +430,22 @@ def _cut(generated: list[int], stops: set[int], fired_at: int | None) -> list[in
 
 
 # -- conversations -------------------------------------------------------------------------
-def generate_ids(model, tokenizer, prompts: list[list[int]], template: str, max_new_tokens: int = 128,
-                 temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
+def resolve_decoding(model, decoding: DecodingConfig | None = None, max_new_tokens: int | None = None,
+                     temperature: float | None = None) -> DecodingConfig:
+    """``decoding`` (default: the model's own, :func:`served_decoding`) with ``max_new_tokens`` and
+    ``temperature`` on top where given (``temperature == 0``: greedy)."""
+    base = decoding if decoding is not None else served_decoding(model.generation_config)
+    return override_decoding(base, temperature=temperature, max_new_tokens=max_new_tokens)
+
+
+def generate_ids(model, tokenizer, prompts: list[list[int]], template: str, max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int = 0, batch_size: int = 8, *,
+                 decoding: DecodingConfig | None = None, share_prefix: bool = False) -> list[dict]:
     """Like :func:`generate`, for prompts that are already ids."""
+    decoding = resolve_decoding(model, decoding, max_new_tokens, temperature)
     stops = stop_ids(model, tokenizer, template)
-    outs = generate_batch(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                          batch_size=batch_size, stop_ids=stops, pad_id=tokenizer.pad_token_id)
+    outs = generate_batch(model, prompts, **decoding_kwargs(decoding), seed=seed, batch_size=batch_size,
+                          stop_ids=stops, pad_id=tokenizer.pad_token_id, share_prefix=share_prefix)
     stop_set = set(stops)
     return [_result(ids, stop_set, tokenizer) for ids in outs]
 
@@ -325,22 +457,30 @@ def _result(ids: list[int], stops: set[int], tokenizer) -> dict:
             "stopped": stopped, "n_tokens": len(ids)}
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int = 128,
-             temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
-    """Reply to each conversation; ``[{"text", "ids", "stopped", "n_tokens"}]`` in input order."""
+def generate(model, tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int | None = None,
+             temperature: float | None = None, seed: int = 0, batch_size: int = 8, *,
+             decoding: DecodingConfig | None = None, share_prefix: bool = False) -> list[dict]:
+    """Reply to each conversation; ``[{"text", "ids", "stopped", "n_tokens"}]`` in input order.
+
+    Decoding: ``decoding``, else the model's generation_config (for a ctrltok checkpoint, the
+    recipe's ``decoding`` section); ``max_new_tokens`` and ``temperature`` (0: greedy) override it.
+    """
     if conversations and isinstance(conversations[0], dict):
         raise TypeError("conversations must be a list of conversations (lists of messages), not one conversation")
     prompts = prompt_ids(tokenizer, conversations, template)
-    return generate_ids(model, tokenizer, prompts, template, max_new_tokens, temperature, seed, batch_size)
+    return generate_ids(model, tokenizer, prompts, template, max_new_tokens, temperature, seed, batch_size,
+                        decoding=decoding, share_prefix=share_prefix)
 
 
 # -- interactive ---------------------------------------------------------------------------
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def chat_session(model, tokenizer, template: str, stdin: IO[str], stdout: IO[str], max_new_tokens: int = 256,
-                 temperature: float = 0.0, seed: int = 0, system: str | None = None) -> list[dict]:
+def chat_session(model, tokenizer, template: str, stdin: IO[str], stdout: IO[str], max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int = 0, system: str | None = None, *,
+                 decoding: DecodingConfig | None = None) -> list[dict]:
     """Read user lines from ``stdin``, print replies to ``stdout``, keep the history; returns it.
+    Decoding as in :func:`generate`.
 
     Ends on EOF or ``/exit``. ``/reset`` clears the history. A reply cut off by ``max_new_tokens``
     is marked ``[...]`` so the user knows it did not end its turn.
@@ -364,7 +504,8 @@ def chat_session(model, tokenizer, template: str, stdin: IO[str], stdout: IO[str
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        res = generate(model, tokenizer, [history], template, max_new_tokens, temperature, seed + turn, 1)[0]
+        res = generate(model, tokenizer, [history], template, max_new_tokens, temperature, seed + turn, 1,
+                       decoding=decoding)[0]
         turn += 1
         history.append({"role": "assistant", "content": res["text"]})
         stdout.write(res["text"] + ("" if res["stopped"] else " [...]") + "\n")

@@ -7,8 +7,9 @@ A :class:`RunIdentity` is two things, hashed into one ``key``:
   ``source`` (labels), ``train.log_every``, ``train.report_to``, ``train.push_to_hub``,
   ``train.save_total_limit`` (what is reported, uploaded or kept), ``train.compile``,
   ``train.gradient_checkpointing`` and ``train.strategy`` (how it runs: the same weights; DDP and
-  FSDP2 checkpoints load into each other), ``data.workers`` (encoding processes) and the
-  ``backtranslate`` section (the pipeline's, not the trainer's).
+  FSDP2 checkpoints load into each other), ``data.workers`` (encoding processes), the
+  ``backtranslate`` section (the pipeline's, not the trainer's) and ``decoding`` (how the saved
+  model is served, written at the final save).
 * ``inputs``: a fingerprint of every input the recipe reads (:func:`~ctrltok.core.inputs.recipe_inputs`):
   per file its path, size and a hash of its first and last 256 KiB (an edit of the middle that
   keeps the size is not seen); per folder the same for each data file in it; for a prepared folder
@@ -63,7 +64,8 @@ Status = Literal["fresh", "resume", "done"]
 VERSION = 1
 # Recipe values that do not change what is trained (see the module docstring).
 EXCLUDED = ("name", "source", "train.log_every", "train.report_to", "train.push_to_hub", "train.save_total_limit",
-            "train.compile", "train.gradient_checkpointing", "train.strategy", "data.workers", "backtranslate")
+            "train.compile", "train.gradient_checkpointing", "train.strategy", "data.workers", "backtranslate",
+            "decoding")
 # What --resume-with-changes may change in a run that has started: how long it trains, how often it
 # evaluates and saves. The data order is a function of the seed and the step, so a longer run
 # continues the same sequence (the learning-rate schedule is stretched to the new length).

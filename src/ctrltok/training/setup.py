@@ -1,5 +1,10 @@
 """Setting up a run: the model with the recipe's tokens, LoRA with the new rows trainable, compile.
 
+The model's ``generation_config`` is set here, once: stop at the end-of-turn and stop tokens, never
+emit blocked or filler ids (``core.tokens.apply_generation_config``), and decode as the recipe's
+``decoding`` section says (``generation.generate.apply_decoding``); ``save_pretrained`` writes it
+to ``generation_config.json``.
+
 :func:`prepare_model` is where a run resolves, once, what the rest of it carries
 (:class:`Prepared`): the template and its end-of-turn id, and the EPE charter read from disk.
 """
@@ -30,6 +35,7 @@ from ctrltok.core.tokens import (
     load_charter,
     resolve_tokens,
 )
+from ctrltok.generation.generate import apply_decoding
 from ctrltok.training.compiling import compile_blocks, compile_unavailable
 
 
@@ -65,6 +71,7 @@ def prepare_model(recipe: Recipe) -> Prepared:
                              pad_to_multiple_of=recipe.tokens.pad_to_multiple_of, seed=recipe.train.seed)
     eot_id = template.end_of_turn_id(tokenizer)
     apply_generation_config(model, surgery, eot_id)
+    apply_decoding(model.generation_config, recipe.decoding)  # saved to generation_config.json with the stops
     install_templates(tokenizer, default=template)  # the trained template: the saved default
     check_sizes(model, tokenizer)
     return Prepared(model, tokenizer, surgery, template, eot_id, charter)
