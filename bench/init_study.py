@@ -19,7 +19,7 @@ embeddings of the token's description) or ``copy:<token>``. Two measurements, ea
   the right way (aligned makes clean text likelier and toxic text less likely than misaligned does).
   It needs ``../shared/data`` (skipped without it).
 
-    python bench/init_study.py [--steps 20] [--seeds 0 1 2] [--part eot conditional] [--out FILE]
+    python bench/init_study.py [--steps 20] [--seeds 0 1 2] [--part eot conditional] [--set KEY=VALUE ...] [--out FILE]
 
 Everything runs through the library (``train``, ``load_model``, ``build_examples``, ``generate``);
 one JSON with every (part, init, seed) row is written to ``--out`` and a table of means and spreads
@@ -83,12 +83,12 @@ def eot_measure(model, tok, recipe, prompts, max_new_tokens: int) -> dict:
     return out
 
 
-def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, work: Path) -> list[dict]:
+def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, work: Path, extra: list[str]) -> list[dict]:
     rows = []
     for init in inits:
         for seed in seeds:
             sets = [f"tokens.init={init}", f"train.seed={seed}", f"train.max_steps={steps}",
-                    "train.eval_every=0", "train.save_every=0", "lora.dropout=0.0"]
+                    "train.eval_every=0", "train.save_every=0", "lora.dropout=0.0", *extra]
             recipe = load_recipe(ROOT / "recipes" / "eot-cpu.yaml", sets)
             prepared = prepare_model(recipe)  # the init alone: step 0
             model, tok = prepared.model, prepared.tokenizer
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--docs", type=int, default=200, help="conditional: training documents per class")
     ap.add_argument("--held", type=int, default=40, help="conditional: held-out documents per class")
+    ap.add_argument("--set", nargs="*", default=[], help="EOT: more recipe overrides (e.g. data.max_length=256)")
     ap.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "init_study.json"))
     args = ap.parse_args(argv)
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="init-study-") as tmp:
         work = Path(tmp)
         if "eot" in args.part:
-            rows += eot_runs(args.inits, args.seeds, args.steps, args.prompts, args.max_new_tokens, work)
+            rows += eot_runs(args.inits, args.seeds, args.steps, args.prompts, args.max_new_tokens, work, args.set)
         if "conditional" in args.part:
             rows += conditional_runs(args.inits, args.seeds, args.steps, args.docs, args.held, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
