@@ -121,7 +121,7 @@ def test_hub_name_reads_config_and_tokenizer_and_takes_gpt2_names(hub_gpt2):
 def test_bad_override_is_one_line_naming_key_and_recipe(tiny_model_dir, tmp_path, override, needle):
     path = tmp_path / "mine.yaml"
     path.write_text(json.dumps({"model": {"name": str(tiny_model_dir), "init": "scratch", "config": override},
-                                "tokens": {"presets": ["conditional"]}}))
+                                "tokens": {"presets": ["conditional"]}, "data": {"train": "ctrltok:instructions"}}))
     recipe = load_recipe(path)
     with pytest.raises(ConfigError) as err:
         prepare_model(recipe)
