@@ -85,6 +85,9 @@ def test_full_finetune_trains_every_parameter_and_reloads(tiny_dir, tmp_path):
     assert "eot" in tok.chat_template
     for name in ("README.md", "metrics.jsonl", "ctrltok.json", "loss_curves.png"):
         assert (out / name).exists(), name
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # each logged step says how many targets it trained on (the curves' supervised-tokens panel sums them)
+    assert steps and all(isinstance(s["supervised_tokens"], int) and s["supervised_tokens"] > 0 for s in steps)
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template="eot", return_tensors="pt",
                                   return_dict=True)
     model.generate(**ids, max_new_tokens=3)

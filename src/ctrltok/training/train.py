@@ -380,6 +380,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     progress = progress and os.environ.get("CTRLTOK_PROGRESS", "1") != "0"
     bar = _progress(progress and main, steps, start, recipe.name)
     tokens_in = tokens_sup = 0
+    sup_since_log = 0  # the supervised targets (all ranks) since the last logged line: the curves sum them
     t0 = time.perf_counter()
     for step in range(start, steps):
         mine = rank_rows(rows, step, per_step, rank, per_process, t.seed)  # this rank's share only
@@ -405,15 +406,19 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         elapsed = time.perf_counter() - t0
+        sup_since_log += n_step
         record = {"step": done, "loss": ce_step / max(n_step, 1), "lr": scheduler.get_last_lr()[0],
+                  "supervised_tokens": sup_since_log,
                   "tokens_per_s": tokens_in * world / elapsed, "supervised_tokens_per_s": tokens_sup * world / elapsed}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if n_head:
             record["head_bce"] = head_step / max(n_head, 1)
-        if main and (done % max(t.log_every, 1) == 0 or done == steps):
-            _log(metrics_path, record)
-            _track(accelerator, recipe, record, done)
+        if done % max(t.log_every, 1) == 0 or done == steps:
+            sup_since_log = 0
+            if main:
+                _log(metrics_path, record)
+                _track(accelerator, recipe, record, done)
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=record["loss"], tps=record["supervised_tokens_per_s"])
         if t.eval_every and done % t.eval_every == 0 and len(eval_rows) and done < steps:
