@@ -74,16 +74,16 @@ def eot_scores(model, examples, eot_id: int) -> dict:
     return {"eot_loss": nll / max(count, 1), "eot_top1": top / max(count, 1), "n_eot": count}
 
 
-def eot_measure(model, tok, recipe, prompts, max_new_tokens: int) -> dict:
+def eot_measure(model, tok, recipe, prompts, max_new_tokens: int, n_eval: int) -> dict:
     eot_id = get_template("eot", tok).end_of_turn_id(tok)
-    out = eot_scores(model, build_examples(recipe, tok).eval, eot_id)
+    out = eot_scores(model, build_examples(recipe, tok).eval[:n_eval], eot_id)
     if prompts:  # free-running greedy replies: the stop rate a user sees (costly on a CPU)
         replies = generate(model, tok, prompts, "eot", max_new_tokens=max_new_tokens, temperature=0)
         out["stop_rate"] = sum(1 for r in replies if r["stopped"] and r["ids"] and r["ids"][-1] == eot_id) / len(replies)
     return out
 
 
-def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, work: Path, extra: list[str]) -> list[dict]:
+def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, n_eval: int, work: Path, extra: list[str]) -> list[dict]:
     rows = []
     for init in inits:
         for seed in seeds:
@@ -98,13 +98,13 @@ def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, work: Path, extra: 
             prompts = prompts[:n_prompts]
             t0 = time.perf_counter()
             row0 = {"part": "eot", "init": init, "seed": seed, "step": 0,
-                    **eot_measure(model, tok, recipe, prompts, max_new_tokens)}
+                    **eot_measure(model, tok, recipe, prompts, max_new_tokens, n_eval)}
             del model, prepared
             out = work / f"eot-{init.replace(':', '_')}-{seed}"
             train(recipe, out)
             model, tok = load_model(str(out))
             row = {"part": "eot", "init": init, "seed": seed, "step": steps,
-                   **eot_measure(model, tok, recipe, prompts, max_new_tokens), "seconds": time.perf_counter() - t0}
+                   **eot_measure(model, tok, recipe, prompts, max_new_tokens, n_eval), "seconds": time.perf_counter() - t0}
             rows += [row0, row]
             print(json.dumps(row0), json.dumps(row), sep="\n", flush=True)
     return rows
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=0,
                     help="held-out prompts for a free-running greedy stop rate (0: teacher-forced measures only)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--eval-examples", type=int, default=24, help="EOT: held-out examples scored (the first N)")
     ap.add_argument("--docs", type=int, default=200, help="conditional: training documents per class")
     ap.add_argument("--held", type=int, default=40, help="conditional: held-out documents per class")
     ap.add_argument("--set", nargs="*", default=[], help="EOT: more recipe overrides (e.g. data.max_length=256)")
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="init-study-") as tmp:
         work = Path(tmp)
         if "eot" in args.part:
-            rows += eot_runs(args.inits, args.seeds, args.steps, args.prompts, args.max_new_tokens, work, args.set)
+            rows += eot_runs(args.inits, args.seeds, args.steps, args.prompts, args.max_new_tokens, args.eval_examples, work,
+                             args.set)
         if "conditional" in args.part:
             rows += conditional_runs(args.inits, args.seeds, args.steps, args.docs, args.held, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
