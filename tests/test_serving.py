@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from ctrltok.cli.main import main
 from ctrltok.core.config import ConfigError, recipe_from_mapping
 from ctrltok.core.models import adapter_base, adapter_only, load_model
+from ctrltok.evaluation.doctor import inspect_checkpoint
 from ctrltok.generation.generate import generate, load_for_generation
 from ctrltok.training import train as train_module
 from ctrltok.training.publish import upload_files
@@ -87,6 +88,10 @@ def test_an_adapter_only_folder_generates_and_evaluates_like_the_merged_one(all_
                  "chat_template.jinja", "generation_config.json", "ctrltok.json", "README.md"):
         assert (alone / name).is_file(), name
     assert adapter_only(alone) and not adapter_only(merged_dir)
+    # `ctrltok inspect`: the adapter's embedding stands for the model's rows, and nothing is amiss
+    report, merged_report = inspect_checkpoint(alone), inspect_checkpoint(merged_dir)
+    assert report.model_rows == merged_report.model_rows == report.tokenizer_length
+    assert not report.problems, report.problems
     # all-linear: the MLP's linear layers carry LoRA factors too, in both runs' adapters
     for run in (merged_dir, alone):
         config = json.loads((run / ADAPTER / "adapter_config.json").read_text())
