@@ -11,8 +11,7 @@ from rich.table import Table
 
 from ctrltok.backtranslate.pairs import SCORES
 from ctrltok.backtranslate.pipeline import run_backtranslation
-from ctrltok.cli.checks import check_model_name
-from ctrltok.cli.run import default_out
+from ctrltok.cli.checks import check_model_name, default_out
 from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe, load_recipe
 from ctrltok.core.inputs import input_fingerprint, model_fingerprint
 from ctrltok.core.records import RecordError
@@ -23,7 +22,7 @@ SETTINGS_FILE = "backtranslate.settings.json"  # written by the pipeline when it
 
 def backtranslate(a):
     recipe = load_recipe(a.recipe, a.set)
-    out = default_out(a, recipe)
+    out = default_out(a.out, recipe.name)
     check_model_name(recipe.model.name, f"{recipe.source}: model.name")
     check_same_inputs(recipe, out)
     print_report(run_backtranslation(recipe, out))

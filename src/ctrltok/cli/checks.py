@@ -55,6 +55,11 @@ def check_model_name(name: str, what: str = "--model") -> None:
                              "Hugging Face cache while HF_HUB_OFFLINE is set; give a checkpoint folder, or go online")
 
 
+def default_out(out: str | None, name: str) -> Path:
+    """``--out``, else ``runs/<recipe name>``."""
+    return Path(out) if out else Path("runs") / name
+
+
 def check_template(name: str, model: str | None, what: str = "--template") -> None:
     """A template is a shipped name (``core.templates.NAMES``) or one the model folder saves."""
     from ctrltok.core.templates import NAMES, saved_templates

@@ -20,13 +20,10 @@ from ctrltok.cli.checks import (
     UsageError,
     check_model_name,
     check_template,
+    default_out,
     model_vocab,
 )
 from ctrltok.core.config import ConfigError, Recipe, load_recipe
-
-
-def default_out(a, recipe: Recipe) -> Path:
-    return Path(a.out) if a.out else Path("runs") / recipe.name
 
 
 def check_recipe_names(recipe: Recipe) -> None:
@@ -81,7 +78,7 @@ def check_train(a) -> str:
 
     recipe = load_recipe(a.recipe, a.set)
     check_recipe_names(recipe)
-    out = default_out(a, recipe)
+    out = default_out(a.out, recipe.name)
     status = check_run(out, recipe, run_identity(recipe), getattr(a, "resume_with_changes", False))
     a.checked = (recipe, out, status)
     if status == "done" and os.environ.get("RANK", "0") == "0":
