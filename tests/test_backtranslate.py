@@ -9,12 +9,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from ctrltok.backtranslate.pairs import Pair
-from ctrltok.backtranslate.pipeline import load_chat_model, run_backtranslation
+from ctrltok.backtranslate.pairs import Pair, kept, read_pairs
+from ctrltok.backtranslate.pipeline import (
+    load_chat_model,
+    run_backtranslation,
+    uncurated_sample,
+)
 from ctrltok.backtranslate.segment import read_documents, segment
 from ctrltok.backtranslate.stages import (
     ChatModel,
@@ -375,6 +379,36 @@ def test_no_rewrite_and_second_iteration_curates_with_m1(corpus, gold, tmp_path)
     assert log == [str(tmp_path / "o" / "backward"), "smollm2-135m", str(tmp_path / "o" / "model-1")]
     assert [c[1].name for c in trainer.calls] == ["backward", "model-1", "model-2"]
     assert report["models"]["final"] == str(tmp_path / "o" / "model-2")
+
+
+def test_baseline_trains_on_as_many_uncurated_pairs(corpus, gold, tmp_path):
+    trainer = FakeTrainer()
+    out = tmp_path / "o"
+    report, _ = run(make_recipe(corpus, gold, baseline=True), out, trainer=trainer)
+    assert [c[1].name for c in trainer.calls] == ["backward", "model-1", "baseline-1"]
+    assert set(report["training"]) == {"backward", "model-1", "baseline-1"}  # what `ctrltok eval` compares
+    cfg = BacktranslateConfig()
+
+    def generated(name: str) -> list[list[dict]]:
+        rows = [json.loads(x)["messages"] for x in (out / f"{name}.train.jsonl").read_text().splitlines()]
+        assert sum(r[0]["content"] == cfg.gold_tag for r in rows) == 6
+        return [r for r in rows if r[0]["content"] == cfg.generated_tag]
+
+    curated, uncurated = generated("model-1"), generated("baseline-1")
+    pool = {(p.instruction, p.response) for p in kept(out / "rewritten.jsonl")}
+    scores = {p.id: p.score for p in read_pairs(out / "curated-1.jsonl")}
+    assert 0 < len(uncurated) == len(curated) < len(pool)
+    assert all((r[1]["content"], r[2]["content"]) in pool for r in uncurated)
+    assert any(s is None or s < cfg.keep_score for s in scores.values())  # curation dropped some
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=6), unique=True, max_size=40), st.integers(0, 45), st.integers(0, 3))
+def test_uncurated_sample_draws_n_in_order(ids, n, seed):
+    pairs = [Pair(id=i, source="s", response="r") for i in ids]
+    got = [p.id for p in uncurated_sample(lambda: iter(pairs), n, seed)]
+    assert len(got) == min(n, len(ids)) and got == [i for i in ids if i in set(got)]
+    assert got == [p.id for p in uncurated_sample(lambda: iter(pairs), n, seed)]
 
 
 def test_seed_model_train_fine_tunes_m0_on_gold_first(corpus, gold, tmp_path):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import warnings
 from collections import Counter
@@ -61,6 +62,7 @@ from ctrltok.core.chat import render_prompt
 from ctrltok.core.config import BacktranslateConfig, Recipe
 from ctrltok.core.records import read_records
 from ctrltok.core.stages import atomic_write, run_stage
+from ctrltok.data.documents import mix64
 from ctrltok.generation.completion import make_backend
 from ctrltok.training.train import train
 
@@ -161,8 +163,9 @@ def backward(recipe: Recipe, gold: list[tuple[str, str]], out_dir: Path,
 
 
 def finetune(recipe: Recipe, gold: list[tuple[str, str]], selected: Iterable[Pair], out_dir: Path,
-             iteration: int, trainer: Callable[[Recipe, Path], Path]) -> Path:
-    """M_i: SFT on gold + selected pairs, each source marked by its system prompt (the paper's tags)."""
+             name: str, trainer: Callable[[Recipe, Path], Path]) -> Path:
+    """M_i (``name``: ``model-i``): SFT on gold + selected pairs, each source marked by its system
+    prompt (the paper's tags)."""
     cfg = recipe.backtranslate or BacktranslateConfig()
 
     def chats() -> Iterator[list[Message]]:
@@ -173,7 +176,21 @@ def finetune(recipe: Recipe, gold: list[tuple[str, str]], selected: Iterable[Pai
             yield [{"role": "system", "content": cfg.generated_tag}, {"role": "user", "content": p.instruction},
                    {"role": "assistant", "content": p.response}]
 
-    return _train_stage(recipe, out_dir, f"model-{iteration}", chats(), cfg.finetune_steps, trainer)
+    return _train_stage(recipe, out_dir, name, chats(), cfg.finetune_steps, trainer)
+
+
+def uncurated_sample(pairs: Callable[[], Iterable[Pair]], n: int, seed: int) -> Iterator[Pair]:
+    """``n`` of the pairs ``pairs()`` yields, drawn uniformly at random under ``seed``, in their
+    order: two passes over the stream, holding one 64-bit key per pair, never the pairs."""
+    keys = [mix64(seed, _pair_key(p)) for p in pairs()]
+    if n <= 0 or not keys:
+        return iter(())
+    cut = sorted(keys)[min(n, len(keys)) - 1]
+    return (p for p in pairs() if mix64(seed, _pair_key(p)) <= cut)
+
+
+def _pair_key(pair: Pair) -> int:
+    return int.from_bytes(hashlib.blake2b(pair.id.encode(), digest_size=8).digest(), "little")
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -252,7 +269,10 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
         selected = _stage(out_dir, f"selected-{i}", lambda it: select(it, cfg.keep_score), kept(curated))
         if not (out_dir / f"model-{i}.done").exists():
             models.release()
-        final = finetune(recipe, gold, kept(selected), out_dir, i, trainer)
+        final = finetune(recipe, gold, kept(selected), out_dir, f"model-{i}", trainer)
         curator = str(final)
+        if i == 1 and cfg.baseline:  # the ablation: as many pairs, not curated
+            n = sum(1 for _ in kept(selected))
+            finetune(recipe, gold, uncurated_sample(lambda: kept(last), n, seed), out_dir, "baseline-1", trainer)
     return build_report(out_dir, cfg, {"backward": str(m_yx), "seed": seed_model, "final": str(final)},
                         gold=len(gold))

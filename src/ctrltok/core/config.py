@@ -312,6 +312,9 @@ class BacktranslateConfig:
     finetune_steps: int | None = None  # None: train.max_steps
     gold_tag: str = "Answer in the style of an AI Assistant."  # system prompt marking gold pairs
     generated_tag: str = "Answer with knowledge from web search."  # system prompt marking generated pairs
+    # the ablation: also fine-tune ``baseline-1`` on the gold pairs and as many pairs as iteration 1
+    # selected, drawn at random (train.seed) from the pairs before curation
+    baseline: bool = False
     batch_size: int = 8  # prompts per backend call
     report_samples: int = 3  # kept and dropped pairs shown side by side in the report
 
