@@ -10,18 +10,20 @@ import pytest
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
 import ctrltok.generation.generate as gen
+from ctrltok.cli.checks import UsageError
+from ctrltok.cli.generate import model_decoding
 from ctrltok.cli.main import main
 from ctrltok.core.config import DecodingConfig, Recipe, load_recipe
-from ctrltok.core.templates import install_templates
-from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
-from ctrltok.generation.completion import Sampling, TransformersBackend
-from ctrltok.generation.generate import (
+from ctrltok.core.decoding import (
     apply_decoding,
-    generate,
     override_decoding,
-    prompt_ids,
+    resolve_decoding,
     served_decoding,
 )
+from ctrltok.core.templates import install_templates
+from ctrltok.core.tokens import add_tokens, apply_generation_config, resolve_tokens
+from ctrltok.generation.completion import Sampling, TransformersBackend, VLLMBackend
+from ctrltok.generation.generate import generate, prompt_ids
 from ctrltok.training.setup import prepare_model
 
 LIMA = DecodingConfig(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.2, max_new_tokens=2048)
@@ -118,6 +120,48 @@ def test_override_decoding():
     assert base == LIMA  # a copy, not changed in place
     with pytest.raises(ValueError, match="top_p"):
         override_decoding(base, top_p=1.5)
+
+
+def test_resolve_decoding_takes_every_flag(lima_model):
+    """The one resolver the commands and evaluation call: the model's decoding, any flag on top."""
+    model, _, _ = lima_model
+    assert resolve_decoding(model) == LIMA
+    got = resolve_decoding(model, greedy=True, top_k=3, no_repeat_ngram_size=2, max_new_tokens=5, top_p=None)
+    assert (got.do_sample, got.top_k, got.no_repeat_ngram_size, got.max_new_tokens, got.top_p) == (False, 3, 2, 5, 0.9)
+    assert resolve_decoding(model, DecodingConfig(), temperature=0.5).repetition_penalty == 1.0  # given, not served
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        resolve_decoding(model, repetition_penalty=0)
+
+
+def test_model_decoding_turns_a_bad_flag_into_a_usage_error(lima_model):
+    model, _, _ = lima_model
+    assert model_decoding(model, {"max_new_tokens": 9, "temperature": 0}, max_new_tokens=4).max_new_tokens == 4
+    with pytest.raises(UsageError, match="top_p"):
+        model_decoding(model, {"top_p": 2.0})
+
+
+def test_sampling_left_to_the_model_is_resolved_from_its_generation_config():
+    """None in a Sampling means the served value; backends that build their own parameters (vLLM)
+    take it from generation_config.json, no_repeat_ngram_size included."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, top_k=7, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    served = Sampling(temperature=0.5).served(config)
+    assert (served.top_k, served.repetition_penalty, served.no_repeat_ngram_size) == (7, 1.3, 3)
+    mine = Sampling(top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0).served(config)
+    assert (mine.top_k, mine.repetition_penalty, mine.no_repeat_ngram_size) == (0, 1.0, 0)
+
+
+def test_vllm_refuses_the_models_no_repeat_ngram_size(lima_model):
+    """vLLM has no no_repeat_ngram_size: one the model's generation_config asks for is an error, not
+    silently dropped. The backend is built without vLLM (its model is never called)."""
+    from transformers import GenerationConfig
+
+    _, tok, _ = lima_model
+    backend = VLLMBackend.__new__(VLLMBackend)  # __init__ needs vLLM and a GPU
+    backend.tokenizer, backend.gen_config = tok, GenerationConfig(no_repeat_ngram_size=3)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size.*got 3"):
+        backend.complete(["Hi"], Sampling(max_new_tokens=2))
 
 
 def test_backend_knobs_reach_model_generate(lima_model, configs):

@@ -2,7 +2,8 @@
 print. The generating itself is :mod:`ctrltok.generation.generate`, which takes objects only.
 
 Decoding: the checkpoint's ``generation_config.json`` (a ctrltok run writes its recipe's
-``decoding`` section there), with the decoding flags on top (:func:`decoding_flags`):
+``decoding`` section there), with the decoding flags on top (:func:`decoding_flags`), resolved by
+:func:`ctrltok.core.decoding.resolve_decoding` (:func:`model_decoding`):
 ``--greedy`` or ``--temperature 0`` decode greedily whatever the checkpoint says.
 """
 
@@ -16,13 +17,12 @@ from typing import IO, Any
 from ctrltok.cli.checks import UsageError, check_output, output_file
 from ctrltok.core.config import DecodingConfig
 from ctrltok.core.conversation import to_conversation
+from ctrltok.core.decoding import resolve_decoding
 from ctrltok.core.records import read_records
 from ctrltok.generation.generate import (
     chat_session,
     describe_decoding,
     load_for_generation,
-    override_decoding,
-    served_decoding,
 )
 from ctrltok.generation.generate import generate as generate_replies
 
@@ -32,19 +32,32 @@ DECODING_FLAGS = ("greedy", "temperature", "top_p", "top_k", "repetition_penalty
 
 def decoding_flags(a) -> dict[str, Any]:
     """The decoding flags the user gave (``None`` and an unset ``--greedy`` left out), as
-    :func:`ctrltok.generation.generate.override_decoding` takes them."""
+    :func:`ctrltok.core.decoding.resolve_decoding` takes them."""
     flags = {k: getattr(a, k) for k in DECODING_FLAGS if getattr(a, k, None) is not None}
     if not flags.get("greedy"):  # --greedy is False when not given (--temperature 0 is kept: it is a value)
         flags.pop("greedy", None)
     return flags
 
 
-def model_decoding(model, flags: dict[str, Any] | None = None) -> DecodingConfig:
-    """The checkpoint's decoding (its generation_config) with the flags on top."""
+def model_decoding(model, flags: dict[str, Any] | None = None, *, max_new_tokens: int | None = None,
+                   temperature: float | None = None) -> DecodingConfig:
+    """The checkpoint's decoding (its generation_config) with the flag values on top, and the
+    functions' ``max_new_tokens`` / ``temperature`` keywords over those (where given); a value out
+    of range is a :class:`UsageError`. What every command's decoding comes from."""
     try:
-        return override_decoding(served_decoding(model.generation_config), **(flags or {}))
+        return resolve_decoding(model, **_flags(flags, max_new_tokens, temperature))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _flags(decoding: dict[str, Any] | None, max_new_tokens: int | None, temperature: float | None) -> dict[str, Any]:
+    """The keyword shortcuts merged into the flag values (the explicit keywords win)."""
+    flags = dict(decoding or {})
+    if max_new_tokens is not None:
+        flags["max_new_tokens"] = max_new_tokens
+    if temperature is not None:
+        flags["temperature"] = temperature
+    return flags
 
 
 def generate(a):
@@ -79,7 +92,7 @@ def generate_file(model_dir: str | os.PathLike, input_jsonl: str | os.PathLike, 
     out = str(out_jsonl)
     check_output(out, {"--input": str(input_jsonl)})
     flags = _flags(decoding, max_new_tokens, temperature)
-    if flags.get("max_new_tokens", 1) < 1:
+    if flags.get("max_new_tokens", 1) < 1:  # before the model loads; model_decoding checks the rest
         raise UsageError(f"--max-new-tokens {flags['max_new_tokens']}: expected an integer >= 1")
     records = list(read_records(str(input_jsonl)))
     if not records:
@@ -109,7 +122,7 @@ def generate_prompts(model_dir: str | os.PathLike, prompts: list[str], template:
     """``ctrltok generate --prompt TEXT``: each prompt as one user message; decoding as in
     :func:`generate_file`."""
     model, tokenizer, saved = load_for_generation(model_dir)
-    settings = model_decoding(model, _flags(decoding, max_new_tokens, temperature))
+    settings = model_decoding(model, decoding, max_new_tokens=max_new_tokens, temperature=temperature)
     print(f"decoding: {describe_decoding(settings)}", file=sys.stderr)
     convs = [[{"role": "user", "content": p}] for p in prompts]
     return generate_replies(model, tokenizer, convs, template or saved, seed=seed, batch_size=batch_size,
@@ -123,20 +136,10 @@ def chat_loop(model_dir: str | os.PathLike, template: str | None = None, max_new
     """``ctrltok chat``: an interactive conversation with a checkpoint on stdin/stdout; decoding as
     in :func:`generate_file`, said in the first line."""
     model, tokenizer, saved = load_for_generation(model_dir)
-    settings = model_decoding(model, _flags(decoding, max_new_tokens, temperature))
+    settings = model_decoding(model, decoding, max_new_tokens=max_new_tokens, temperature=temperature)
     stdout = stdout or sys.stdout
     template = template or saved
     stdout.write(f"chatting with {model_dir} (template {template!r}; {describe_decoding(settings)}); "
                  "/exit or Ctrl-D ends, /reset clears\n")
     return chat_session(model, tokenizer, template, stdin or sys.stdin, stdout, seed=seed, system=system,
                         decoding=settings)
-
-
-def _flags(decoding: dict[str, Any] | None, max_new_tokens: int | None, temperature: float | None) -> dict[str, Any]:
-    """The keyword shortcuts merged into the flag values (the explicit keywords win)."""
-    flags = dict(decoding or {})
-    if max_new_tokens is not None:
-        flags["max_new_tokens"] = max_new_tokens
-    if temperature is not None:
-        flags["temperature"] = temperature
-    return flags

@@ -12,9 +12,11 @@ Two numbers tell whether an SFT run taught its end-of-turn token (LIMA's ``<EOT>
   not change it (tested against a per-conversation hand computation).
 * ``eot_stop_rate``: the share of generations that end with the template's end-of-turn token
   within ``max_new_tokens``. The prompt of a conversation is every message before its last
-  assistant message; the first ``n_generate`` such prompts are answered through the batched
-  backend (:func:`chat_replies`) with the run's decoding (the recipe's ``decoding`` section, saved
-  in the checkpoint's generation_config; the checkpoint's stop and suppressed ids apply).
+  assistant message; the first ``n_generate`` such prompts are answered by
+  :func:`ctrltok.generation.generate.generate_ids`, the function behind ``ctrltok generate``, so
+  both count stops alike (batched, sorted by length, the template's shared prefix encoded once per
+  batch) with the run's decoding (the recipe's ``decoding`` section, saved in the checkpoint's
+  generation_config; the checkpoint's stop and suppressed ids apply).
   ``any_stop_rate`` counts any stop id (a base model often stops at its own EOS instead).
 
 A third count says the control tokens kept their meaning at the boundary with user text:
@@ -49,6 +51,7 @@ from typing import Any
 from ctrltok.core.chat import ChatEncoder, ChatError, get_encoder
 from ctrltok.core.config import DataConfig, DecodingConfig, Recipe
 from ctrltok.core.conversation import to_conversation
+from ctrltok.core.decoding import resolve_decoding
 from ctrltok.core.example import Example
 from ctrltok.core.loss import LossModel, base_model
 from ctrltok.core.loss import heldout_loss as batches_loss
@@ -57,8 +60,7 @@ from ctrltok.core.templates import get_template
 from ctrltok.core.tokens import FILLER_FORMAT
 from ctrltok.data.documents import is_held_out
 from ctrltok.data.encode import make_rows, to_batch
-from ctrltok.generation.completion import Sampling, TransformersBackend
-from ctrltok.generation.generate import prompt_ids, resolve_decoding, stop_ids
+from ctrltok.generation.generate import generate_ids, prompt_ids
 from ctrltok.training.checkpoint import RunManifest
 from ctrltok.training.setup import prepare_model
 
@@ -106,21 +108,6 @@ def generation_prompts(conversations: list[list[dict]], n: int) -> list[tuple[in
         if last > 0:
             out.append((i, conv[:last]))
     return out
-
-
-def chat_replies(model, tokenizer, prompts: list[list[dict]], template: str, decoding: DecodingConfig,
-                 batch_size: int = 32, seed: int = 0) -> list[dict]:
-    """Replies to ``prompts`` through the batched backend
-    (:class:`ctrltok.generation.completion.TransformersBackend`: sorted by length, left-padded, the
-    template's shared prefix encoded once per batch), stopping at the model's stop ids and the
-    template's end of turn; ``[{"text", "ids", "stopped", "n_tokens"}]`` in input order."""
-    if not prompts:
-        return []
-    stops = stop_ids(model, tokenizer, template)
-    backend = TransformersBackend(model, tokenizer, batch_size=batch_size, skip_special_tokens=False, stop_ids=stops)
-    done = backend.generate(prompt_ids(tokenizer, prompts, template), Sampling.from_decoding(decoding, seed=seed))
-    return [{"text": c.text, "ids": c.token_ids, "stopped": c.finish_reason == "stop_token",
-             "n_tokens": len(c.token_ids)} for c in done]
 
 
 def stop_counts(results: list[dict], eot_id: int | None) -> dict:
@@ -227,8 +214,9 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
     out.update(loss)
     out["perplexity"] = math.exp(min(out["eval_loss"], 700.0)) if out["eval_loss"] is not None else None
     prompts = generation_prompts(conversations, n_generate) if n_generate > 0 else []
-    decoding = resolve_decoding(model, decoding, max_new_tokens)
-    results = chat_replies(model, tokenizer, [p for _, p in prompts], template, decoding, batch_size, seed)
+    decoding = resolve_decoding(model, decoding, max_new_tokens=max_new_tokens)
+    results = generate_ids(model, tokenizer, prompt_ids(tokenizer, [p for _, p in prompts], template), template,
+                           seed=seed, batch_size=batch_size, decoding=decoding, share_prefix=True)
     out.update(stop_counts(results, eot_id))
     out["max_new_tokens"] = decoding.max_new_tokens
     out["decoding"] = dataclasses.asdict(decoding)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -51,13 +51,9 @@ from transformers import (
 )
 
 from ctrltok.core.config import DecodingConfig
+from ctrltok.core.decoding import decoding_kwargs, served_decoding
 from ctrltok.core.models import load_model, resolve_model
-from ctrltok.generation.generate import (
-    decoding_kwargs,
-    eos_ids,
-    generate_batch,
-    served_decoding,
-)
+from ctrltok.generation.generate import eos_ids, generate_batch
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
 Prompt = str | Sequence[int]  # rendered text, or token ids used verbatim (see the module docstring)
@@ -111,6 +107,17 @@ class Sampling:
         return cls(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"], n=n,
                    seed=seed, stop=list(stop), top_k=kw["top_k"], repetition_penalty=kw["repetition_penalty"],
                    no_repeat_ngram_size=kw["no_repeat_ngram_size"])
+
+    def served(self, config: Any) -> Sampling:
+        """This request with each ``None`` field (top-k, repetition penalty, no-repeat n-gram size)
+        taken from a ``GenerationConfig``, as transformers would: for a backend that does not
+        read the model's generation_config itself (vLLM)."""
+        model = served_decoding(config)
+        return replace(
+            self, top_k=(model.top_k or 0) if self.top_k is None else self.top_k,
+            repetition_penalty=model.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
+            no_repeat_ngram_size=(model.no_repeat_ngram_size if self.no_repeat_ngram_size is None
+                                  else self.no_repeat_ngram_size))
 
 
 @dataclass
@@ -240,17 +247,19 @@ class VLLMBackend:
         if not encoded:
             return []
         suppress = list(self.gen_config.suppress_tokens or [])
+        # None means the model's generation_config value, as on TransformersBackend; these
+        # SamplingParams are built field by field, so each is resolved here first.
+        sampling = sampling.served(self.gen_config)
         if sampling.no_repeat_ngram_size:
-            raise ValueError("VLLMBackend: vLLM has no no_repeat_ngram_size; use the transformers backend or set it to 0")
-        served = served_decoding(self.gen_config)  # what a field left None in `sampling` falls back to
-        top_k = served.top_k if sampling.top_k is None else sampling.top_k
-        penalty = served.repetition_penalty if sampling.repetition_penalty is None else sampling.repetition_penalty
+            raise ValueError(f"VLLMBackend: vLLM has no no_repeat_ngram_size (got {sampling.no_repeat_ngram_size}, "
+                             "from the request or the model's generation_config); use the transformers backend "
+                             "or set it to 0")
         params = self._vllm.SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            top_k=top_k or -1,  # vLLM: -1 = no top-k
-            repetition_penalty=penalty,
+            top_k=sampling.top_k or -1,  # vLLM: -1 = no top-k
+            repetition_penalty=sampling.repetition_penalty,
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,

@@ -20,10 +20,11 @@ What it guarantees:
   model was not prepared by ctrltok) and its ``suppress_tokens`` (blocked control tokens, filler
   rows), together with any ids the caller adds, get ``-inf`` logits, so they are never emitted.
 * **Decoding is the recipe's.** ``training.setup.prepare_model`` writes a recipe's ``decoding``
-  section into the generation_config (:func:`apply_decoding`), so ``generation_config.json``
-  carries it; the conversation API starts from it (:func:`served_decoding`) and the commands'
-  flags override it (:func:`override_decoding`). :func:`generation_config` is the one place
-  settings become the ``GenerationConfig`` that ``model.generate`` gets.
+  section into the generation_config, so ``generation_config.json`` carries it; the conversation
+  API starts from it and the caller's values override it, both through
+  :func:`ctrltok.core.decoding.resolve_decoding`, the one resolver (the commands and evaluation
+  use it too). :func:`generation_config` is the one place settings become the
+  ``GenerationConfig`` that ``model.generate`` gets.
 * **Batched == one at a time.** Prompts are sorted by length (longest first, so similar lengths
   share a batch and memory peaks early) and left-padded; transformers derives positions from the
   attention mask, so greedy batched output equals one-prompt-at-a-time output (tested)::
@@ -45,7 +46,6 @@ id came within ``max_new_tokens``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -55,6 +55,7 @@ from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
 from ctrltok.core.chat import get_encoder
 from ctrltok.core.config import DecodingConfig
+from ctrltok.core.decoding import check_knobs, decoding_kwargs, resolve_decoding
 from ctrltok.core.models import load_model
 from ctrltok.core.templates import get_template
 from ctrltok.training.checkpoint import RunManifest
@@ -146,87 +147,6 @@ class StopStrings:
         return done
 
 
-HF_DEFAULT_TOP_K = 50  # what transformers samples with when a generation_config names no top_k
-
-
-def apply_decoding(config: Any, decoding: DecodingConfig) -> None:
-    """Write a recipe's ``decoding`` into a ``GenerationConfig`` in place: what
-    ``save_pretrained`` puts in ``generation_config.json``, so plain transformers (and servers that
-    read the file for their defaults) decode as the recipe says, and ctrltok's own commands start from it
-    (:func:`served_decoding`). Stops, pads and blocked ids are left as they are.
-
-    Greedy (``do_sample: false``) clears the sampling values: transformers refuses to save a
-    greedy config that names a temperature. A sampling config without ``top_k`` saves ``top_k: 0``,
-    since a missing one means 50 to transformers.
-    """
-    config.do_sample = decoding.do_sample
-    if decoding.do_sample:
-        config.temperature, config.top_p = decoding.temperature, decoding.top_p
-        config.top_k = decoding.top_k or 0
-    else:
-        config.temperature = config.top_p = config.top_k = None
-    config.repetition_penalty = decoding.repetition_penalty
-    config.no_repeat_ngram_size = decoding.no_repeat_ngram_size
-    config.max_new_tokens = decoding.max_new_tokens
-    config.max_length = None  # max_new_tokens is the only length limit
-
-
-def served_decoding(config: Any) -> DecodingConfig:
-    """The decoding a ``GenerationConfig`` holds, as plain ``model.generate`` would use it: the
-    recipe's for a ctrltok checkpoint (:func:`apply_decoding`), transformers' defaults where the
-    file names nothing (greedy, ``top_k`` 50 when sampling), ``DecodingConfig``'s
-    ``max_new_tokens`` where it sets none. A greedy config has no top-k (a flag that switches
-    sampling on gets none)."""
-    top_k = (HF_DEFAULT_TOP_K if config.top_k is None else int(config.top_k)) if config.do_sample else 0
-    return DecodingConfig(do_sample=bool(config.do_sample),
-                          temperature=float(config.temperature) if config.temperature else 1.0,
-                          top_p=float(config.top_p) if config.top_p is not None else 1.0,
-                          top_k=top_k or None,
-                          repetition_penalty=float(config.repetition_penalty or 1.0),
-                          no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
-                          max_new_tokens=int(config.max_new_tokens or DecodingConfig().max_new_tokens))
-
-
-def override_decoding(decoding: DecodingConfig, *, greedy: bool = False, temperature: float | None = None,
-                      top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-                      no_repeat_ngram_size: int | None = None, max_new_tokens: int | None = None) -> DecodingConfig:
-    """``decoding`` with the given values on top (``None``: keep it), as the commands' flags do.
-
-    ``temperature == 0`` or ``greedy`` switch sampling off; a temperature above 0 switches it on.
-    ``top_k == 0`` is no top-k filtering. Values out of range raise ``ValueError``.
-    """
-    out = dataclasses.replace(decoding)
-    if temperature is not None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        out.do_sample = temperature > 0
-        if temperature > 0:
-            out.temperature = temperature
-    if greedy:
-        out.do_sample = False
-    if top_p is not None:
-        out.top_p = top_p
-    if top_k is not None:
-        out.top_k = top_k or None
-    if repetition_penalty is not None:
-        out.repetition_penalty = repetition_penalty
-    if no_repeat_ngram_size is not None:
-        out.no_repeat_ngram_size = no_repeat_ngram_size
-    if max_new_tokens is not None:
-        out.max_new_tokens = max_new_tokens
-    _check_knobs(out.max_new_tokens, out.temperature, out.top_p, 1, 1, out.top_k or 0, out.repetition_penalty,
-                 out.no_repeat_ngram_size)
-    return out
-
-
-def decoding_kwargs(decoding: DecodingConfig) -> dict[str, Any]:
-    """``decoding`` as :func:`generate_batch`'s keyword arguments (greedy: temperature 0), every
-    value explicit, so nothing falls back to the model's generation_config."""
-    return {"max_new_tokens": decoding.max_new_tokens, "temperature": decoding.temperature if decoding.do_sample else 0.0,
-            "top_p": decoding.top_p, "top_k": decoding.top_k or 0, "repetition_penalty": decoding.repetition_penalty,
-            "no_repeat_ngram_size": decoding.no_repeat_ngram_size}
-
-
 def describe_decoding(decoding: DecodingConfig) -> str:
     """One line for a summary: ``sampling T 0.7, top-p 0.9, repetition penalty 1.2, <= 512 new tokens``."""
     parts = [f"sampling T {decoding.temperature:g}, top-p {decoding.top_p:g}"
@@ -313,26 +233,6 @@ def _device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _check_knobs(max_new_tokens: int, temperature: float, top_p: float | None, n: int, batch_size: int,
-                 top_k: int | None, repetition_penalty: float | None, no_repeat_ngram_size: int | None) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no top-k filtering), got {top_k}")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 = none), got {repetition_penalty}")
-    if no_repeat_ngram_size is not None and no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
 def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                    top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                    no_repeat_ngram_size: int | None = None, n: int = 1, seed: int = 0, batch_size: int = 8,
@@ -349,14 +249,14 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     ``temperature == 0`` is greedy (one generation per prompt, repeated ``n`` times); otherwise
     sampling at ``temperature``, ``top_p`` and ``top_k`` (0: no top-k). ``repetition_penalty``
     and ``no_repeat_ngram_size`` apply to both. ``None`` keeps the model's generation_config
-    value (:func:`decoding_kwargs` gives every value of a recipe's decoding).
+    value (:func:`ctrltok.core.decoding.decoding_kwargs` gives every value of a recipe's decoding).
     ``suppress_ids`` are blocked on top of the model's ``suppress_tokens``. ``batch_size``
     counts sequences per ``model.generate`` call, samples included: a batch holds
     ``max(1, batch_size // n)`` prompts when sampling. ``pad_id`` is used when the model's
     generation_config names no pad token.
     """
     prompts = [[int(t) for t in ids] for ids in prompts]
-    _check_knobs(max_new_tokens, temperature, top_p, n, batch_size, top_k, repetition_penalty, no_repeat_ngram_size)
+    check_knobs(max_new_tokens, temperature, top_p, n, batch_size, top_k, repetition_penalty, no_repeat_ngram_size)
     for i, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {i} has no tokens")
@@ -430,19 +330,13 @@ def _cut(generated: list[int], stops: set[int], fired_at: int | None) -> list[in
 
 
 # -- conversations -------------------------------------------------------------------------
-def resolve_decoding(model, decoding: DecodingConfig | None = None, max_new_tokens: int | None = None,
-                     temperature: float | None = None) -> DecodingConfig:
-    """``decoding`` (default: the model's own, :func:`served_decoding`) with ``max_new_tokens`` and
-    ``temperature`` on top where given (``temperature == 0``: greedy)."""
-    base = decoding if decoding is not None else served_decoding(model.generation_config)
-    return override_decoding(base, temperature=temperature, max_new_tokens=max_new_tokens)
-
-
 def generate_ids(model, tokenizer, prompts: list[list[int]], template: str, max_new_tokens: int | None = None,
                  temperature: float | None = None, seed: int = 0, batch_size: int = 8, *,
                  decoding: DecodingConfig | None = None, share_prefix: bool = False) -> list[dict]:
-    """Like :func:`generate`, for prompts that are already ids."""
-    decoding = resolve_decoding(model, decoding, max_new_tokens, temperature)
+    """Like :func:`generate`, for prompts that are already ids. The one place replies are built
+    (stop ids, text, ``stopped``): ``ctrltok generate`` / ``chat`` and the held-out stop rate
+    (:func:`ctrltok.evaluation.evaluate.evaluate_model`, with ``share_prefix``) count stops alike."""
+    decoding = resolve_decoding(model, decoding, max_new_tokens=max_new_tokens, temperature=temperature)
     stops = stop_ids(model, tokenizer, template)
     outs = generate_batch(model, prompts, **decoding_kwargs(decoding), seed=seed, batch_size=batch_size,
                           stop_ids=stops, pad_id=tokenizer.pad_token_id, share_prefix=share_prefix)

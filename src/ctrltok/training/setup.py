@@ -2,7 +2,7 @@
 
 The model's ``generation_config`` is set here, once: stop at the end-of-turn and stop tokens, never
 emit blocked or filler ids (``core.tokens.apply_generation_config``), and decode as the recipe's
-``decoding`` section says (``generation.generate.apply_decoding``); ``save_pretrained`` writes it
+``decoding`` section says (``core.decoding.apply_decoding``); ``save_pretrained`` writes it
 to ``generation_config.json``.
 
 :func:`prepare_model` is where a run resolves, once, what the rest of it carries
@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
 from ctrltok.core.config import ALL_LINEAR, ConfigError, Recipe
+from ctrltok.core.decoding import apply_decoding
 from ctrltok.core.models import load_model, resolve_model
 from ctrltok.core.templates import Template, get_template, install_templates
 from ctrltok.core.tokens import (
@@ -35,7 +36,6 @@ from ctrltok.core.tokens import (
     load_charter,
     resolve_tokens,
 )
-from ctrltok.generation.generate import apply_decoding
 from ctrltok.training.compiling import compile_blocks, compile_unavailable
 
 
