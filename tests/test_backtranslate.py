@@ -29,10 +29,11 @@ from ctrltok.backtranslate.stages import (
     parse_score,
     rewrite_issue,
 )
-from ctrltok.cli.backtranslate import print_report
+from ctrltok.cli.backtranslate import check_same_inputs, print_report
 from ctrltok.core.config import (
     BacktranslateConfig,
     ConfigError,
+    Recipe,
     load_recipe,
     recipe_from_mapping,
 )
@@ -501,6 +502,17 @@ def test_config_errors_name_the_key(corpus, gold):
         recipe_from_mapping({"backtranslate": {"keep_score": 6}}, "<t>")
     with pytest.raises(ConfigError, match="curation_prompt"):
         load_text("ctrltok:nope.txt", "curation_prompt")
+
+
+@pytest.mark.parametrize("prompt", ["ctrltok:", "FOLDER"])
+def test_a_folder_as_a_prompt_is_a_config_error_naming_the_key(tmp_path, prompt):
+    """Not IsADirectoryError: ``ctrltok:`` alone names the shipped resources folder."""
+    prompt = str(tmp_path) if prompt == "FOLDER" else prompt
+    with pytest.raises(ConfigError, match="backtranslate.curation_prompt"):
+        load_text(prompt, "curation_prompt")
+    recipe = Recipe(name="bt", backtranslate=BacktranslateConfig(curation_prompt=prompt))
+    with pytest.raises(ConfigError, match="backtranslate.curation_prompt"):  # the command's first check
+        check_same_inputs(recipe, tmp_path / "out")
 
 
 @pytest.mark.parametrize("name", ["backtranslate.yaml", "backtranslate-cpu.yaml"])

@@ -346,8 +346,9 @@ def test_role_tokens_are_counted_and_never_forged(eot_model):
 
 
 def test_replies_come_from_one_batched_call(eot_model):
-    """The stop rate's prompts go through the batched backend: one model.generate call for all of
-    them (batch 32), the same greedy replies as one prompt at a time."""
+    """The stop rate's prompts go through `ctrltok generate`'s function, batched with a shared
+    prefix: one model.generate call for all of them (batch 32), the same greedy replies and stops
+    as one prompt at a time."""
     from ctrltok.core.config import DecodingConfig
     from ctrltok.generation.generate import generate
 
@@ -369,14 +370,15 @@ def test_replies_come_from_one_batched_call(eot_model):
     alone = [generate(model, tok, [p], "eot", max_new_tokens=4, temperature=0)[0] for _, p in prompts]
     assert [g["text"] for g in got["generations"]] == [a["text"] for a in alone]
     assert [g["n_tokens"] for g in got["generations"]] == [a["n_tokens"] for a in alone]
+    assert [g["stopped"] for g in got["generations"]] == [a["stopped"] for a in alone]
     assert got["decoding"]["max_new_tokens"] == got["max_new_tokens"] == 4
 
 
 def test_to_json_is_strict():
     from ctrltok.cli.eval import to_json
 
-    text = to_json({"a": float("nan"), "table": "printed", "b": [1.5, float("inf")], "c": {"d": None}})
-    assert _strict_json(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+    text = to_json({"a": float("nan"), "table": "printed", "b": [1.5, float("inf")], "c": {"d": None, "table": 1}})
+    assert _strict_json(text) == {"a": None, "b": [1.5, None], "c": {"d": None, "table": 1}}  # only the printed one
 
 
 def test_chat_eval_json_alone_on_stdout_with_its_caps(eot_model, tmp_path, capfd):
@@ -471,7 +473,8 @@ def test_backtranslation_eval_reports_stages_and_ablation(eot_model, tmp_path, c
     (run / "report.json").write_text(json.dumps(report))
     data = tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS[:3]))
-    assert eval_kind(run) == eval_kind(run / "model-1") == "backtranslate"
+    assert eval_kind(run) == "backtranslate"
+    assert eval_kind(run / "model-1") == "chat"  # a model in the folder is evaluated as itself
     capfd.readouterr()  # what saving the checkpoint printed
     assert main(["eval", "--model", str(run), "--data", str(data), "--json"]) == 0
     out, err = capfd.readouterr()
@@ -482,6 +485,13 @@ def test_backtranslation_eval_reports_stages_and_ablation(eot_model, tmp_path, c
     direct = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, data=recipe.data)
     assert got["ablation"]["models"]["model-1"]["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
     assert "curated-1" in err and "ablation" in err
+    # The model alone, with the chat flags honoured (not the folder's report again).
+    assert main(["eval", "--model", str(run / "model-1"), "--data", str(data), "--json", "--max-prompts", "1",
+                 "--max-new-tokens", "2"]) == 0
+    got = _strict_json(capfd.readouterr().out)
+    assert "stages" not in got and got["model"] == str(run / "model-1")
+    assert got["caps"]["max_prompts"] == 1 and got["n_generated"] == 1
+    assert got["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
 
 
 def test_heldout_loss_counts_every_document_of_a_chunked_row_with_or_without_packing():

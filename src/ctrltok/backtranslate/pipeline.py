@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from ctrltok.backtranslate.pairs import Pair, kept
-from ctrltok.backtranslate.report import build_report
+from ctrltok.backtranslate.report import SETTINGS_FILE, build_report
 from ctrltok.backtranslate.segment import read_documents, segment
 from ctrltok.backtranslate.stages import (
     ChatModel,
@@ -200,7 +200,7 @@ def _note_settings(out_dir: Path, recipe: Recipe) -> None:
     """Record the settings of the first run; on a resume, warn which ones changed, since the
     stages already done keep what the earlier settings produced (raising ``iterations`` is the
     usual, intended case)."""
-    path = out_dir / "backtranslate.settings.json"
+    path = out_dir / SETTINGS_FILE
     now = {"model": recipe.model.name, **dataclasses.asdict(recipe.backtranslate or BacktranslateConfig())}
     if not path.exists():
         atomic_write(path, json.dumps(now, indent=1))

@@ -7,6 +7,7 @@ prints it as tables).
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,18 @@ from matplotlib.figure import Figure
 from ctrltok.backtranslate.pairs import SCORES, Pair, read_pairs
 from ctrltok.core.config import BacktranslateConfig
 from ctrltok.core.stages import atomic_write
+
+# The files that make a folder a backtranslation folder: the pipeline writes SETTINGS_FILE when it
+# first starts there (its model and backtranslate settings), REPORT_FILE at the end of every run.
+REPORT_FILE = "report.json"
+SETTINGS_FILE = "backtranslate.settings.json"
+
+
+def backtranslation_folder(path: str | os.PathLike) -> Path | None:
+    """``path`` as a folder the pipeline has written to (it holds :data:`REPORT_FILE` or
+    :data:`SETTINGS_FILE`), or ``None``; the models trained there are folders of their own."""
+    folder = Path(str(path)).expanduser()
+    return folder if folder.is_dir() and any((folder / f).is_file() for f in (REPORT_FILE, SETTINGS_FILE)) else None
 
 
 def _stage_names(out_dir: Path, cfg: BacktranslateConfig) -> list[str]:
@@ -91,7 +104,7 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
               "samples": samples, "models": models}
     if curation:
         report["histogram_png"] = str(_plot(curation, out_dir / "scores.png"))
-    atomic_write(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
 

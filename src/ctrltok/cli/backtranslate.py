@@ -11,13 +11,12 @@ from rich.table import Table
 
 from ctrltok.backtranslate.pairs import SCORES
 from ctrltok.backtranslate.pipeline import run_backtranslation
+from ctrltok.backtranslate.report import SETTINGS_FILE
 from ctrltok.cli.checks import check_model_name, default_out
 from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe, load_recipe
 from ctrltok.core.inputs import input_fingerprint, model_fingerprint
 from ctrltok.core.records import RecordError
 from ctrltok.training.runs import check_inputs
-
-SETTINGS_FILE = "backtranslate.settings.json"  # written by the pipeline when it first starts in a folder
 
 
 def backtranslate(a):

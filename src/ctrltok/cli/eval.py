@@ -2,7 +2,8 @@
 
 ``ctrltok eval`` dispatches on the kind of run that made the checkpoint: ``--epe`` or
 ``--conditional`` when given, else what its ``ctrltok.json`` records (a model without a manifest is
-a chat model; a backtranslation folder, or a model trained in one, is a backtranslation run):
+a chat model; a backtranslation folder itself is a backtranslation run, while a model trained in
+one is evaluated by its own manifest, like any other):
 
 =============  =================================================  ========================================
 kind           what is reported                                   library function
@@ -41,9 +42,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctrltok.backtranslate.report import REPORT_FILE, backtranslation_folder
 from ctrltok.cli.backtranslate import print_report
 from ctrltok.cli.checks import UsageError
 from ctrltok.cli.generate import decoding_flags, model_decoding
+from ctrltok.cli.main import MAX_PROMPTS, SAMPLES
 from ctrltok.conditional.label import LabelError
 from ctrltok.conditional.scorers import DEFAULT_SCORER
 from ctrltok.core.config import DataConfig
@@ -67,10 +70,7 @@ from ctrltok.training.checkpoint import RunManifest
 # Scalars that are better when lower / higher (for the comparison table's verdict column).
 LOWER_IS_BETTER = ("eval_loss", "perplexity")
 HIGHER_IS_BETTER = ("eot_stop_rate",)
-MAX_PROMPTS = 16  # default of --max-prompts: prompts generated for (chat stop rate, conditional samples)
-SAMPLES = 8  # default of --samples: conditional samples per prompt and condition
 CONDITIONAL_TOKENS = 32  # default continuation length of the conditional evaluation (--max-new-tokens)
-BACKTRANSLATION_FILES = ("report.json", "backtranslate.settings.json")  # what marks a backtranslation folder
 
 
 # -- the handlers ----------------------------------------------------------------------------
@@ -107,16 +107,18 @@ def stdout_to_stderr() -> Iterator[None]:
 
 def to_json(result: Any) -> str:
     """The result as strict JSON: NaN and infinities (which JSON lacks) as ``null``, the printed
-    text table of the conditional evaluation left out."""
+    text table of the conditional evaluation (its top-level ``table``) left out."""
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None
         if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items() if k != "table"}
+            return {str(k): clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
 
+    if isinstance(result, dict):
+        result = {k: v for k, v in result.items() if k != "table"}
     return json.dumps(clean(result), indent=1, ensure_ascii=False, allow_nan=False)
 
 
@@ -133,32 +135,19 @@ def manifest_of(model: str | os.PathLike) -> RunManifest:
         raise UsageError(f"--model {model}: {exc}") from None
 
 
-def backtranslation_folder(model: str | os.PathLike) -> Path | None:
-    """The backtranslation output folder ``model`` is, or holds a model of (``runs/bt`` or
-    ``runs/bt/model-1``); ``None`` for anything else."""
-    path = Path(str(model)).expanduser()
-    for folder in (path, path.parent):
-        if folder.is_dir() and any((folder / f).is_file() for f in BACKTRANSLATION_FILES):
-            return folder
-    return None
-
-
 def eval_kind(model: str | os.PathLike, epe: bool = False, conditional: bool = False) -> str:
-    """``epe`` / ``labelled`` when asked for; else ``backtranslate`` for a backtranslation folder or a
-    model trained in one; else the ``data.kind`` the checkpoint's manifest records (``chat`` without
-    a recipe)."""
+    """``epe`` / ``labelled`` when asked for; else ``backtranslate`` for a backtranslation folder
+    itself; else the ``data.kind`` the checkpoint's manifest records (``chat`` without a recipe), so
+    that a model trained in a backtranslation folder is evaluated as the model it is."""
     if epe and conditional:
         raise UsageError("--epe and --conditional exclude each other; give one")
     if epe:
         return "epe"
     if conditional:
         return "labelled"
-    path = Path(str(model)).expanduser()
-    if any((path / f).is_file() for f in BACKTRANSLATION_FILES):
+    if backtranslation_folder(model) is not None:
         return "backtranslate"
     recipe = manifest_of(model).recipe()
-    if recipe is not None and recipe.backtranslate is not None and backtranslation_folder(model) is not None:
-        return "backtranslate"
     kind = recipe.data.kind if recipe is not None else "chat"
     if kind not in KINDS:
         raise UsageError(f"--model {model}: no evaluation for data.kind = {kind!r} (known: {', '.join(KINDS)})")
@@ -205,8 +194,8 @@ def eval_chat(model: str | os.PathLike, data: str | None = None, template: str |
     rows = recipe.data if recipe is not None else DataConfig()
     template = template or manifest.template
     after_model, tokenizer = load_model(model)
-    flags = {**(decoding or {}), **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {})}
-    settings = model_decoding(after_model, flags)
+    # Resolved here, against the checkpoint, so that the base model (--before) gets the same decoding.
+    settings = model_decoding(after_model, decoding, max_new_tokens=max_new_tokens)
     if data:
         convs, wheres = load_conversations(data, limit)
         described = str(data)
@@ -354,11 +343,11 @@ def eval_backtranslate(run: str | os.PathLike, data: str | None = None, limit: i
     a baseline on uncurated pairs) on ``data`` (held-out instruction chats, the first ``limit``),
     each in the rows its own run used. An ``ablation`` the report itself records is passed on."""
     console = console or Console(stderr=True)
-    folder = backtranslation_folder(run)
-    if folder is None or not (folder / "report.json").is_file():
-        raise UsageError(f"--model {run}: no report.json of a backtranslation here yet; finish the pipeline "
+    folder = backtranslation_folder(run) or backtranslation_folder(Path(str(run)).expanduser().parent)
+    if folder is None or not (folder / REPORT_FILE).is_file():
+        raise UsageError(f"--model {run}: no {REPORT_FILE} of a backtranslation here yet; finish the pipeline "
                          "(rerun `ctrltok backtranslate` with the same --out) first")
-    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
     for stats in report.get("curation", {}).values():  # JSON made the scores' keys strings
         stats["histogram"] = {int(k): v for k, v in stats.get("histogram", {}).items()}
     print_report(report, console)

@@ -19,7 +19,6 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from ctrltok import __version__
 from ctrltok.cli.checks import (  # noqa: F401  (PRESET_NAMES: tests name it here)
@@ -99,6 +98,10 @@ def _number(low: float, high: float | None = None, low_open: bool = False, high_
 
 
 POSITIVE = _at_least(1)
+# Defaults of `ctrltok eval`'s caps, here since the parser is built without loading the handlers;
+# ctrltok.cli.eval's functions take the same defaults from here.
+MAX_PROMPTS = 16  # --max-prompts: prompts generated for (chat stop rate, conditional samples)
+SAMPLES = 8  # --samples: conditional samples per prompt and condition
 
 
 # -- argument adders -------------------------------------------------------------------------------
@@ -205,11 +208,12 @@ def _a_eval(p):
     p.add_argument("--epe", action="store_true", help="reflection loss, charter F1, equivalence check")
     p.add_argument("--sidecar", default=None, help="with --epe and --data: the held-out annotations")
     p.add_argument("--scorer", default="profanity", help="with --conditional: the sentence scorer (profanity, detoxify)")
-    p.add_argument("--max-prompts", type=POSITIVE, default=16,
-                   help="prompts generated for: the stop rate's, or --conditional's from --data (default 16)")
+    p.add_argument("--max-prompts", type=POSITIVE, default=MAX_PROMPTS,
+                   help=f"prompts generated for: the stop rate's, or --conditional's from --data (default {MAX_PROMPTS})")
     p.add_argument("--max-conversations", type=POSITIVE, default=None,
                    help="held-out conversations in the loss (default: all)")
-    p.add_argument("--samples", type=POSITIVE, default=8, help="--conditional: samples per prompt and condition")
+    p.add_argument("--samples", type=POSITIVE, default=SAMPLES,
+                   help=f"--conditional: samples per prompt and condition (default {SAMPLES})")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per generate call (default 32)")
     # The old --n (prompts, or conditional samples): refused by name, since argparse would otherwise
     # read it as an abbreviation of --no-repeat-ngram-size.
@@ -299,9 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 def preflight(args: argparse.Namespace) -> None:
     """The names and paths a command takes, checked before its handler imports or loads anything."""
     model = getattr(args, "model", None)
-    run_folder = args.command == "eval" and model is not None and any(
-        (Path(model).expanduser() / f).is_file() for f in ("report.json", "backtranslate.settings.json"))
-    if model is not None and not run_folder:  # a backtranslation folder holds models, is none
+    run_folder = False  # a backtranslation folder holds models, is none
+    if args.command == "eval" and model is not None:  # only here: the report module loads matplotlib
+        from ctrltok.backtranslate.report import backtranslation_folder
+
+        run_folder = backtranslation_folder(model) is not None
+    if model is not None and not run_folder:
         check_model_name(model)
     if getattr(args, "before", None):
         check_model_name(args.before, "--before")

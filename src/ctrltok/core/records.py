@@ -91,7 +91,7 @@ def resource_path(name: str) -> Path:
     base = resources.files("ctrltok") / "resources"
     for candidate in (name, f"{name}.jsonl"):
         path = Path(str(base / candidate))
-        if path.exists():
+        if path.is_file():  # `ctrltok:` alone names the resources folder: no resource, not IsADirectoryError
             return path
     raise RecordError(f"ctrltok:{name}: no such shipped resource (see ctrltok/resources/README.md)")
 
