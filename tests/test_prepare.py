@@ -272,7 +272,7 @@ def test_cache_folder_follows_the_input_contents(tmp_path, tiny_model_dir, monke
     from ctrltok.data.prepare import prepared_for
     from ctrltok.data.store import MANIFEST
 
-    assert PREPARED_MANIFEST == MANIFEST  # core/inputs.py repeats the data layer's name
+    assert PREPARED_MANIFEST == MANIFEST  # the data layer takes the name from core/inputs.py
     mapping = _recipe(tmp_path, "text", tiny_model_dir)
     data = _texts(tmp_path / "big.jsonl", 9000)  # the tail is past the hashed head
     assert data.stat().st_size > 2 * HEAD_TAIL

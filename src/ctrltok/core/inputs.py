@@ -37,9 +37,14 @@ from ctrltok.core.records import FORMATS, RecordError, file_format, resource_pat
 
 HEAD_TAIL = 1 << 18  # bytes hashed at each end of a file
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-# data/store.py's MANIFEST: a prepared folder is fingerprinted by its keys. core cannot import the
-# data layer, so the name is repeated here; tests/test_prepare.py holds the two equal.
+# A prepared data folder's manifest (data/store.py writes and reads it under this name, imported from
+# here): a prepared folder is fingerprinted by its keys, and core cannot import the data layer.
 PREPARED_MANIFEST = "ctrltok-data.json"
+# A LoRA run's adapter folder inside its output, in PEFT's format (core/models.py loads it and
+# re-exports these): named here because fingerprinting an adapter-only run must not import torch.
+ADAPTER = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Recipe values that may name a local file or folder (dotted keys; ``source`` is the recipe file).
 PATH_KEYS = ("source", "model.name", "tokens.charter", "data.train", "data.eval", "epe.sidecar",
              "epe.eval_sidecar", "train.deepspeed", "backtranslate.corpus", "backtranslate.gold",
@@ -113,14 +118,22 @@ def input_fingerprint(source: str | os.PathLike | SourceConfig | dict) -> dict[s
 
 
 def model_fingerprint(name: str) -> dict[str, Any] | None:
-    """A local model folder's config, tokenizer and weight files; ``None`` for an alias or hub name
-    (the name itself is among the recipe's values)."""
+    """A local model folder's config, tokenizer and weight files; an adapter-only run's (no
+    ``config.json``: ``save.merged: false``) also its adapter's config and weights, ``adapter/...``,
+    the weights it is loaded with. ``None`` for an alias or hub name (the name itself is among the
+    recipe's values)."""
     path = Path(name).expanduser()
     if not path.is_dir():
         return None
     files = [p for p in sorted(path.iterdir()) if p.is_file()
              and (p.name in MODEL_FILES or p.suffix in (".safetensors", ".bin", ".gguf"))]
-    return {"path": name, "files": [{**file_fingerprint(p), "path": p.name} for p in files]}
+    adapter = path / ADAPTER
+    # Only where the adapter is what loads (core.models.adapter_only): beside merged weights it is
+    # already in them, and counting it would change the fingerprint recorded by runs on such folders.
+    if not (path / "config.json").is_file() and adapter.is_dir():
+        files += [p for p in sorted(adapter.iterdir()) if p.is_file()
+                  and (p.name == ADAPTER_CONFIG or p.suffix == ".safetensors")]
+    return {"path": name, "files": [{**file_fingerprint(p), "path": p.relative_to(path).as_posix()} for p in files]}
 
 
 def recipe_inputs(recipe: Recipe, data_only: bool = False) -> dict[str, dict[str, Any]]:

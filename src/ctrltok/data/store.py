@@ -42,9 +42,9 @@ import datasets
 import pyarrow as pa
 
 from ctrltok.core.example import IGNORE, Example
+from ctrltok.core.inputs import PREPARED_MANIFEST as MANIFEST
 from ctrltok.core.stages import TMP, Outcome, atomic_write
 
-MANIFEST = "ctrltok-data.json"
 FORMAT = 1
 PARTS = "parts"
 SPLITS = ("train", "eval")

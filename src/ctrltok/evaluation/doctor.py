@@ -14,10 +14,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from ctrltok.core.models import ADAPTER, adapter_only
+from ctrltok.core.models import ADAPTER, adapter_only, adapter_rows
 from ctrltok.core.templates import (
     DEFAULT,
     Template,
@@ -61,7 +60,11 @@ def inspect_checkpoint(path: str | Path) -> Report:
         tied = bool(getattr(config, "tie_word_embeddings", False))
     except (OSError, ValueError) as exc:
         if adapter_only(path):  # save.merged: false: the embedding the adapter carries is the model's
-            rows = _adapter_rows(path)
+            try:
+                rows = adapter_rows(path / ADAPTER)
+            except (OSError, ValueError) as err:
+                problems.append(f"an adapter-only folder whose adapter weights cannot be read ({err}): "
+                                "it cannot be loaded; copy the run's adapter/ folder again or re-save the run")
         else:
             problems.append(f"no readable config.json ({exc}); only the tokenizer was checked")
     n = len(tok)
@@ -123,14 +126,6 @@ def inspect_checkpoint(path: str | Path) -> Report:
             problems.append(f"generation config names ids past the embedding: {bad[:5]}")
     return Report(str(path), rows, n, tied, added, names, stop_ids, len(suppressed), suppressed[:8], recipe, problems,
                   default)
-
-
-def _adapter_rows(path: Path) -> int | None:
-    """The rows of the input embedding an adapter-only run saved in ``DIR/adapter`` (None if none)."""
-    with safe_open(str(path / ADAPTER / "adapter_model.safetensors"), framework="pt") as f:
-        shapes = [f.get_slice(k).get_shape() for k in f.keys() if "embed_tokens" in k]
-    rows = [shape[0] for shape in shapes if len(shape) == 2]  # PEFT names it by how the rows were trained
-    return max(rows) if rows else None
 
 
 def _trained_source(name: str, tok) -> str | None:

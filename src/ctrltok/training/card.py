@@ -47,7 +47,13 @@ from huggingface_hub import (
 )
 from jinja2 import Environment, StrictUndefined
 
-from ctrltok.core.models import ADAPTER, ADAPTER_CONFIG, ALIASES, adapter_only
+from ctrltok.core.models import (
+    ADAPTER,
+    ADAPTER_CONFIG,
+    ALIASES,
+    adapter_only,
+    adapter_rows,
+)
 from ctrltok.core.templates import (
     DEFAULT,
     default_template_name,
@@ -123,12 +129,13 @@ def count_parameters(out_dir: Path) -> int | None:
     return total if found else None
 
 
-def adapter_embedding(out_dir: Path, vocab_rows: int | None) -> int | None:
-    """The rows of the resized embedding the run's LoRA adapter carries (``vocab_rows`` when the
-    adapter holds a matrix of that many rows; None when it holds none, or there is no adapter)."""
-    shapes = _shapes(Path(out_dir) / ADAPTER / "adapter_model.safetensors") or {}
-    found = vocab_rows is not None and any(len(s) == 2 and s[0] == vocab_rows for s in shapes.values())
-    return vocab_rows if found else None
+def adapter_embedding(out_dir: Path) -> int | None:
+    """The rows of the resized embedding the run's LoRA adapter carries (:func:`adapter_rows`); None
+    when it holds none (the run added no rows), or there is no readable adapter (the line is dropped)."""
+    try:
+        return adapter_rows(Path(out_dir) / ADAPTER)
+    except (OSError, ValueError):
+        return None
 
 
 def _human(n: int | None) -> str | None:
@@ -497,7 +504,7 @@ def card_context(out_dir: Path, manifest: dict) -> dict:
         "head": (out_dir / "head.safetensors").exists() or any(out_dir.glob("*head*.safetensors")),
         "merged": not adapter_only(out_dir),  # save.merged: false leaves the adapter alone
         "adapter": (out_dir / ADAPTER / ADAPTER_CONFIG).is_file(),
-        "adapter_embedding": adapter_embedding(out_dir, vocab_rows),
+        "adapter_embedding": adapter_embedding(out_dir),
     }
 
 

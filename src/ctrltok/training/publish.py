@@ -41,7 +41,7 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-from ctrltok.core.models import ADAPTER, adapter_only
+from ctrltok.core.models import ADAPTER, ADAPTER_WEIGHTS, adapter_only
 from ctrltok.training.checkpoint import MANIFEST, RunManifest, checkpoint_root
 
 TEMPORARY = ["*.tmp", "*.tmp/*"]  # atomic writes in flight (card, manifest, checkpoints)
@@ -92,8 +92,8 @@ def check_publishable(out_dir: str | Path, repo: str | None = None) -> None:
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir}: no such model folder")
     if adapter_only(out_dir):  # save.merged: false: the adapter is the model
-        if not (out_dir / ADAPTER / "adapter_model.safetensors").is_file():
-            raise FileNotFoundError(f"{out_dir / ADAPTER}: no adapter weights (adapter_model.safetensors)")
+        if not (out_dir / ADAPTER / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{out_dir / ADAPTER}: no adapter weights ({ADAPTER_WEIGHTS})")
     elif not (out_dir / "config.json").is_file():
         raise FileNotFoundError(f"{out_dir}: no config.json; not a saved model folder (the output of ctrltok train "
                                 "or add-tokens)")

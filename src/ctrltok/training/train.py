@@ -492,7 +492,10 @@ def save_final(out_dir: Path, loss_model: LossModel, prepared: Prepared, recipe:
     surgery, tokenizer = prepared.surgery, prepared.tokenizer
     if hasattr(model, "merge_and_unload"):
         if recipe.save.adapter:  # to share, or to serve as one of several adapters over the base with these tokens
-            save_adapter(model, out_dir / ADAPTER, recipe, resized=bool(surgery.new_ids))
+            # The surgery's rows (new tokens, fillers) are the only ones a run adds; with none the base's
+            # embedding stands and is not saved (load_adapter_run then leaves it as it is). Fillers carried
+            # by a ctrltok checkpoint being trained on also count: the embedding is saved though unchanged.
+            save_adapter(model, out_dir / ADAPTER, recipe, resized=bool(surgery.new_ids or surgery.filler_ids))
         model = model.merge_and_unload() if recipe.save.merged else model.get_base_model()
     if model.config._attn_implementation in TRAINING_ONLY:  # a training path (no KV cache): reload-equivalent sdpa
         model.set_attn_implementation(loading_attention(model.config._attn_implementation))
