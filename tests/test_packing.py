@@ -239,6 +239,16 @@ def test_overlong_error_names_the_example():
         pack(_examples([5]), max_length=8, overlong="drop")  # type: ignore[arg-type]
 
 
+def test_split_without_packing_gives_each_piece_a_row():
+    examples = _examples([5, 20, 8])
+    result = pack(examples, max_length=8, overlong="split", packing=False)
+    assert [[len(e) for e in row] for row in result.rows] == [[5], [8], [8], [4], [8]]
+    assert result.stats.truncated_tokens == 0 and result.stats.split_pieces == 3
+    assert [t for row in result.rows[1:4] for t in row[0].input_ids] == examples[1].input_ids
+    with pytest.raises(ValueError, match="overlong must be"):
+        plan_rows([5], 8, "drop", packing=False)
+
+
 def test_slice_clips_blocked_spans_heads_and_positions():
     ex = Example(
         input_ids=list(range(10, 22)),

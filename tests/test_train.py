@@ -202,7 +202,8 @@ def _write_recipe(tmp_path, tiny_dir, **train):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
-    path = _write_recipe(tmp_path, tiny_dir, max_steps=6, save_every=2, micro_batch_size=1, grad_accum=2)
+    # log_every 3 with save_every 2: the checkpoint at step 4 falls between logged lines
+    path = _write_recipe(tmp_path, tiny_dir, max_steps=6, save_every=2, log_every=3, micro_batch_size=1, grad_accum=2)
     _cli(["train", str(path), "--out", str(tmp_path / "straight")])
     killed = _cli(["train", str(path), "--out", str(tmp_path / "resumed")],
                   env_extra={"CTRLTOK_FAULT_KILL_AFTER_STEP": "5"}, check=False)
@@ -213,8 +214,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     for k in a:  # stated tolerance: exact up to float reassociation (CPU, same thread count)
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    steps = [line for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(steps) == 6, "metrics lost or duplicated across the resume"
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if '"loss"' in line]
+
+    assert [r["step"] for r in logged("resumed")] == [3, 6], "metrics lost or duplicated across the resume"
+    # the supervised targets logged since the previous line survive the checkpoint between lines
+    assert [r["supervised_tokens"] for r in logged("resumed")] == [r["supervised_tokens"] for r in logged("straight")]
 
 
 def test_partial_checkpoint_is_ignored(tmp_path):

@@ -497,6 +497,10 @@ def validate(recipe: Recipe) -> None:
     if not (recipe.save.merged or (recipe.save.adapter and recipe.lora.enabled)):
         raise ConfigError(f"{src}: save.merged = false" + (" and save.adapter = false" if recipe.lora.enabled else
                           " without lora.enabled (the adapter exists only under LoRA)") + ": nothing would be saved")
+    if not recipe.save.merged and recipe.model.config:  # the adapter alone is loaded onto model.name again
+        raise ConfigError(f"{src}: save.merged = false with model.config overrides: the adapter's base "
+                          "could not be rebuilt from model.name when the folder is loaded; set save.merged: true "
+                          "(or drop the overrides)")
     betas = recipe.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"{src}: train.betas = {betas!r}; expected two numbers in [0,1), e.g. [0.9, 0.999]")

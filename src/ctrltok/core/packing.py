@@ -251,12 +251,8 @@ def _packed_rows(lengths: Iterable[int], max_length: int, overlong: str, window:
 def _single_rows(lengths: Iterable[int], max_length: int, overlong: str, stats: PackStats) -> Iterator[list[Segment]]:
     for doc, n in enumerate(lengths):
         stats.examples += 1
-        if n > max_length:
-            if overlong == "error":
-                raise ValueError(f"a document of {n} tokens > data.max_length = {max_length} (data.overlong = error)")
-            stats.truncated_examples += 1
-            stats.truncated_tokens += n - max_length
-        yield [(doc, 0, min(n, max_length))]
+        for start, end in _pieces(n, max_length, overlong, stats):  # "split": each piece a row of its own
+            yield [(doc, start, end)]
 
 
 def plan_rows(lengths: Iterable[int], max_length: int, overlong: str, packing: bool = True,
@@ -266,8 +262,11 @@ def plan_rows(lengths: Iterable[int], max_length: int, overlong: str, packing: b
 
     ``overlong="chunk"``: end to end (see the module docstring); ``packing``: best-fit decreasing
     over the pieces the over-long rule leaves, within windows of ``window`` documents (None: all of
-    them at once); otherwise one document per row, truncated (``"error"``: refused) past ``max_length``.
+    them at once); otherwise one document (or, under ``"split"``, one piece) per row, truncated
+    (``"error"``: refused) past ``max_length``.
     """
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {list(OVERLONG)}, got {overlong!r}")
     stats = PackStats()
     if overlong == "chunk":
         return _chunk_rows(lengths, max_length, stats), stats

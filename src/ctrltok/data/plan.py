@@ -14,7 +14,7 @@ slices in-memory rows from:
 * ``packing: true``: best-fit decreasing within windows of ``window`` documents (pieces after the
   over-long rule), so for a corpus of at most ``window`` documents the plan's rows are exactly the
   in-memory rows (tested);
-* ``packing: false``: one document per row (truncated, or refused, past ``max_length``).
+* ``packing: false``: one document per row (truncated, split into rows, or refused, past ``max_length``).
 
 The *order* of rows is a pure function of ``(seed, epoch, position)``: :func:`permute` maps a row
 index through a keyed Feistel network (a bijection on the next power of four, cycle-walked into

@@ -178,16 +178,6 @@ def check_trackers(recipe: Recipe) -> None:
                               f"package (pip install {TRACKER_PACKAGES[name]}), or remove it from train.report_to")
 
 
-def check_save(recipe: Recipe) -> None:
-    """``save.merged: false`` keeps the adapter alone, which is loaded onto ``model.name`` again: only
-    a base loaded as it is can be rebuilt from its name (the recipe checks already refuse LoRA on
-    ``model.init: scratch``)."""
-    if not recipe.save.merged and recipe.model.config:
-        raise ConfigError(f"{recipe.source}: save.merged = false with model.config overrides: the adapter's base "
-                          "could not be rebuilt from model.name when the folder is loaded; set save.merged: true "
-                          "(or drop the overrides)")
-
-
 def _track(accelerator, recipe: Recipe, values: dict, step: int) -> None:
     """The numbers of a metrics line to ``train.report_to``'s trackers (main process; the step as their x axis)."""
     if recipe.train.report_to:
@@ -292,7 +282,6 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     if status == "done":
         return out_dir
     check_trackers(recipe)  # a missing tracker package is an error now, not a warning after setup
-    check_save(recipe)
     engine = engines.make_engine(recipe, out_dir)  # DDP, FSDP2 or DeepSpeed: the recipe's or the launcher's
     accelerator = engine.accelerator
     main = accelerator.is_main_process
@@ -337,7 +326,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
         out = evaluate_loss(module, eval_rows, recipe, pad_id, impl, device) if module is not None else None
         return out if main else None
 
-    start = 0
+    start = sup_since_log = 0  # sup_since_log: supervised targets (all ranks) since the last logged line
     metrics_path = out_dir / "metrics.jsonl"
     # The loader's position is the step: what a checkpoint must also match is the data and the plan.
     position = {"data": data.manifest["data_key"], "tokenizer": data.manifest["tokenizer"], "plan": rows.key,
@@ -347,6 +336,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     if last[0]:
         state = ckpt.load_checkpoint(Path(last[0]), accelerator, loss_model, optimizer, scheduler, deepspeed)
         start = state["step"]
+        sup_since_log = state.get("supervised_since_log", 0)  # a checkpoint between log lines: the curves' sums stay whole
         saved = state.get("loader")
         if saved is not None and saved != position:
             raise ConfigError(f"{last[0]}: this checkpoint read other data or rows ({saved}); this run's are {position}. "
@@ -380,7 +370,6 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
     progress = progress and os.environ.get("CTRLTOK_PROGRESS", "1") != "0"
     bar = _progress(progress and main, steps, start, recipe.name)
     tokens_in = tokens_sup = 0
-    sup_since_log = 0  # the supervised targets (all ranks) since the last logged line: the curves sum them
     t0 = time.perf_counter()
     for step in range(start, steps):
         mine = rank_rows(rows, step, per_step, rank, per_process, t.seed)  # this rank's share only
@@ -431,7 +420,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
         if t.save_every and (done % t.save_every == 0 or done == steps):
             ckpt.save_checkpoint(out_dir, done, accelerator, loss_model, optimizer, scheduler,
                                  {"recipe": recipe.name, "loader": position, "strategy": engine.name,
-                                  "run": identity.to_dict()},
+                                  "run": identity.to_dict(), "supervised_since_log": sup_since_log},
                                  keep=t.save_total_limit, deepspeed=deepspeed)
         if os.environ.get("CTRLTOK_FAULT_KILL_AFTER_STEP") == str(done):
             # Fault injection for the resume test: a real SIGKILL, no cleanup, at a known step.
