@@ -23,7 +23,8 @@ embeddings of the token's description) or ``copy:<token>``. Two measurements, ea
 
 Everything runs through the library (``train``, ``load_model``, ``build_examples``, ``generate``);
 one JSON with every (part, init, seed) row is written to ``--out`` and a table of means and spreads
-printed.
+printed; rows are also appended to ``--out`` with ``.jsonl`` as each run ends, and a rerun with
+the same settings skips the (part, init, seed) runs already there.
 """
 
 from __future__ import annotations
@@ -83,10 +84,13 @@ def eot_measure(model, tok, recipe, prompts, max_new_tokens: int, n_eval: int) -
     return out
 
 
-def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, n_eval: int, work: Path, extra: list[str]) -> list[dict]:
+def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, n_eval: int, work: Path, extra: list[str],
+             log: RowLog) -> list[dict]:
     rows = []
     for init in inits:
         for seed in seeds:
+            if log.done("eot", init, seed):
+                continue
             sets = [f"tokens.init={init}", f"train.seed={seed}", f"train.max_steps={steps}",
                     "train.eval_every=0", "train.save_every=0", "lora.dropout=0.0", *extra]
             recipe = load_recipe(ROOT / "recipes" / "eot-cpu.yaml", sets)
@@ -105,8 +109,7 @@ def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, n_eval: int, work: 
             model, tok = load_model(str(out))
             row = {"part": "eot", "init": init, "seed": seed, "step": steps,
                    **eot_measure(model, tok, recipe, prompts, max_new_tokens, n_eval), "seconds": time.perf_counter() - t0}
-            rows += [row0, row]
-            print(json.dumps(row0), json.dumps(row), sep="\n", flush=True)
+            rows += log.add(row0, row)
     return rows
 
 
@@ -194,7 +197,7 @@ def direction_margin(model, tok, held_path: Path, recipe) -> dict:
     return {"margin": clean_gap - toxic_gap, "clean_gap": clean_gap, "toxic_gap": toxic_gap, "n_held": len(recs)}
 
 
-def conditional_runs(inits, seeds, steps, n_per_class, n_held, work: Path) -> list[dict]:
+def conditional_runs(inits, seeds, steps, n_per_class, n_held, work: Path, log: RowLog) -> list[dict]:
     if not SHARED.exists():
         print(f"conditional part skipped: {SHARED} is absent", flush=True)
         return []
@@ -202,6 +205,8 @@ def conditional_runs(inits, seeds, steps, n_per_class, n_held, work: Path) -> li
     rows = []
     for init in inits:
         for seed in seeds:
+            if log.done("conditional", init, seed):
+                continue
             recipe = conditional_recipe(train_path, init, seed, steps)
             prepared = prepare_model(recipe)
             t0 = time.perf_counter()
@@ -213,9 +218,35 @@ def conditional_runs(inits, seeds, steps, n_per_class, n_held, work: Path) -> li
             model, tok = load_model(str(out))
             row = {"part": "conditional", "init": init, "seed": seed, "step": steps,
                    **direction_margin(model.eval(), tok, held_path, recipe), "seconds": time.perf_counter() - t0}
-            rows += [row0, row]
-            print(json.dumps(row0), json.dumps(row), sep="\n", flush=True)
+            rows += log.add(row0, row)
     return rows
+
+
+class RowLog:
+    """Rows appended to ``PATH.jsonl`` as each (part, init, seed) finishes, so a killed study
+    resumes where it stopped; a rerun with other settings (steps, --set) starts a new log."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings = path, settings
+        lines = path.read_text().splitlines() if path.exists() else []
+        if lines and json.loads(lines[0]) != settings:
+            path.rename(path.with_suffix(f".{int(time.time())}.jsonl"))  # other settings: kept aside, not mixed
+            lines = []
+        if not lines:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(settings) + "\n")
+        self.rows = [json.loads(line) for line in lines[1:]]
+
+    def done(self, part: str, init: str, seed: int) -> bool:
+        return any(r["part"] == part and r["init"] == init and r["seed"] == seed and r["step"] for r in self.rows)
+
+    def add(self, *rows: dict) -> list[dict]:
+        with self.path.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+        self.rows += rows
+        return list(rows)
 
 
 def summary(rows: list[dict]) -> str:
@@ -253,17 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "init_study.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows: list[dict] = []
+    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "inits", "part", "threads", "out")}
+    log = RowLog(Path(args.out).with_suffix(".jsonl"), settings)
     with tempfile.TemporaryDirectory(prefix="init-study-") as tmp:
         work = Path(tmp)
         if "eot" in args.part:
-            rows += eot_runs(args.inits, args.seeds, args.steps, args.prompts, args.max_new_tokens, args.eval_examples, work,
-                             args.set)
+            eot_runs(args.inits, args.seeds, args.steps, args.prompts, args.max_new_tokens, args.eval_examples, work,
+                     args.set, log)
         if "conditional" in args.part:
-            rows += conditional_runs(args.inits, args.seeds, args.steps, args.docs, args.held, work)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(summary(rows))
+            conditional_runs(args.inits, args.seeds, args.steps, args.docs, args.held, work, log)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": log.rows}, indent=1))
+    print(summary(log.rows))
     return 0
 
 

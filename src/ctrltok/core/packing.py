@@ -294,10 +294,11 @@ def _check(examples: list[Example], max_length: int, overlong: Overlong) -> None
 def pack(examples: list[Example], max_length: int, overlong: Overlong = "truncate",
          packing: bool = True) -> PackResult:
     """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing
-    (``overlong="chunk"``: end to end instead; ``packing=False``: one example per row).
+    (``overlong="chunk"``: end to end instead; ``packing=False``: one example, or piece, per row).
 
-    The placement is :func:`plan_rows`' on the examples' lengths, the one the training plan on disk
-    uses; each planned segment is the example itself when whole, else its slice. Deterministic for a
+    The placement is :func:`plan_rows`' on the examples' lengths with one window for all of them;
+    the training plan on disk uses windows, so it is the same placement up to one window's worth of
+    documents; each planned segment is the example itself when whole, else its slice. Deterministic for a
     given input order; rows keep their examples in placement order. Over-long examples follow
     ``overlong`` (see the module docstring).
     """

@@ -86,7 +86,8 @@ def make_rows(examples: list[Example], data: DataConfig) -> tuple[list[list[Exam
     """Rows as the run trains on them: packed (``data.packing``) or one example per row, over-long
     examples handled by ``data.overlong`` and counted (:func:`ctrltok.core.packing.pack`'s stats,
     whichever the mode). Every in-memory held-out loss uses this; the training plan on disk
-    (:mod:`ctrltok.data.plan`) is the same placement."""
+    (:mod:`ctrltok.data.plan`) is the same placement for a corpus of at most one packing window
+    (``data.plan.WINDOW`` documents), windowed beyond."""
     result = pack(examples, data.max_length, data.overlong, packing=data.packing)
     return result.rows, asdict(result.stats)
 

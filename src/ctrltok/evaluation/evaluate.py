@@ -184,7 +184,7 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
     ``data``: the run's data section, whose ``max_length`` / ``overlong`` / ``packing`` make the
     rows of the loss and whose ``loss_on`` chooses the supervised turns (``loss_on`` overrides it);
     ``DataConfig()`` when ``None``. ``examples`` (already encoded, e.g. a recipe's held-out split
-    from ``training.data.build_examples``) replace the encoding of ``conversations`` for the loss;
+    from ``ctrltok.data.encode.build_examples``) replace the encoding of ``conversations`` for the loss;
     the stop rate always uses ``conversations``. Examples without a supervised target are counted
     in ``skipped_no_targets``. The first ``n_generate`` prompts are answered with ``decoding``
     (default: the model's generation_config, i.e. its recipe's decoding; ``max_new_tokens``

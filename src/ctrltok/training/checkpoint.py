@@ -6,7 +6,8 @@ and what generation, evaluation, the card and ``inspect`` read back from it. It 
 the local paths among the recipe's values and the run identity's inputs (the data, the base model
 folder, the recipe file) are written relative to the run folder (``../data/chats.jsonl``; the key
 ``paths`` says so), and :meth:`RunManifest.recipe` reads them back as paths from here. Each
-checkpoint's ``state.json`` records the run identity the same way.
+checkpoint's ``state.json`` records the run identity the same way: relative to the run folder
+(not to the checkpoint's own folder).
 
 A checkpoint is a folder ``<out>/checkpoints/step-000040``::
 
