@@ -404,6 +404,9 @@ def test_chat_eval_json_alone_on_stdout_with_its_caps(eot_model, tmp_path, capfd
     assert got["caps"]["max_length"] == got["max_length"] == 24 and got["caps"]["overlong"] == "truncate"
     assert got["role_tokens"]["forged_in_training"] == 0
     assert "--max-prompts 2" in err and "max_length 24" in err and "role tokens" in err and "eval_loss" in err
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--json", "--max-prompts", "0"]) == 0
+    got = _strict_json(capfd.readouterr()[0])  # the loss and role-token counts alone, nothing generated
+    assert got["n_generated"] == 0 and got["eval_targets"] > 0 and got["role_tokens"]["forged_in_training"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -208,8 +208,9 @@ def _a_eval(p):
     p.add_argument("--epe", action="store_true", help="reflection loss, charter F1, equivalence check")
     p.add_argument("--sidecar", default=None, help="with --epe and --data: the held-out annotations")
     p.add_argument("--scorer", default="profanity", help="with --conditional: the sentence scorer (profanity, detoxify)")
-    p.add_argument("--max-prompts", type=POSITIVE, default=MAX_PROMPTS,
-                   help=f"prompts generated for: the stop rate's, or --conditional's from --data (default {MAX_PROMPTS})")
+    p.add_argument("--max-prompts", type=_at_least(0), default=MAX_PROMPTS,
+                   help=f"prompts generated for: the stop rate's (0: the loss and role-token counts alone), or "
+                        f"--conditional's from --data (default {MAX_PROMPTS})")
     p.add_argument("--max-conversations", type=POSITIVE, default=None,
                    help="held-out conversations in the loss (default: all)")
     p.add_argument("--samples", type=POSITIVE, default=SAMPLES,
