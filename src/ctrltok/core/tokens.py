@@ -309,3 +309,11 @@ def apply_generation_config(model, surgery: Surgery, end_of_turn_id: int | None 
     gc.suppress_tokens = suppressed or None
     if gc.pad_token_id is None and surgery.tokenizer.pad_token_id is not None:
         gc.pad_token_id = surgery.tokenizer.pad_token_id
+
+
+def padding_id(tokenizer) -> int:
+    """The id that fills padded positions of training and evaluation batches: the tokenizer's pad
+    token, else its end of sequence, else 0. Every padded position is masked out of attention and
+    loss, so any id serves; a real token's id keeps the batch printable."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad or 0)

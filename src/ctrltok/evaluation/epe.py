@@ -65,6 +65,7 @@ from ctrltok.core.example import IGNORE, Example
 from ctrltok.core.heads import ConstitutionHead
 from ctrltok.core.loss import base_model, hidden_states, logits
 from ctrltok.core.packing import collate, slice_example
+from ctrltok.core.tokens import padding_id
 from ctrltok.data.encode import build_examples
 from ctrltok.epe.reflection import charter_ids, insert_reflection, read_annotated
 
@@ -151,11 +152,6 @@ def plain_document(example: Example) -> Example:
 
 
 # -- evaluation ------------------------------------------------------------------------------
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad or 0)
-
-
 def epe_documents(recipe: Recipe | None, tokenizer: Any, corpus: str | None = None, sidecar: str | None = None,
                   order: list[str] | None = None) -> tuple[list[Example], str, list[list[float]] | None]:
     """``(examples, description, training label rows)``: the run's held-out documents (training's
@@ -205,7 +201,7 @@ def evaluate_epe(model: Any, head: ConstitutionHead, tokenizer: Any, recipe: Rec
     examples, described, reference = epe_documents(recipe, tokenizer, corpus, sidecar, order)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else DataConfig().max_length
-    result = evaluate_examples(model, head, examples, _pad_id(tokenizer), max_length=max_length, impl=impl,
+    result = evaluate_examples(model, head, examples, padding_id(tokenizer), max_length=max_length, impl=impl,
                                reference=reference)
     return {"data": described, "max_length": max_length, **result}
 
@@ -317,6 +313,6 @@ def read_constitution(model: Any, head: ConstitutionHead, tokenizer: Any, messag
     cols = [i for i, t in enumerate(example.input_ids) if t == assistant]
     if not cols:
         return []
-    hidden = hidden_states(model, collate([[example]], _pad_id(tokenizer)))[0]
+    hidden = hidden_states(model, collate([[example]], padding_id(tokenizer)))[0]
     probs = torch.sigmoid(head.to(hidden.device)(hidden[cols].float())).cpu()
     return [{label: float(p) for label, p in zip(head.labels, row)} for row in probs]

@@ -57,7 +57,7 @@ from ctrltok.core.loss import LossModel, base_model
 from ctrltok.core.loss import heldout_loss as batches_loss
 from ctrltok.core.records import read_records, read_sources
 from ctrltok.core.templates import get_template
-from ctrltok.core.tokens import FILLER_FORMAT
+from ctrltok.core.tokens import FILLER_FORMAT, padding_id
 from ctrltok.data.documents import is_held_out
 from ctrltok.data.encode import make_rows, to_batch
 from ctrltok.generation.generate import generate_ids, prompt_ids
@@ -66,13 +66,6 @@ from ctrltok.training.setup import prepare_model
 
 
 # -- held-out loss -------------------------------------------------------------------------
-def pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    return int(pad)
-
-
 def heldout_loss(model, examples: list[Example], pad: int, data: DataConfig | None = None,
                  rows_per_batch: int = 4) -> dict:
     """Mean cross-entropy over every supervised target of ``examples``, in the rows training makes.
@@ -206,7 +199,7 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], template: 
                            "conversations": len(conversations), "examples": len(examples),
                            "skipped_no_targets": len(examples) - len(usable)}
     if usable:
-        loss = heldout_loss(model, usable, pad_id(tokenizer), data, rows_per_batch)
+        loss = heldout_loss(model, usable, padding_id(tokenizer), data, rows_per_batch)
     else:
         loss = {"eval_loss": None, "eval_targets": 0, "max_length": data.max_length, "overlong": data.overlong,
                 "truncated_examples": 0, "truncated_tokens": 0}

@@ -68,7 +68,7 @@ from ctrltok.core.heads import ConstitutionHead, save_head
 from ctrltok.core.loss import LossModel, apply_liger, heldout_loss, run_batch
 from ctrltok.core.models import ADAPTER
 from ctrltok.core.packing import Batch
-from ctrltok.core.tokens import apply_generation_config
+from ctrltok.core.tokens import apply_generation_config, padding_id
 from ctrltok.data.encode import to_batch
 from ctrltok.data.loader import RowSource, prepared_rows, rank_rows
 from ctrltok.data.prepare import prepared_for
@@ -304,7 +304,7 @@ def train(recipe: Recipe, out_dir: str | Path, progress: bool = True, resume_wit
         data, rows, eval_rows = _data(accelerator, recipe, prepared)
         pack_stats = rows.plan.stats
         packed = recipe.data.packed
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = padding_id(tokenizer)
         impl = training_attention(recipe.model.attn, accelerator.device)
         loss_model, compiled = _loss_model(prepared, recipe, impl)
     trainable = sum(p.numel() for p in loss_model.parameters() if p.requires_grad)
