@@ -4,9 +4,11 @@ backend's knobs reach the GenerationConfig that model.generate gets."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 from conftest import SMOL_TOKENIZER, make_tiny_llama
 
 import ctrltok.generation.generate as gen
@@ -85,8 +87,9 @@ def configs(monkeypatch):
     real = gen.generation_config
 
     def record(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
+        config = real(*args, **kwargs)
+        seen.append(copy.deepcopy(config))  # as resolved, before generate_batch moves the penalty to its processor
+        return config
 
     monkeypatch.setattr(gen, "generation_config", record)
     return seen
@@ -175,6 +178,28 @@ def test_backend_knobs_reach_model_generate(lima_model, configs):
     backend.generate(prompts, Sampling(max_new_tokens=2))  # None: the model's (the recipe's) penalty
     assert configs[-1].repetition_penalty == 1.2 and not configs[-1].do_sample
     assert Sampling.from_decoding(LIMA).top_k == 0 and Sampling.from_decoding(DecodingConfig()).temperature == 0
+
+
+def test_the_repetition_penalty_spares_the_stop_ids(lima_model, monkeypatch):
+    """LIMA's template puts <EOT> after the user's turn too: the built-in penalty, which counts the
+    prompt, would push every reply off its own stop. Stop ids keep their logits; others are penalised."""
+    eot, other = 7, 9
+    scores = torch.tensor([[0.0] * 5 + [-2.0, 0.0, 3.0, 0.0, 3.0]])
+    seen = torch.tensor([[eot, other, 5]])
+    got = gen.RepetitionPenaltyExceptStops(1.5, [eot])(seen, scores.clone())
+    assert got[0, eot] == 3.0 and got[0, other] == 2.0 and got[0, 5] == -3.0  # as transformers: /1.5 and *1.5
+    model, tok, surgery = lima_model
+    used = {}
+
+    def spy(**kwargs):
+        used["processors"], used["penalty"] = list(kwargs["logits_processor"]), kwargs["generation_config"].repetition_penalty
+        return torch.cat([kwargs["input_ids"], torch.full((kwargs["input_ids"].shape[0], 1), eot)], 1)
+
+    monkeypatch.setattr(model, "generate", spy)
+    generate(model, tok, CONVS[:1], "eot", max_new_tokens=2)
+    penalty = [p for p in used["processors"] if isinstance(p, gen.RepetitionPenaltyExceptStops)]
+    assert used["penalty"] == 1.0 and len(penalty) == 1 and penalty[0].inner.penalty == 1.2
+    assert surgery.ids["<EOT>"] in penalty[0].stops.tolist()
 
 
 def test_no_repeat_ngram_size_changes_what_is_generated(lima_model):

@@ -51,7 +51,12 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
+)
 
 from ctrltok.core.chat import get_encoder
 from ctrltok.core.config import DecodingConfig
@@ -157,6 +162,30 @@ def describe_decoding(decoding: DecodingConfig) -> str:
         parts.append(f"no repeated {decoding.no_repeat_ngram_size}-grams")
     parts.append(f"<= {decoding.max_new_tokens} new tokens")
     return ", ".join(parts)
+
+
+class RepetitionPenaltyExceptStops:
+    """transformers' repetition penalty on every id but the stop ids.
+
+    The built-in penalty (CTRL's, which LIMA decoded with at 1.2) counts every id already in the
+    sequence, the prompt's included. A template that closes the user's turn with the token the
+    reply must end with (LIMA's ``<EOT>``, after every turn) then has its stop decision penalised
+    in every reply, and a model that learned to end with ``<EOT>`` ends with its old
+    end-of-sequence token instead, or runs on (bench/README "outcomes"). Stop ids keep their
+    logits; every other id is penalised exactly as transformers does. :func:`generate_batch` uses
+    it in place of the built-in processor (whose place in the order it takes: before temperature,
+    top-k and top-p). The saved checkpoint keeps ``repetition_penalty``, so plain transformers
+    still penalises the stop ids (README, "Decoding").
+    """
+
+    def __init__(self, penalty: float, stops: Sequence[int]):
+        self.inner = RepetitionPenaltyLogitsProcessor(penalty)
+        self.stops = torch.tensor(sorted(set(stops)), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        stops = self.stops[self.stops < scores.shape[-1]].to(scores.device)
+        kept = scores.index_select(-1, stops)
+        return self.inner(input_ids, scores).index_copy(-1, stops, kept)
 
 
 def generation_config(model, *, max_new_tokens: int, temperature: float, top_p: float | None, n: int,
@@ -275,6 +304,9 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     # Not None: generate() fills None fields from model.generation_config, which would bring the
     # slow built-in processor back.
     config.suppress_tokens = []
+    if stops and config.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyExceptStops(config.repetition_penalty, stops))
+        config.repetition_penalty = 1.0  # not None: see suppress_tokens
     greedy = temperature == 0
     per_prompt = 1 if greedy else n
     per_batch = batch_size if greedy else max(1, batch_size // n)
