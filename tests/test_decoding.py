@@ -180,25 +180,29 @@ def test_backend_knobs_reach_model_generate(lima_model, configs):
     assert Sampling.from_decoding(LIMA).top_k == 0 and Sampling.from_decoding(DecodingConfig()).temperature == 0
 
 
-def test_the_repetition_penalty_spares_the_stop_ids(lima_model, monkeypatch):
-    """LIMA's template puts <EOT> after the user's turn too: the built-in penalty, which counts the
-    prompt, would push every reply off its own stop. Stop ids keep their logits; others are penalised."""
-    eot, other = 7, 9
-    scores = torch.tensor([[0.0] * 5 + [-2.0, 0.0, 3.0, 0.0, 3.0]])
-    seen = torch.tensor([[eot, other, 5]])
-    got = gen.RepetitionPenaltyExceptStops(1.5, [eot])(seen, scores.clone())
-    assert got[0, eot] == 3.0 and got[0, other] == 2.0 and got[0, 5] == -3.0  # as transformers: /1.5 and *1.5
+def test_the_repetition_penalty_counts_generated_ids_and_spares_the_stop_ids(lima_model, monkeypatch):
+    """LIMA penalised previously generated tokens; its template puts <EOT> after the user's turn
+    too, so transformers' penalty, which counts the prompt, would push every reply off its stop."""
+    eot, other, quoted = 7, 9, 6
+    scores = torch.tensor([[0.0] * 5 + [-2.0, 3.0, 3.0, 0.0, 3.0]])
+    seen = torch.tensor([[quoted, eot, other, 5]])  # a prompt of two ids, then two generated
+    got = gen.GeneratedRepetitionPenalty(1.5, [eot], prompt_length=2)(seen, scores.clone())
+    assert got[0, other] == 2.0 and got[0, 5] == -3.0  # generated: /1.5 and *1.5, as transformers does
+    assert got[0, quoted] == 3.0 and got[0, eot] == 3.0  # the prompt's ids and the stop id: untouched
+    assert gen.GeneratedRepetitionPenalty(1.5, [eot], 0)(seen, scores.clone())[0, eot] == 3.0  # a stop, generated
     model, tok, surgery = lima_model
     used = {}
 
     def spy(**kwargs):
         used["processors"], used["penalty"] = list(kwargs["logits_processor"]), kwargs["generation_config"].repetition_penalty
+        used["width"] = kwargs["input_ids"].shape[1]
         return torch.cat([kwargs["input_ids"], torch.full((kwargs["input_ids"].shape[0], 1), eot)], 1)
 
     monkeypatch.setattr(model, "generate", spy)
     generate(model, tok, CONVS[:1], "eot", max_new_tokens=2)
-    penalty = [p for p in used["processors"] if isinstance(p, gen.RepetitionPenaltyExceptStops)]
+    penalty = [p for p in used["processors"] if isinstance(p, gen.GeneratedRepetitionPenalty)]
     assert used["penalty"] == 1.0 and len(penalty) == 1 and penalty[0].inner.penalty == 1.2
+    assert penalty[0].inner.prompt_ignore_length == used["width"]
     assert surgery.ids["<EOT>"] in penalty[0].stops.tolist()
 
 

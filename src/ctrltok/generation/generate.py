@@ -164,22 +164,23 @@ def describe_decoding(decoding: DecodingConfig) -> str:
     return ", ".join(parts)
 
 
-class RepetitionPenaltyExceptStops:
-    """transformers' repetition penalty on every id but the stop ids.
+class GeneratedRepetitionPenalty:
+    """The repetition penalty as LIMA describes it: on previously *generated* tokens, never on a
+    stop id.
 
-    The built-in penalty (CTRL's, which LIMA decoded with at 1.2) counts every id already in the
-    sequence, the prompt's included. A template that closes the user's turn with the token the
-    reply must end with (LIMA's ``<EOT>``, after every turn) then has its stop decision penalised
-    in every reply, and a model that learned to end with ``<EOT>`` ends with its old
-    end-of-sequence token instead, or runs on (bench/README "outcomes"). Stop ids keep their
-    logits; every other id is penalised exactly as transformers does. :func:`generate_batch` uses
-    it in place of the built-in processor (whose place in the order it takes: before temperature,
-    top-k and top-p). The saved checkpoint keeps ``repetition_penalty``, so plain transformers
-    still penalises the stop ids (README, "Decoding").
+    transformers' built-in penalty (CTRL's) counts every id in the sequence, the prompt's included.
+    A template that closes the user's turn with the token the reply must end with (LIMA's ``<EOT>``,
+    after every turn) then has its stop decision penalised in every reply, and a model that
+    learned to end with ``<EOT>`` ends with its old end-of-sequence token instead, or runs on
+    (bench/README "outcomes"). Here ids of the prompt (the first ``prompt_length`` columns) are not
+    counted and stop ids keep their logits; every other id is penalised exactly as transformers
+    does. :func:`generate_batch` uses it in place of the built-in processor, at its place in the
+    order (before temperature, top-k and top-p). The saved checkpoint keeps ``repetition_penalty``,
+    so plain transformers still penalises the prompt's ids (README, "Decoding").
     """
 
-    def __init__(self, penalty: float, stops: Sequence[int]):
-        self.inner = RepetitionPenaltyLogitsProcessor(penalty)
+    def __init__(self, penalty: float, stops: Sequence[int], prompt_length: int):
+        self.inner = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length)
         self.stops = torch.tensor(sorted(set(stops)), dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -304,9 +305,8 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     # Not None: generate() fills None fields from model.generation_config, which would bring the
     # slow built-in processor back.
     config.suppress_tokens = []
-    if stops and config.repetition_penalty not in (None, 1.0):
-        processors.append(RepetitionPenaltyExceptStops(config.repetition_penalty, stops))
-        config.repetition_penalty = 1.0  # not None: see suppress_tokens
+    penalty = config.repetition_penalty if config.repetition_penalty not in (None, 1.0) else None
+    config.repetition_penalty = 1.0  # not None: see suppress_tokens; GeneratedRepetitionPenalty applies it
     greedy = temperature == 0
     per_prompt = 1 if greedy else n
     per_batch = batch_size if greedy else max(1, batch_size // n)
@@ -319,7 +319,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         for start in range(0, len(order), per_batch):
             chunk = order[start:start + per_batch]
             rows = _generate_rows(model, [prompts[i] for i in chunk], config, processors, stop_set,
-                                  stop_strings, decode, share_prefix, device)
+                                  stop_strings, decode, share_prefix, device, penalty)
             for j, i in enumerate(chunk):
                 got = rows[j * per_prompt:(j + 1) * per_prompt]
                 results[i] = [list(got[0]) for _ in range(n)] if greedy else got
@@ -328,9 +328,10 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
 def _generate_rows(model, batch: list[list[int]], config: Any, processors: LogitsProcessorList, stops: set[int],
                    stop_strings: Sequence[str], decode: Callable[[list[int]], str] | None, share_prefix: bool,
-                   device: torch.device) -> list[list[int]]:
+                   device: torch.device, penalty: float | None = None) -> list[list[int]]:
     """One ``model.generate`` call: ``[shared prefix | left padding | rest of the prompt]`` per row
-    (plain left padding without a shared prefix), each output row cut at its stop."""
+    (plain left padding without a shared prefix), each output row cut at its stop; ``penalty``:
+    the repetition penalty on the generated ids (:class:`GeneratedRepetitionPenalty`)."""
     cache, shared = (shared_prefix_cache(model, batch, config.num_return_sequences or 1) if share_prefix
                      else (None, 0))
     width = shared + max(len(ids) - shared for ids in batch)
@@ -341,6 +342,8 @@ def _generate_rows(model, batch: list[list[int]], config: Any, processors: Logit
         attention_mask[row, :shared] = 1
         input_ids[row, width - len(ids) + shared:] = torch.tensor(ids[shared:], dtype=torch.long)
         attention_mask[row, width - len(ids) + shared:] = 1
+    if penalty is not None:  # every row's prompt fills the first `width` columns
+        processors = LogitsProcessorList([*processors, GeneratedRepetitionPenalty(penalty, sorted(stops), width)])
     criteria = StoppingCriteriaList()
     stopper = None
     if stop_strings:
