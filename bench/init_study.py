@@ -87,8 +87,8 @@ def eot_measure(model, tok, recipe, prompts, max_new_tokens: int, n_eval: int) -
 def eot_runs(inits, seeds, steps, n_prompts, max_new_tokens, n_eval: int, work: Path, extra: list[str],
              log: RowLog) -> list[dict]:
     rows = []
-    for init in inits:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a study cut short still compares every init
+        for init in inits:
             if log.done("eot", init, seed):
                 continue
             sets = [f"tokens.init={init}", f"train.seed={seed}", f"train.max_steps={steps}",
@@ -203,8 +203,8 @@ def conditional_runs(inits, seeds, steps, n_per_class, n_held, work: Path, log: 
         return []
     train_path, held_path = conditional_data(work, n_per_class, n_held)
     rows = []
-    for init in inits:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a study cut short still compares every init
+        for init in inits:
             if log.done("conditional", init, seed):
                 continue
             recipe = conditional_recipe(train_path, init, seed, steps)
