@@ -116,7 +116,7 @@ def _a_add_tokens(p):
     p.add_argument("--model", required=True, help="the base model: alias, local folder or Hub id")
     p.add_argument("--preset", action="append", required=True, choices=PRESET_NAMES,
                    help="token preset to add (repeatable)")
-    p.add_argument("--init", default="mean_noise", help="mvn | mean | mean_noise | describe | copy:<token>")
+    p.add_argument("--init", default=None, help="mvn | mean | mean_noise | describe | copy:<token> (default: tokens.init's)")
     p.add_argument("--pad-to-multiple-of", type=POSITIVE, default=None,
                    help="pad the vocabulary with filler tokens to a multiple of N (default: no padding)")
     p.add_argument("--template", default=None, help="template whose end of turn stops generation")

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from ctrltok.cli.checks import UsageError, check_output, model_vocab, output_file
 from ctrltok.core.chat import ChatEncoder
+from ctrltok.core.config import TokensConfig
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.models import load_model, resolve_model
 from ctrltok.core.records import read_records
@@ -22,9 +23,11 @@ from ctrltok.evaluation.doctor import Report, inspect_checkpoint
 from ctrltok.training.checkpoint import RunManifest
 
 
-def save_with_tokens(model: str, presets: list[str], init: str = "mean_noise", pad_to_multiple_of: int | None = None,
+def save_with_tokens(model: str, presets: list[str], init: str | None = None, pad_to_multiple_of: int | None = None,
                      out: str | Path = "out", template: str | None = None) -> Path:
-    """Load a model, add preset tokens, install templates, save a plain checkpoint with its manifest."""
+    """Load a model, add preset tokens (``init``: default ``tokens.init``'s), install templates, save a
+    plain checkpoint with its manifest."""
+    init = init or TokensConfig().init
     m, tok = load_model(model)
     surgery = add_control_tokens(m, tok, resolve_tokens(presets), init=init, pad_to_multiple_of=pad_to_multiple_of)
     if template is None:  # the first preset that has a template of its own names the end of turn

@@ -55,7 +55,9 @@ class CustomToken:
 class TokensConfig:
     presets: list[str] = field(default_factory=list)  # eot | oasst | conditional | epe
     custom: list[CustomToken] = field(default_factory=list)
-    init: str = "mean_noise"  # mvn | mean | mean_noise | describe | copy:<token>
+    # mvn | mean | mean_noise | describe | copy:<token>; describe by default: the fastest measured
+    # without a token to copy (bench/README "init_study"); a token without a description gets the mean
+    init: str = "describe"
     pad_to_multiple_of: int | None = 64
     charter: str | None = None  # path to a charter JSONL replacing the shipped one (epe)
 

@@ -9,7 +9,7 @@ Each control token is declared once, with its purpose, how its embedding row sta
 Presets bundle the tokens of each recipe (``eot``, ``oasst``, ``conditional``, ``epe``)::
 
     tokens = resolve_tokens(["epe"])
-    surgery = add_tokens(model, tokenizer, tokens, init="mean_noise", pad_to_multiple_of=128)
+    surgery = add_tokens(model, tokenizer, tokens, init="describe", pad_to_multiple_of=128)
     surgery.ids["<assistant>"]        # 49152 on SmolLM2, as seed 000 says
     len(surgery.tokenizer)            # 49280 == embedding rows, filler tokens included
 
@@ -28,9 +28,11 @@ from typing import Sequence
 import torch
 from tokenizers import AddedToken
 
+from ctrltok.core.config import TokensConfig
 from ctrltok.core.records import resource_path
 
 FILLER_FORMAT = "<|ctrltok_filler_{}|>"
+DEFAULT_INIT = TokensConfig.init  # the recipe default is the library default
 INIT_STRATEGIES = ("mvn", "mean", "mean_noise", "describe", "copy:<token>")
 MEAN_NOISE_STD = 0.01  # the PHF conditional-training code initialised new rows as mean + 0.01 noise
 
@@ -263,7 +265,7 @@ def add_tokens_to_tokenizer(tokenizer, tokens: list[ControlToken], pad_to_multip
     return ids, new_ids, filler_ids
 
 
-def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = "mean_noise",
+def add_tokens(model, tokenizer, tokens: list[ControlToken], init: str = DEFAULT_INIT,
                pad_to_multiple_of: int | None = None, seed: int = 0) -> Surgery:
     """Add control tokens to a tokenizer and model, initialise their rows, pad with fillers.
 
