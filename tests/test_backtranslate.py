@@ -403,6 +403,20 @@ def test_baseline_trains_on_as_many_uncurated_pairs(corpus, gold, tmp_path):
     assert any(s is None or s < cfg.keep_score for s in scores.values())  # curation dropped some
 
 
+def test_no_baseline_when_curation_keeps_nothing(corpus, gold, tmp_path, monkeypatch):
+    import dataclasses
+
+    import ctrltok.backtranslate.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "select", lambda pairs, keep: (dataclasses.replace(p, drop="score_below_keep")
+                                                                 for p in pairs))
+    trainer = FakeTrainer()
+    with pytest.warns(UserWarning, match="selected no pairs"):
+        report, _ = run(make_recipe(corpus, gold, baseline=True), tmp_path / "o", trainer=trainer)
+    assert {s["stage"]: s["kept"] for s in report["stages"]}["selected-1"] == 0
+    assert [c[1].name for c in trainer.calls] == ["backward", "model-1"]  # not model-1's data trained twice
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=6), unique=True, max_size=40), st.integers(0, 45), st.integers(0, 3))
 def test_uncurated_sample_draws_n_in_order(ids, n, seed):

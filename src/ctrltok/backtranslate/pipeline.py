@@ -273,6 +273,10 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
         curator = str(final)
         if i == 1 and cfg.baseline:  # the ablation: as many pairs, not curated
             n = sum(1 for _ in kept(selected))
-            finetune(recipe, gold, uncurated_sample(lambda: kept(last), n, seed), out_dir, "baseline-1", trainer)
+            if n:
+                finetune(recipe, gold, uncurated_sample(lambda: kept(last), n, seed), out_dir, "baseline-1", trainer)
+            else:  # it would train model-1's data again
+                warnings.warn(f"{out_dir}: curation selected no pairs, so there is no baseline-1 to compare "
+                              "(backtranslate.baseline)", stacklevel=2)
     return build_report(out_dir, cfg, {"backward": str(m_yx), "seed": seed_model, "final": str(final)},
                         gold=len(gold))
