@@ -51,6 +51,7 @@ from ctrltok.conditional.label import LabelError
 from ctrltok.conditional.scorers import DEFAULT_SCORER
 from ctrltok.core.config import DataConfig
 from ctrltok.core.conversation import to_conversation
+from ctrltok.core.decoding import describe_decoding
 from ctrltok.core.heads import load_head
 from ctrltok.core.models import load_model, resolve_model
 from ctrltok.core.records import read_records
@@ -64,7 +65,6 @@ from ctrltok.evaluation.evaluate import (
     load_conversations,
     prepare_base,
 )
-from ctrltok.generation.generate import describe_decoding
 from ctrltok.training.checkpoint import RunManifest
 
 # Scalars that are better when lower / higher (for the comparison table's verdict column).

@@ -17,13 +17,9 @@ from typing import IO, Any
 from ctrltok.cli.checks import UsageError, check_output, output_file
 from ctrltok.core.config import DecodingConfig
 from ctrltok.core.conversation import to_conversation
-from ctrltok.core.decoding import resolve_decoding
+from ctrltok.core.decoding import describe_decoding, resolve_decoding
 from ctrltok.core.records import read_records
-from ctrltok.generation.generate import (
-    chat_session,
-    describe_decoding,
-    load_for_generation,
-)
+from ctrltok.generation.generate import chat_session, load_for_generation
 from ctrltok.generation.generate import generate as generate_replies
 
 DECODING_FLAGS = ("greedy", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size",

@@ -135,3 +135,14 @@ def decoding_kwargs(decoding: DecodingConfig) -> dict[str, Any]:
             "top_p": decoding.top_p, "top_k": decoding.top_k or 0, "repetition_penalty": decoding.repetition_penalty,
             "no_repeat_ngram_size": decoding.no_repeat_ngram_size}
 
+
+def describe_decoding(decoding: DecodingConfig) -> str:
+    """One line for a summary: ``sampling T 0.7, top-p 0.9, repetition penalty 1.2, <= 512 new tokens``."""
+    parts = [f"sampling T {decoding.temperature:g}, top-p {decoding.top_p:g}"
+             + (f", top-k {decoding.top_k}" if decoding.top_k else "") if decoding.do_sample else "greedy"]
+    if decoding.repetition_penalty != 1.0:
+        parts.append(f"repetition penalty {decoding.repetition_penalty:g}")
+    if decoding.no_repeat_ngram_size:
+        parts.append(f"no repeated {decoding.no_repeat_ngram_size}-grams")
+    parts.append(f"<= {decoding.max_new_tokens} new tokens")
+    return ", ".join(parts)

@@ -152,18 +152,6 @@ class StopStrings:
         return done
 
 
-def describe_decoding(decoding: DecodingConfig) -> str:
-    """One line for a summary: ``sampling T 0.7, top-p 0.9, repetition penalty 1.2, <= 512 new tokens``."""
-    parts = [f"sampling T {decoding.temperature:g}, top-p {decoding.top_p:g}"
-             + (f", top-k {decoding.top_k}" if decoding.top_k else "") if decoding.do_sample else "greedy"]
-    if decoding.repetition_penalty != 1.0:
-        parts.append(f"repetition penalty {decoding.repetition_penalty:g}")
-    if decoding.no_repeat_ngram_size:
-        parts.append(f"no repeated {decoding.no_repeat_ngram_size}-grams")
-    parts.append(f"<= {decoding.max_new_tokens} new tokens")
-    return ", ".join(parts)
-
-
 class GeneratedRepetitionPenalty:
     """The repetition penalty as LIMA describes it: on previously *generated* tokens, never on a
     stop id.
