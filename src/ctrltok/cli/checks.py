@@ -159,3 +159,9 @@ def model_vocab(name: str) -> dict[str, int] | None:
     out = dict(vocab) if isinstance(vocab, dict) else {t[0]: i for i, t in enumerate(vocab) if isinstance(t, list)}
     out.update({t["content"]: t["id"] for t in data.get("added_tokens") or [] if "content" in t})
     return out
+
+
+# `ctrltok eval` defaults, here in the leaf so the parser (cli/main) and the handler (cli/eval) share
+# them without importing each other
+MAX_PROMPTS = 16  # --max-prompts: prompts generated for (chat stop rate, conditional samples)
+SAMPLES = 8  # --samples: conditional samples per prompt and condition

@@ -44,9 +44,8 @@ from rich.table import Table
 
 from ctrltok.backtranslate.report import REPORT_FILE, backtranslation_folder
 from ctrltok.cli.backtranslate import print_report
-from ctrltok.cli.checks import UsageError
+from ctrltok.cli.checks import MAX_PROMPTS, SAMPLES, UsageError
 from ctrltok.cli.generate import decoding_flags, model_decoding
-from ctrltok.cli.main import MAX_PROMPTS, SAMPLES
 from ctrltok.conditional.label import LabelError
 from ctrltok.conditional.scorers import DEFAULT_SCORER
 from ctrltok.core.config import DataConfig

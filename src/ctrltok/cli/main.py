@@ -22,7 +22,9 @@ import sys
 
 from ctrltok import __version__
 from ctrltok.cli.checks import (  # noqa: F401  (PRESET_NAMES: tests name it here)
+    MAX_PROMPTS,
     PRESET_NAMES,
+    SAMPLES,
     check_input,
     check_model_name,
     check_output,
@@ -100,8 +102,6 @@ def _number(low: float, high: float | None = None, low_open: bool = False, high_
 POSITIVE = _at_least(1)
 # Defaults of `ctrltok eval`'s caps, here since the parser is built without loading the handlers;
 # ctrltok.cli.eval's functions take the same defaults from here.
-MAX_PROMPTS = 16  # --max-prompts: prompts generated for (chat stop rate, conditional samples)
-SAMPLES = 8  # --samples: conditional samples per prompt and condition
 
 
 # -- argument adders -------------------------------------------------------------------------------
