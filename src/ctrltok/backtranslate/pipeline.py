@@ -62,7 +62,6 @@ from ctrltok.core.chat import render_prompt
 from ctrltok.core.config import BacktranslateConfig, Recipe
 from ctrltok.core.records import read_records
 from ctrltok.core.stages import atomic_write, run_stage
-from ctrltok.data.documents import mix64
 from ctrltok.generation.completion import make_backend
 from ctrltok.training.train import train
 
@@ -182,15 +181,17 @@ def finetune(recipe: Recipe, gold: list[tuple[str, str]], selected: Iterable[Pai
 def uncurated_sample(pairs: Callable[[], Iterable[Pair]], n: int, seed: int) -> Iterator[Pair]:
     """``n`` of the pairs ``pairs()`` yields, drawn uniformly at random under ``seed``, in their
     order: two passes over the stream, holding one 64-bit key per pair, never the pairs."""
-    keys = [mix64(seed, _pair_key(p)) for p in pairs()]
+    keys = [_draw_key(p, seed) for p in pairs()]
     if n <= 0 or not keys:
         return iter(())
     cut = sorted(keys)[min(n, len(keys)) - 1]
-    return (p for p in pairs() if mix64(seed, _pair_key(p)) <= cut)
+    return (p for p in pairs() if _draw_key(p, seed) <= cut)
 
 
-def _pair_key(pair: Pair) -> int:
-    return int.from_bytes(hashlib.blake2b(pair.id.encode(), digest_size=8).digest(), "little")
+def _draw_key(pair: Pair, seed: int) -> int:
+    """A pair's place in the seeded draw: its id hashed under the seed (the same on every machine)."""
+    digest = hashlib.blake2b(pair.id.encode(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little")
 
 
 # --------------------------------------------------------------------------- the pipeline
