@@ -111,7 +111,7 @@ def test_bad_conversations_name_the_field(tok, msgs, match):
 
 
 def test_error_names_source(tok):
-    with pytest.raises(ChatError, match=r"chats.jsonl:7: messages\[0\]"):
+    with pytest.raises(ChatError, match=r"chats.jsonl:7: unknown role; messages\[0\]"):
         ChatEncoder(tok, "default").encode([{"role": "x", "content": ""}], source="chats.jsonl:7")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -270,8 +271,10 @@ def test_bad_chat_reasons_are_countable(eot_dir):
     assert not enc.role_marked and ChatEncoder(enc.tokenizer, "default").role_marked
     with pytest.raises(ChatError) as info:
         enc.check_turns([{"role": "assistant", "content": "a"}], "f:2")
-    reason = str(info.value).split(": ", 1)[-1].split(";")[0]  # what data.on_error: skip counts it under
-    assert reason == "turns do not alternate user, assistant (template 'eot' has no role markers)"
+    assert info.value.reason == "turns do not alternate user, assistant (template 'eot' has no role markers)"
+    assert str(info.value).startswith(f"f:2: {info.value.reason}; messages[0] is 'assistant'")
+    again = pickle.loads(pickle.dumps(info.value))  # whole across a process pool, reason included
+    assert (again.where, again.reason, str(again)) == ("f:2", info.value.reason, str(info.value))
 
 
 # -- render and generate: outputs ------------------------------------------------------------------

@@ -347,9 +347,9 @@ def test_all_paths_are_every_thread_cut_after_the_last_reply():
 
 
 def test_bad_trees_name_the_field():
-    with pytest.raises(ChatError, match=r"w: prompt.replies\[0\].role = 'bot'"):
+    with pytest.raises(ChatError, match=r"w: unknown role; prompt.replies\[0\].role = 'bot'"):
         to_conversation({"prompt": msg("prompter", "q", replies=[msg("bot", "a")])}, "w")
-    with pytest.raises(ChatError, match=r"w: prompt.replies\[0\].text must be a string"):
+    with pytest.raises(ChatError, match=r"w: a tree message's text is not text; prompt.replies\[0\].text must be a string"):
         to_conversations({"prompt": msg("prompter", "q", replies=[msg("assistant", None)])}, "w", "all")
     with pytest.raises(ChatError, match=r"w: message tree has no assistant reply"):
         to_conversation({"prompt": msg("prompter", "q", replies=[msg("assistant", "a", deleted=True)])}, "w")

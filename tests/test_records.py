@@ -57,7 +57,7 @@ def test_sharegpt_and_prompt_only_layouts():
     conv = to_conversation({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
                                               {"from": "gpt", "value": "a"}]}, "w")
     assert [m["role"] for m in conv] == ["system", "user", "assistant"]
-    with pytest.raises(ChatError, match=r"w: conversations\[0\].from = 'robot'"):
+    with pytest.raises(ChatError, match=r"w: unknown role; conversations\[0\].from = 'robot'"):
         to_conversation({"conversations": [{"from": "robot", "value": "x"}]}, "w")
     assert to_conversation({"prompt": "hi", "system": "s"}, "w", prompt_only=True) == \
         [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
@@ -77,7 +77,10 @@ def test_recipe_data_with_bad_records(tmp_path, tiny_model_dir):
     lenient = recipe_from_mapping({"data": {"train": str(p), "eval_fraction": 0, "on_error": "skip"}})
     enc = build_examples(lenient, tok)
     assert len(enc.train) == 2
-    assert enc.skips.summary() == {"malformed JSON": 1, "messages[0].role = 'robot'": 1}
+    assert enc.skips.summary() == {"malformed JSON": 1, "unknown role": 1}
+    strict = recipe_from_mapping({"data": {"train": str(_write(tmp_path, [GOOD, bad])), "eval_fraction": 0}})
+    with pytest.raises(ChatError, match=r"chats.jsonl:2: unknown role; messages\[0\].role = 'robot'; expected"):
+        build_examples(strict, tok)  # the whole message, not only what a skip is counted under
 
 
 def test_gzipped_jsonl_is_read_not_refused_as_invalid_utf8(tmp_path):

@@ -40,20 +40,30 @@ _SENTINEL_RE = re.compile(" \ue000c(\\d+)\ue001 ")
 
 
 class ChatError(ValueError):
-    """A conversation that cannot be encoded; the message names where it came from."""
+    """A conversation that cannot be encoded. The message is ``"{where}: {reason}; {detail}"``;
+    ``reason`` alone is what ``data.on_error: skip`` counts the record under (no place, no index)."""
+
+    def __init__(self, where: str | None, reason: str, detail: str = ""):
+        self.where, self.reason, self.detail = where, reason, detail
+        text = f"{where}: {reason}" if where else reason
+        super().__init__(f"{text}; {detail}" if detail else text)
+
+    def __reduce__(self):  # crosses process pools whole (the default would pass only the message)
+        return type(self), (self.where, self.reason, self.detail)
 
 
 def validate_messages(messages, where: str = "conversation") -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise ChatError(f"{where}: `messages` must be a non-empty list, found {type(messages).__name__}")
+        raise ChatError(where, "`messages` must be a non-empty list", f"found {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ChatError(f"{where}: messages[{i}] must be an object with `role` and `content`")
+            raise ChatError(where, "a message is not an object", f"messages[{i}] must be an object with `role` and `content`")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ChatError(f"{where}: messages[{i}].role = {role!r}; expected one of {list(ROLES)}")
+            raise ChatError(where, "unknown role", f"messages[{i}].role = {role!r}; expected one of {list(ROLES)}")
         if not isinstance(content, str):
-            raise ChatError(f"{where}: messages[{i}].content must be a string, found {type(content).__name__}")
+            raise ChatError(where, "a message's content is not text",
+                            f"messages[{i}].content must be a string, found {type(content).__name__}")
     return messages
 
 
@@ -102,19 +112,19 @@ class ChatEncoder:
         """Under a template without role markers, turns must alternate user, assistant, ... (after an
         optional leading system message): an assistant-first conversation, two turns of one role in a
         row or a system message later on would be learned with the roles swapped. A
-        :class:`ChatError` naming the place, whose text up to the first ``;`` is the skip reason."""
+        :class:`ChatError` naming the place."""
         if self.role_marked:
             return
         start = 1 if messages and messages[0]["role"] == "system" else 0
         for j in range(start, len(messages)):
             role, expected = messages[j]["role"], ("user", "assistant")[(j - start) % 2]
             if role == "system":
-                raise ChatError(f"{where}: a system message after the first turn (template {self.template.name!r} has no "
-                                f"role markers); messages[{j}] would be read as a {expected} turn: move it to the start "
+                raise ChatError(where, f"a system message after the first turn (template {self.template.name!r} has no "
+                                "role markers)", f"messages[{j}] would be read as a {expected} turn: move it to the start "
                                 "or drop it")
             if role != expected:
-                raise ChatError(f"{where}: turns do not alternate user, assistant (template {self.template.name!r} has no "
-                                f"role markers); messages[{j}] is {role!r} where a {expected} turn belongs, so the roles "
+                raise ChatError(where, f"turns do not alternate user, assistant (template {self.template.name!r} has no "
+                                "role markers)", f"messages[{j}] is {role!r} where a {expected} turn belongs, so the roles "
                                 "would be learned swapped: start with a user turn and alternate")
 
     # -- rendering -------------------------------------------------------------------------
@@ -143,11 +153,11 @@ class ChatEncoder:
         pieces = _SENTINEL_RE.split(rendered)
         order = [int(x) for x in pieces[1::2]]
         if order != list(range(len(roles))):
-            raise ChatError(f"template {self.template.name!r} does not insert each message's content exactly once, "
-                            "in order; ctrltok needs templates that write contents verbatim")
+            raise ChatError(None, f"template {self.template.name!r} does not insert each message's content exactly "
+                            "once, in order", "ctrltok needs templates that write contents verbatim")
         other = _SENTINEL_RE.split(self._render(roles, gen, 1000))
         if pieces[0::2] != other[0::2]:
-            raise ChatError(f"template {self.template.name!r} writes markup that depends on message contents; "
+            raise ChatError(None, f"template {self.template.name!r} writes markup that depends on message contents",
                             "ctrltok needs the markup to depend only on the roles")
         markup = [self._split_markup(p) for p in pieces[0::2]]
         closers = []

@@ -48,7 +48,7 @@ def _sharegpt(turns: list[dict], where: str) -> list[dict]:
     for i, t in enumerate(turns):
         role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
         if role is None:
-            raise ChatError(f"{where}: conversations[{i}].from = {t.get('from')!r}; expected one of "
+            raise ChatError(where, "unknown role", f"conversations[{i}].from = {t.get('from')!r}; expected one of "
                             f"{sorted(SHAREGPT_ROLES)}")
         out.append({"role": role, "content": t.get("value")})
     return out
@@ -67,14 +67,15 @@ def is_message_tree(record: Any) -> bool:
 def _message(msg: Any, field: str, where: str) -> dict:
     """One tree message -> ``{role, content}``, checked; ``field`` names it (``prompt.replies[1]``)."""
     if not isinstance(msg, dict):
-        raise ChatError(f"{where}: {field} must be an object, found {type(msg).__name__}")
+        raise ChatError(where, "a tree message is not an object", f"{field} is {type(msg).__name__}")
     role = OASST_ROLES.get(msg["role"]) if isinstance(msg.get("role"), str) else None
     if role is None:
-        raise ChatError(f"{where}: {field}.role = {msg.get('role')!r}; expected one of {list(OASST_ROLES)}")
+        raise ChatError(where, "unknown role", f"{field}.role = {msg.get('role')!r}; expected one of {list(OASST_ROLES)}")
     if not isinstance(msg.get("text"), str):
-        raise ChatError(f"{where}: {field}.text must be a string, found {type(msg.get('text')).__name__}")
+        raise ChatError(where, "a tree message's text is not text",
+                        f"{field}.text must be a string, found {type(msg.get('text')).__name__}")
     if not isinstance(msg.get("replies", []), list):
-        raise ChatError(f"{where}: {field}.replies must be a list")
+        raise ChatError(where, "a tree message's replies are not a list", f"{field}.replies")
     return {"role": role, "content": msg["text"]}
 
 
@@ -107,7 +108,7 @@ def tree_threads(record: dict, where: str, paths: str = "best") -> list[list[dic
         raise ValueError(f"paths = {paths!r}; expected one of {list(PATHS)}")
     root = record["prompt"]
     if not _usable(root):
-        raise ChatError(f"{where}: the tree's prompt is deleted or failed review")
+        raise ChatError(where, "the tree's prompt is deleted or failed review")
     threads: list[list[dict]] = []
     if paths == "best":
         field, msg, thread = "prompt", root, []
@@ -135,7 +136,7 @@ def tree_threads(record: dict, where: str, paths: str = "best") -> list[list[dic
             seen.add(key)
             out.append(check_replies(validate_messages(t, where), where))
     if not out:
-        raise ChatError(f"{where}: message tree has no assistant reply (after leaving out deleted or "
+        raise ChatError(where, "message tree has no assistant reply (after leaving out deleted or "
                         "failed-review messages)")
     return out
 
@@ -152,10 +153,10 @@ def to_conversations(record: dict[str, Any], where: str, paths: str = "best",
 
 def check_replies(messages: list[dict], where: str) -> list[dict]:
     """Refuse an empty assistant turn in a training conversation: it teaches the model to end its
-    turn at once. A :class:`ChatError` whose text up to the first ``;`` is the skip reason."""
+    turn at once (a :class:`ChatError`)."""
     for i, m in enumerate(messages):
         if m.get("role") == "assistant" and isinstance(m.get("content"), str) and not m["content"].strip():
-            raise ChatError(f"{where}: an empty assistant turn; messages[{i}] has no text, which would teach the "
+            raise ChatError(where, "an empty assistant turn", f"messages[{i}] has no text, which would teach the "
                             "model to end its turn at once: fill it or drop the record (data.on_error: skip counts "
                             "such records)")
     return messages
@@ -164,11 +165,12 @@ def check_replies(messages: list[dict], where: str) -> list[dict]:
 def _history(pairs: Any, where: str) -> list[dict]:
     """Alpaca ``history``: ``[[user, assistant], ...]`` earlier turns -> messages."""
     if not isinstance(pairs, list):
-        raise ChatError(f"{where}: `history` must be a list of [user, assistant] pairs")
+        raise ChatError(where, "`history` must be a list of [user, assistant] pairs")
     out = []
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise ChatError(f"{where}: history[{i}] must be a [user, assistant] pair, found {pair!r:.60}")
+            raise ChatError(where, "`history` must be a list of [user, assistant] pairs",
+                            f"history[{i}] is {pair!r:.60}")
         out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return out
 
@@ -181,7 +183,7 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
     (with ``prompt_only``: its root prompt as one user turn).
     """
     if not isinstance(record, dict):
-        raise ChatError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        raise ChatError(where, f"expected a JSON object, found {type(record).__name__}")
     if is_message_tree(record):
         if prompt_only:
             return validate_messages([_message(record["prompt"], "prompt", where)], where)
@@ -195,13 +197,13 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
         elif all(isinstance(c, dict) and "from" in c for c in turns):
             msgs = _sharegpt(turns, where)
         else:
-            raise ChatError(f"{where}: `conversations` must be strings (LIMA) or {{from, value}} objects (ShareGPT)")
+            raise ChatError(where, "`conversations` must be strings (LIMA) or {from, value} objects (ShareGPT)")
     elif "instruction" in record and ("output" in record or "response" in record):
         # Checked, not str()-ed: a null or a list would become the user's text "None" / "['...']".
         for key in ("instruction", "input"):
             value = record.get(key)
             if not isinstance(value, str) and not (key == "input" and value is None):
-                raise ChatError(f"{where}: `{key}` must be a string, found {type(value).__name__}")
+                raise ChatError(where, f"`{key}` must be a string, found {type(value).__name__}")
         prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         msgs = _history(record.get("history") or [], where) + [
             {"role": "user", "content": prompt},
@@ -217,7 +219,7 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
             ", prompt" if prompt_only else "")
         hint = ("; this is one OASST message, not a tree: use the *.trees.jsonl export"
                 if {"message_id", "parent_id", "role", "text"} <= set(record) else "")
-        raise ChatError(f"{where}: no conversation found (expected one of: {wanted}); "
+        raise ChatError(where, f"no conversation found (expected one of: {wanted})",
                         f"found fields {sorted(record)}{hint}")
     validate_messages(msgs, where)
     return msgs if prompt_only else check_replies(msgs, where)

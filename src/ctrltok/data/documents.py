@@ -152,7 +152,9 @@ class DocumentEncoder:
                 for msgs in found:
                     self.chat.check_turns(msgs, where)
             except ChatError as exc:
-                out.append(self._bad(str(exc).split(": ", 1)[-1].split(";")[0], where, ChatError))
+                if self.data.on_error != "skip":
+                    raise
+                out.append((exc.reason, where))
                 continue
             slots.append((len(out), len(found)))
             out.append([])
