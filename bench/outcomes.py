@@ -67,11 +67,13 @@ def save(summary: dict) -> None:
 
 
 def eot(out: Path, summary: dict, args) -> None:
-    run = out / "eot-cpu"
-    step("eot.train", CTRLTOK + ["train", "recipes/eot-cpu.yaml", "--out", run], run / "model.safetensors", summary)
+    tag = "" if args.eot_steps == 40 else f"-{args.eot_steps}"  # 40: the recipe's own steps
+    run = out / f"eot-cpu{tag}"
+    step(f"eot{tag}.train", CTRLTOK + ["train", "recipes/eot-cpu.yaml", "--out", run, "--set", f"train.max_steps={args.eot_steps}"],
+         run / "model.safetensors", summary)
     lima = SHARED / "lima" / "lima_train.jsonl"  # Alpaca layout; none of it seen by the run
-    report = out / "eot.eval.json"
-    step("eot.eval", CTRLTOK + ["eval", "--model", run, "--data", lima, "--max-prompts", args.prompts,
+    report = out / f"eot{tag}.eval.json"
+    step(f"eot{tag}.eval", CTRLTOK + ["eval", "--model", run, "--data", lima, "--max-prompts", args.prompts,
                                 "--max-conversations", args.prompts, "--json"], report, summary, stdout=report)
 
 
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--drop-fraction", type=float, default=0.1,
                         help="conditional: sentences left without a control token, what the unconditional mode learns from")
     parser.add_argument("--cond-tokens", type=int, default=500_000, help="conditional: training tokens")
+    parser.add_argument("--eot-steps", type=int, default=40, help="eot: optimizer steps (not 40: its own run folder)")
     parser.add_argument("--oasst-steps", type=int, default=40)
     parser.add_argument("--epe-steps", type=int, default=40)
     parser.add_argument("--bt-documents", type=int, default=60, help="backtranslate: corpus documents")

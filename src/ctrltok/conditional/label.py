@@ -139,6 +139,27 @@ def calibrate_threshold(scores: Sequence[float], misaligned_fraction: float) -> 
     return threshold, achieved
 
 
+def calibrate(scorer: Scorer, documents: Iterable[Sequence[str | float]], misaligned_fraction: float,
+              limit: int = CALIBRATION_SEGMENTS) -> Calibration:
+    """The threshold that puts ``misaligned_fraction`` of a sample above it. The sample is the first
+    ``limit`` segments of ``documents`` (each document's sentences, scored here, or the scores it
+    carries): ``ctrltok label`` and the streamed labeller (:mod:`ctrltok.conditional.stream`) both
+    calibrate here, so one corpus gives one threshold whichever labels it."""
+    sample: list[str | float] = []
+    docs = 0
+    for doc in documents:
+        docs += 1
+        sample.extend(doc)
+        if len(sample) >= limit:
+            break
+    sample = sample[:limit]
+    texts = [s for s in sample if isinstance(s, str)]
+    scored = iter(scorer.score(texts, [f"calibration sample segment {i}" for i in range(len(texts))]) if texts else [])
+    scores = [next(scored) if isinstance(s, str) else float(s) for s in sample]
+    threshold, achieved = calibrate_threshold(scores, misaligned_fraction)
+    return Calibration(threshold, misaligned_fraction, achieved, len(scores), docs)
+
+
 # --------------------------------------------------------------------------------------------
 # Workers: segmentation + scoring + labelling of a chunk of inputs
 
@@ -352,16 +373,7 @@ def _choose_threshold(sc: Scorer, source: Any, threshold: float | None, misalign
                              "or misaligned_fraction= (--misaligned-fraction)")
         return sc.default_threshold, None, f"default of scorer {sc.name!r}"
     # The sample is the first segments of the input: deterministic, and cheap to read again.
-    texts, docs = [], 0
-    for where, rec in _records(source, text_field, "skip", Skips()):
-        if check_text(where, rec, text_field) is not None:
-            continue
-        docs += 1
-        texts.extend(split_sentences(rec[text_field], splitter))
-        if len(texts) >= calibration_segments:
-            break
-    texts = texts[:calibration_segments]
-    scores = sc.score(texts, [f"calibration sample segment {i}" for i in range(len(texts))])
-    thr, achieved = calibrate_threshold(scores, misaligned_fraction)
-    cal = Calibration(thr, misaligned_fraction, achieved, len(texts), docs)
-    return thr, cal.as_dict(), "calibrated"
+    documents = (split_sentences(rec[text_field], splitter) for where, rec in _records(source, text_field, "skip", Skips())
+                 if check_text(where, rec, text_field) is None)
+    cal = calibrate(sc, documents, misaligned_fraction, calibration_segments)
+    return cal.threshold, cal.as_dict(), "calibrated"

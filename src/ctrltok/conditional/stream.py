@@ -48,11 +48,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctrltok.conditional.label import (
-    CALIBRATION_SEGMENTS,
     DEFAULT_SPLITTER,
-    Calibration,
     LabelError,
-    calibrate_threshold,
+    calibrate,
     check_text,
     label_segments,
 )
@@ -144,26 +142,16 @@ class StreamLabeller:
 
     def _calibrate(self, fraction: float) -> float:
         data = self.data
-        sample: list[str | float] = []  # a sentence to score, or a score a record carries
-        docs = 0
-        for where, rec in read_records(data.sources("train"), "skip", Skips(), data.text_field, self.seed):
-            if "segments" in rec:
-                continue
-            got = sentences(rec, data.text_field, where)
-            if isinstance(got, _Problem):
-                continue
-            docs += 1
-            sample.extend(got[0] if got[1] is None else got[1])
-            if len(sample) >= CALIBRATION_SEGMENTS:
-                break
-        sample = sample[:CALIBRATION_SEGMENTS]
-        texts = [s for s in sample if isinstance(s, str)]
-        scored = iter(self.scorer.score(texts, [f"calibration sample segment {i}" for i in range(len(texts))])
-                      if texts else [])
-        scores = [next(scored) if isinstance(s, str) else s for s in sample]
-        threshold, achieved = calibrate_threshold(scores, fraction)
-        self.calibration = Calibration(threshold, fraction, achieved, len(scores), docs).as_dict()
-        return threshold
+
+        def documents():  # each document's sentences to score, or the scores it carries
+            for where, rec in read_records(data.sources("train"), "skip", Skips(), data.text_field, self.seed):
+                got = sentences(rec, data.text_field, where) if "segments" not in rec else None
+                if got is not None and not isinstance(got, _Problem):
+                    yield got[0] if got[1] is None else got[1]
+
+        calibration = calibrate(self.scorer, documents(), fraction)
+        self.calibration = calibration.as_dict()
+        return calibration.threshold
 
     # ---------------------------------------------------------------- labelling
 
