@@ -36,12 +36,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ctrltok.core.chat import get_encoder
 from ctrltok.core.inputs import input_fingerprint
 from ctrltok.core.records import read_records
 from ctrltok.core.segment import split_sentences
 from ctrltok.core.stages import JsonlSink, Outcome, StageRun, atomic_write, read_jsonl
+from ctrltok.core.templates import Template
 from ctrltok.core.tokens import CharterItem
-from ctrltok.generation.completion import Backend, Sampling
+from ctrltok.generation.completion import Backend, Prompt, Sampling
 
 _ANSWER = re.compile(r"\A\s*Reflection:[ \t]*(?P<r>[^\n]+?)[ \t]*\n\s*Charter:[ \t]*(?P<c>[^\n]*?)[ \t]*\s*\Z")
 _ID = re.compile(r"\d+\.\d+")
@@ -89,14 +91,26 @@ def parse_answer(answer: str, charter_ids: set[str], context: str = "") -> tuple
     return reflection, list(dict.fromkeys(parts))
 
 
-def build_prompt(context: str, charter: list[CharterItem], tokenizer=None) -> str:
+def build_prompt(context: str, charter: list[CharterItem], tokenizer=None) -> Prompt:
+    """The annotation prompt for the text before the insertion point.
+
+    With the model's tokenizer: injection-safe ids. The markup comes from the chat template that
+    ``apply_chat_template`` uses by default (the model's own, or the one a ctrltok run trained on)
+    and the document is encoded as text, so a document that spells ``<|im_end|>`` or ``</s>`` gives
+    the model those characters, never the control token; a tokenizer without a chat template gets
+    the content alone, also encoded as text. Without one (fake backends): the string, with the
+    document's ``<...>`` spellings broken by :func:`defang`, as a string prompt's markup is parsed."""
     template = (resources.files("ctrltok") / "resources" / "annotate_prompt.txt").read_text(encoding="utf-8")
     items = "\n".join(f"{c.id} {c.title}: {c.text}" for c in charter)
-    content = template.format(charter=items, text=defang(context))
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    return content
+    if tokenizer is None:
+        return template.format(charter=items, text=defang(context))
+    content = template.format(charter=items, text=context)
+    saved = getattr(tokenizer, "chat_template", None)
+    source = saved.get("default") if isinstance(saved, dict) else saved
+    if not source:
+        return tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    served = Template("served", source, tokenizer.eos_token)
+    return get_encoder(tokenizer, served).prompt_ids([{"role": "user", "content": content}])
 
 
 def _sibling(out: Path, suffix: str) -> Path:
