@@ -9,11 +9,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from ctrltok.backtranslate.pairs import Pair, kept, read_pairs
+from ctrltok.backtranslate.pairs import SCORES, Pair, kept, read_pairs
 from ctrltok.backtranslate.pipeline import (
     load_chat_model,
     run_backtranslation,
@@ -25,9 +26,12 @@ from ctrltok.backtranslate.stages import (
     aggregate,
     clean_instruction,
     curate,
+    fill,
+    keep_threshold,
     load_text,
     parse_score,
     rewrite_issue,
+    select,
 )
 from ctrltok.cli.backtranslate import check_same_inputs, print_report
 from ctrltok.core.config import (
@@ -322,6 +326,41 @@ def test_curation_answer_prefix_prefills_and_stays_strict():
     assert got[0].curator_outputs == ["Score: 4"]
 
 
+def test_expected_curation_reads_the_digit_probabilities(tiny_model_dir):
+    """curation_scoring: expected == sum k * p(k) over the digits after "Score:", from the model's
+    own next-token distribution; nothing to parse, so nothing fails."""
+    recipe = recipe_from_mapping({"model": {"name": str(tiny_model_dir)},
+                                  "data": {"train": "ctrltok:instructions", "template": "default"},
+                                  "backtranslate": {"curation_scoring": "expected", "curation_answer_prefix": "Score:",
+                                                    "keep_score": 2.5, "batch_size": 2}})
+    model = load_chat_model(str(tiny_model_dir), recipe)
+    tok, net = model.backend.tokenizer, model.backend.model
+    pairs = [Pair(id=str(i), source="s", response=f"Answer number {i}." * (i + 1), instruction=f"Question {i}?")
+             for i in range(3)]
+    got = list(curate(pairs, model, recipe.backtranslate))
+    prompt = load_text(recipe.backtranslate.curation_prompt, "curation_prompt")
+    digits = [tok(f"Score: {k}", add_special_tokens=False).input_ids[-1] for k in SCORES]
+    for pair, out in zip(pairs, got):
+        conv = [{"role": "user", "content": fill(prompt, "curation_prompt", instruction=pair.instruction,
+                                                 response=pair.response)}]
+        ids = model.prompt(conv, "Score: ")  # the space is the digits' shared first token here
+        with torch.no_grad():
+            p = torch.softmax(net(torch.tensor([ids])).logits[0, -1].float(), dim=-1)[digits]
+        assert out.score_probs == pytest.approx(p.tolist(), abs=1e-5)
+        assert out.score == pytest.approx(float((torch.tensor(SCORES, dtype=torch.float) * p).sum() / p.sum()), abs=1e-4)
+        assert out.scores == [SCORES[int(p.argmax())]] and out.drop is None and 1 <= out.score <= 5
+    kept_ids = [p.id for p in select(got, 2.5) if p.drop is None]
+    assert kept_ids == [p.id for p in got if p.score >= 2.5]
+    with pytest.raises(ConfigError, match="backtranslate.curation_answer_prefix"):
+        BacktranslateConfig(curation_scoring="expected").check()
+    with pytest.raises(ConfigError, match="backtranslate.curation_samples"):
+        BacktranslateConfig(curation_scoring="expected", curation_answer_prefix="Score:", curation_samples=3,
+                            curation_temperature=0.7).check()
+    with pytest.raises(ValueError, match="no next-token probabilities"):  # a backend that only writes text
+        list(curate(pairs[:1], ChatModel(FakeBackend(lambda p: "Score: 5"), model.render, model.encode_text),
+                    recipe.backtranslate))
+
+
 # ---------------------------------------------------------------- the pipeline
 
 
@@ -401,6 +440,22 @@ def test_baseline_trains_on_as_many_uncurated_pairs(corpus, gold, tmp_path):
     assert 0 < len(uncurated) == len(curated) < len(pool)
     assert all((r[1]["content"], r[2]["content"]) in pool for r in uncurated)
     assert any(s is None or s < cfg.keep_score for s in scores.values())  # curation dropped some
+
+
+def test_keep_fraction_keeps_the_best_scored_share(corpus, gold, tmp_path):
+    assert keep_threshold([1.2, 3.4, 2.0, 4.1], BacktranslateConfig(keep_fraction=0.5)) == 3.4
+    assert keep_threshold([1, 1, 1, 5], BacktranslateConfig(keep_fraction=0.25)) == 5
+    assert keep_threshold([1, 1, 1, 5], BacktranslateConfig(keep_fraction=0.5)) == 1  # ties with it are kept
+    assert keep_threshold([0.5], BacktranslateConfig(keep_fraction=0.01)) == 0.5  # at least the best one
+    assert keep_threshold([], BacktranslateConfig(keep_fraction=0.5)) == 4 == keep_threshold([5.0], BacktranslateConfig())
+    with pytest.raises(ConfigError, match="backtranslate.keep_fraction"):
+        recipe_from_mapping({"backtranslate": {"keep_fraction": 0}}, "<t>")
+    out = tmp_path / "o"
+    report, _ = run(make_recipe(corpus, gold, keep_fraction=0.5, keep_score=5), out, trainer=FakeTrainer())
+    scores = sorted((p.score for p in kept(out / "curated-1.jsonl")), reverse=True)
+    threshold = report["curation"]["curated-1"]["keep_threshold"]
+    assert threshold == scores[round(len(scores) / 2) - 1]
+    assert sum(1 for _ in kept(out / "selected-1.jsonl")) == sum(s >= threshold for s in scores) >= len(scores) / 2
 
 
 def test_no_baseline_when_curation_keeps_nothing(corpus, gold, tmp_path, monkeypatch):

@@ -82,6 +82,20 @@ def test_batched_greedy_equals_one_at_a_time(model_and_tokenizer):
         assert got.text == tok.decode(want, skip_special_tokens=True)
 
 
+def test_next_token_logprobs_batched_equal_the_full_forward_alone(model_and_tokenizer):
+    """Right-padded batches read at each row's own last token == one prompt's full forward."""
+    model, tok = model_and_tokenizer
+    prompts = [render(tok, q) for q in QUESTIONS]
+    wanted = [tok.convert_tokens_to_ids(d) for d in "12345"]
+    got = TransformersBackend(model, tok, batch_size=3).next_token_logprobs(prompts, wanted)
+    for prompt, row in zip(prompts, got):
+        ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+        assert row == pytest.approx(full[wanted].tolist(), abs=1e-5)
+    assert len({tuple(round(x, 3) for x in row) for row in got}) >= 4, "must depend on the prompt"
+
+
 def test_shared_prefix_is_used_and_changes_nothing(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompts = [render(tok, q) for q in QUESTIONS[:4]]

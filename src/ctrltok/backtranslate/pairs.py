@@ -25,7 +25,8 @@ class Pair:
     original_response: str | None = None  # the segment as found, once rewritten
     curator_outputs: list[str] = field(default_factory=list)
     scores: list[int | None] = field(default_factory=list)  # per sample; None = did not parse
-    score: float | None = None  # aggregate of the samples in 1..5
+    score: float | None = None  # aggregate of the samples in 1..5 (curation_scoring: expected: sum of k * p(k))
+    score_probs: list[float] | None = None  # curation_scoring: expected: p(1) .. p(5) as the next token
     drop: str | None = None  # reason, or None when kept
 
     @classmethod

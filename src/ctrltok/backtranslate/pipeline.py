@@ -54,6 +54,7 @@ from ctrltok.backtranslate.stages import (
     Message,
     augment,
     curate,
+    keep_threshold,
     load_text,
     rewrite,
     select,
@@ -267,7 +268,8 @@ def run_backtranslation(recipe: Recipe, out_dir: Path, backend_factory: Callable
     for i in range(1, cfg.iterations + 1):
         curated = _stage(out_dir, f"curated-{i}", lambda it, c=curator: curate(it, models.get(c), cfg, seed),
                          kept(last), shard_size=batch)
-        selected = _stage(out_dir, f"selected-{i}", lambda it: select(it, cfg.keep_score), kept(curated))
+        threshold = keep_threshold((p.score for p in kept(curated)), cfg)
+        selected = _stage(out_dir, f"selected-{i}", lambda it, t=threshold: select(it, t), kept(curated))
         if not (out_dir / f"model-{i}.done").exists():
             models.release()
         final = finetune(recipe, gold, kept(selected), out_dir, f"model-{i}", trainer)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ctrltok.backtranslate.pairs import SCORES, Pair, read_pairs
+from ctrltok.backtranslate.pairs import SCORES, Pair, kept, read_pairs
+from ctrltok.backtranslate.stages import keep_threshold
 from ctrltok.core.config import BacktranslateConfig
 from ctrltok.core.stages import atomic_write
 
@@ -50,7 +51,10 @@ def curation_stats(path: Path) -> dict:
     """Sample-level parser counts and the histogram of parsed scores in one curation file."""
     hist = {s: 0 for s in SCORES}
     samples = unparsed = out_of_range = 0
+    expected: list[tuple[float, float]] = []  # (score, digit mass) of curation_scoring: expected
     for pair in read_pairs(path):
+        if pair.score_probs is not None and pair.score is not None:
+            expected.append((pair.score, sum(pair.score_probs)))
         for s in pair.scores:
             samples += 1
             if s is None:
@@ -60,9 +64,15 @@ def curation_stats(path: Path) -> dict:
             else:
                 hist[s] += 1
     rate = (lambda k: round(k / samples, 4) if samples else None)
-    return {"samples": samples, "parsed": samples - unparsed - out_of_range, "unparsed": unparsed,
-            "out_of_range": out_of_range, "parse_failure_rate": rate(unparsed),
-            "out_of_range_rate": rate(out_of_range), "histogram": hist}
+    stats = {"samples": samples, "parsed": samples - unparsed - out_of_range, "unparsed": unparsed,
+             "out_of_range": out_of_range, "parse_failure_rate": rate(unparsed),
+             "out_of_range_rate": rate(out_of_range), "histogram": hist}
+    if expected:  # the graded scores, and how much of the curator's next token went to a digit at all
+        scores = sorted(s for s, _ in expected)
+        stats["expected"] = {"pairs": len(scores), "min": round(scores[0], 3), "median": round(scores[len(scores) // 2], 3),
+                             "max": round(scores[-1], 3),
+                             "mean_digit_probability": round(sum(m for _, m in expected) / len(expected), 4)}
+    return stats
 
 
 def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: int) -> dict:
@@ -82,8 +92,9 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
         if name == "segments" and marker.exists():  # the segmenter's own counters, kept in its marker
             entry["documents"] = json.loads(marker.read_text()).get("stats", {}).get("documents")
         stages.append(entry)
-    curation = {name: curation_stats(out_dir / f"{name}.jsonl") for name in _stage_names(out_dir, cfg)
-                if name.startswith("curated-")}
+    curation = {name: {**curation_stats(out_dir / f"{name}.jsonl"),  # and the score select kept from
+                       "keep_threshold": keep_threshold((p.score for p in kept(out_dir / f"{name}.jsonl")), cfg)}
+                for name in _stage_names(out_dir, cfg) if name.startswith("curated-")}
     training = {}
     for marker in sorted(out_dir.glob("*.done")):
         info = json.loads(marker.read_text())
@@ -100,7 +111,8 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
             if len(samples[key]) < n:
                 samples[key].append(_sample(pair))
     report = {"out_dir": str(out_dir), "gold_pairs": gold, "stages": stages, "training": training,
-              "curation": curation, "score_aggregate": cfg.score_aggregate, "keep_score": cfg.keep_score,
+              "curation": curation, "curation_scoring": cfg.curation_scoring, "score_aggregate": cfg.score_aggregate,
+              "keep_score": cfg.keep_score, "keep_fraction": cfg.keep_fraction,
               "samples": samples, "models": models}
     if curation:
         report["histogram_png"] = str(_plot(curation, out_dir / "scores.png"))

@@ -3,8 +3,9 @@ input once, kept or with ``drop`` set to a reason (the shape :mod:`ctrltok.core.
 
     augment  (M_yx)  the backward model writes the instruction each candidate answers
     rewrite  (M0)    the seed model rewrites the answer for that instruction (seed 003)
-    curate   (M0/Mi) the curator scores the pair 1-5, ``curation_samples`` times
-    select           pairs scoring at least ``keep_score`` are kept
+    curate   (M0/Mi) the curator scores the pair 1-5, ``curation_samples`` times (or once, as the
+                     expected value of its next-token probabilities of the digits)
+    select           pairs scoring at least ``keep_score`` are kept (or the best ``keep_fraction``)
 
 Models are reached through one :class:`ChatModel` (rendering + a ``complete(prompts, sampling)``
 backend), so tests run every stage with fakes. The curation parser is strict: the last non-empty
@@ -14,6 +15,7 @@ apart, and the report shows both rates.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Callable, Iterable, Iterator
@@ -61,6 +63,32 @@ class ChatModel:
         if len(outs) != want:  # a backend bug would otherwise shift every later record
             raise RuntimeError(f"backend returned {len(outs)} completions for {want} requested")
         return outs
+
+    def next_token_choices(self, conversations: list[list[Message]], answer_prefix: str,
+                           choices: list[str]) -> list[list[float]]:
+        """For each conversation, the log-probability that the assistant, having written
+        ``answer_prefix``, writes each of ``choices`` next (``[" 1", ..., " 5"]``). The choices may
+        share leading tokens (a space); after those each must be one token, so that one forward
+        pass reads them all. Needs id prompts and a backend with ``next_token_logprobs``."""
+        if self.encode_text is None:
+            raise ValueError("next_token_choices needs id prompts (ChatModel.encode_text)")
+        if not hasattr(self.backend, "next_token_logprobs"):
+            raise ValueError(f"{type(self.backend).__name__} gives no next-token probabilities "
+                             "(backtranslate.curation_scoring: expected); use curation_scoring: generated")
+        encoded = [self.encode_text(answer_prefix + c) for c in choices]
+        shared = 0
+        while all(len(e) > shared for e in encoded) and len({e[shared] for e in encoded}) == 1:
+            shared += 1
+        tails = [e[shared:] for e in encoded]
+        base = self.encode_text(answer_prefix)
+        if any(len(t) != 1 for t in tails) or len({t[0] for t in tails}) != len(tails) or encoded[0][:len(base)] != base:
+            raise ValueError(f"after the prefix {answer_prefix!r} the choices {choices} are not one distinct token "
+                             "each in this tokenizer; backtranslate.curation_scoring: expected cannot read them")
+        prompts = [list(self.render(c)) + encoded[0][:shared] for c in conversations]
+        out = self.backend.next_token_logprobs(prompts, [t[0] for t in tails])
+        if len(out) != len(conversations):
+            raise RuntimeError(f"backend returned {len(out)} rows for {len(conversations)} prompts")
+        return out
 
 
 # --------------------------------------------------------------------------- prompts
@@ -215,7 +243,11 @@ def aggregate(scores: list[int | None], how: str) -> float | None:
 def curate(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, seed: int = 0) -> Iterator[Pair]:
     """The curator scores each pair ``curation_samples`` times; the score is the median (or mean,
     ``score_aggregate``) of the samples that parsed to 1..5. A pair with none is dropped as
-    ``score_unparsed`` (or ``score_out_of_range`` when every failing sample was a number outside 1..5)."""
+    ``score_unparsed`` (or ``score_out_of_range`` when every failing sample was a number outside 1..5).
+    With ``curation_scoring: expected`` see :func:`curate_expected`."""
+    if cfg.curation_scoring == "expected":
+        yield from curate_expected(pairs, model, cfg)
+        return
     prompt = load_text(cfg.curation_prompt, "curation_prompt")
     n = cfg.curation_samples
     sampling = Sampling(max_new_tokens=cfg.curation_max_new_tokens, temperature=cfg.curation_temperature,
@@ -238,6 +270,39 @@ def curate(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, se
             yield replace(pair, curator_outputs=raw, scores=scores, score=score, drop=reason)
 
 
-def select(pairs: Iterable[Pair], keep_score: int) -> Iterator[Pair]:
+def curate_expected(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig) -> Iterator[Pair]:
+    """The expected score: the reply is prefilled with ``curation_answer_prefix`` and the curator's
+    next-token probabilities of the digits 1..5 are read in one forward pass; the score is
+    ``sum(k * p(k)) / sum(p(k))``. Nothing is parsed, so nothing fails to parse; ``scores`` holds the
+    most likely digit (the greedy answer, for the histogram) and ``score_probs`` the five
+    probabilities, whose sum says how sure the curator was that a digit comes next."""
+    prompt = load_text(cfg.curation_prompt, "curation_prompt")
+    prefix = cfg.curation_answer_prefix
+    digits = [("" if prefix[-1].isspace() else " ") + str(k) for k in SCORES]
+    for batch in _batches(pairs, cfg.batch_size):
+        convs = [[{"role": "user", "content": fill(prompt, "curation_prompt", instruction=p.instruction,
+                                                   response=p.response)}] for p in batch]
+        for pair, logps in zip(batch, model.next_token_choices(convs, prefix, digits), strict=True):
+            probs = [math.exp(lp) for lp in logps]
+            mass = sum(probs)
+            best = max(range(len(SCORES)), key=lambda j: probs[j])
+            score = sum(k * q for k, q in zip(SCORES, probs)) / mass if mass > 0 else None
+            yield replace(pair, curator_outputs=[prefix + digits[best]], scores=[SCORES[best]],
+                          score=None if score is None else round(score, 6), score_probs=[round(q, 6) for q in probs],
+                          drop=None if score is not None else "score_unparsed")
+
+
+def keep_threshold(scores: Iterable[float], cfg: BacktranslateConfig) -> float:
+    """The score a pair needs to be kept: ``keep_score``, or with ``keep_fraction`` the score of the
+    pair at that rank among ``scores`` (best first), so that fraction is kept (more where scores tie)."""
+    if cfg.keep_fraction is None:
+        return cfg.keep_score
+    ranked = sorted(scores, reverse=True)
+    if not ranked:
+        return cfg.keep_score  # nothing to keep either way
+    return ranked[max(1, round(cfg.keep_fraction * len(ranked))) - 1]
+
+
+def select(pairs: Iterable[Pair], keep_score: float) -> Iterator[Pair]:
     for pair in pairs:
         yield replace(pair, drop=None if pair.score is not None and pair.score >= keep_score else "score_below_keep")

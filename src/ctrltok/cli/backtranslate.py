@@ -67,7 +67,16 @@ def print_report(report: dict, console: Any = None) -> None:
         console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
                       f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
                       f"({cs['out_of_range_rate']}); scores {hist}")
-    side = Table(title=f"kept vs dropped (score >= {report['keep_score']}, {report['score_aggregate']})",
+        if "expected" in cs:  # curation_scoring: expected
+            ex = cs["expected"]
+            console.print(f"{name}: expected scores of {ex['pairs']} pairs: min {ex['min']}, median {ex['median']}, "
+                          f"max {ex['max']}; the curator's next token is a digit with probability "
+                          f"{ex['mean_digit_probability']} on average")
+    how = "expected" if report.get("curation_scoring") == "expected" else report["score_aggregate"]
+    last = list(report["curation"].values())[-1] if report["curation"] else {}
+    rule = (f"the best {report['keep_fraction']:.0%}: score >= {last.get('keep_threshold', report['keep_score']):.3g}"
+            if report.get("keep_fraction") else f"score >= {report['keep_score']}")
+    side = Table(title=f"kept vs dropped ({rule}, {how})",
                  show_lines=True)
     side.add_column("kept")
     side.add_column("dropped")

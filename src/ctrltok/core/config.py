@@ -264,8 +264,9 @@ class ConditionalConfig:
     supervise_control: bool = True
 
 
-CURATION_SCORES = (1, 2, 3, 4, 5)  # the curator's scale (backtranslate.keep_score is one of them)
+CURATION_SCORES = (1, 2, 3, 4, 5)  # the curator's scale (backtranslate.keep_score lies in it)
 SCORE_AGGREGATES = ("median", "mean")  # backtranslate.score_aggregate
+CURATION_SCORINGS = ("generated", "expected")  # backtranslate.curation_scoring
 
 
 @dataclass
@@ -308,7 +309,15 @@ class BacktranslateConfig:
     # reply is started for them and the first line they write must complete "Score: N".
     curation_answer_prefix: str = ""
     score_aggregate: str = "median"  # median | mean over the samples that parsed
-    keep_score: int = 4
+    # "generated": the curator writes its score (parsed strictly, curation_samples times);
+    # "expected": sum of k * p(k) over the score digits 1..5 read after curation_answer_prefix in one
+    # forward pass: no parse failures and a graded score where a small curator's greedy answer is
+    # nearly always the same digit
+    curation_scoring: str = "generated"
+    keep_score: float = 4  # pairs scoring at least this are kept (a fraction with curation_scoring: expected)
+    # instead: keep the best-scored fraction of the curated pairs (the threshold is the score at that
+    # rank; ties with it are kept too), whatever scale a small curator's scores take
+    keep_fraction: float | None = None
     # finetune + iterate
     iterations: int = 1
     finetune_steps: int | None = None  # None: train.max_steps
@@ -327,8 +336,16 @@ class BacktranslateConfig:
 
         if self.score_aggregate not in SCORE_AGGREGATES:
             raise bad("score_aggregate", f"= {self.score_aggregate!r}; expected one of {list(SCORE_AGGREGATES)}")
-        if self.keep_score not in CURATION_SCORES:
+        if not min(CURATION_SCORES) <= self.keep_score <= max(CURATION_SCORES):
             raise bad("keep_score", f"= {self.keep_score}; expected 1..5")
+        if self.curation_scoring not in CURATION_SCORINGS:
+            raise bad("curation_scoring", f"= {self.curation_scoring!r}; expected one of {list(CURATION_SCORINGS)}")
+        if self.curation_scoring == "expected" and not self.curation_answer_prefix.strip():
+            raise bad("curation_answer_prefix", "is empty with curation_scoring: expected, which reads the score "
+                      "digit right after it: set it to the answer's start, e.g. \"Score:\"")
+        if self.curation_scoring == "expected" and self.curation_samples != 1:
+            raise bad("curation_samples", f"= {self.curation_samples} with curation_scoring: expected, which reads "
+                      "the score's distribution once: set 1")
         for key in ("curation_samples", "iterations", "batch_size", "max_new_tokens", "rewrite_max_new_tokens",
                     "curation_max_new_tokens"):
             if getattr(self, key) < 1:
@@ -465,6 +482,7 @@ _RANGES = {
     "backtranslate.seed_steps": ">=1",
     "backtranslate.finetune_steps": ">=1",
     "backtranslate.report_samples": ">=0",
+    "backtranslate.keep_fraction": "(0,1]",
 }
 _MISSING = object()
 

@@ -16,6 +16,10 @@ all go through it.
 * :class:`VLLMBackend` - the same contract on vLLM, when it is installed (optional dependency).
 * :class:`FakeBackend` - a deterministic function of the prompt, for tests.
 
+The two model backends also give ``next_token_logprobs(prompts, token_ids)``: how likely each of a
+few tokens is as the next one (backtranslation's expected curation score reads the score digits'
+probabilities instead of parsing a generated one).
+
 A prompt is either token ids or a rendered string. Ids are used as they are: that is how stages
 pass prompts whose text came from outside (documents, model outputs), encoded by the injection-safe
 :func:`ctrltok.core.chat.render_prompt`, so a corpus line that spells ``<|im_end|>`` stays text. A string
@@ -207,6 +211,38 @@ class TransformersBackend:
                               stop_strings=sampling.stop, decode=self._decode, share_prefix=self.share_prefix)
         return [self._finish(ids, set(eos), sampling.stop) for ids in outs]
 
+    @torch.no_grad()
+    def next_token_logprobs(self, prompts: list[Prompt], token_ids: Sequence[int]) -> list[list[float]]:
+        """For each prompt, the log-probability of each of ``token_ids`` as the next token.
+
+        One forward pass per batch of ``batch_size`` prompts, right-padded so that each row is read
+        at its own last token (in a causal model no real token sees the padding after it); the
+        output layer runs on those positions only, never on ``[B, T, V]``. A final logit soft cap
+        (Gemma 2) is applied as the model's own forward applies it."""
+        encoded = encode_prompts(self.tokenizer, prompts)
+        device = self.model.device
+        wanted = torch.tensor([int(t) for t in token_ids], device=device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        out: list[list[float]] = [[] for _ in encoded]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding per batch
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            ids = torch.full((len(rows), max(len(encoded[i]) for i in rows)), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(rows):
+                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[r, :len(encoded[i])] = 1
+            hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            last = hidden[torch.arange(len(rows), device=device), mask.sum(1).to(device) - 1]
+            logits = self.model.get_output_embeddings()(last).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            chosen = torch.log_softmax(logits, dim=-1)[:, wanted].cpu()
+            for r, i in enumerate(rows):
+                out[i] = chosen[r].tolist()
+        return out
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
@@ -268,6 +304,17 @@ class VLLMBackend:
         )
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params)
         return [o.text for request in outputs for o in request.outputs]
+
+    def next_token_logprobs(self, prompts: list[Prompt], token_ids: Sequence[int]) -> list[list[float]]:
+        """:meth:`TransformersBackend.next_token_logprobs` on vLLM: each prompt extended by each
+        candidate token, read back as that token's prompt log-probability (``prompt_logprobs=0``
+        returns the log-probability of every prompt token; the shared prefix is cached)."""
+        encoded = encode_prompts(self.tokenizer, prompts)
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
+        wanted = [int(t) for t in token_ids]
+        outputs = self.llm.generate([{"prompt_token_ids": ids + [t]} for ids in encoded for t in wanted], params)
+        flat = [request.prompt_logprobs[-1][t].logprob for request, t in zip(outputs, wanted * len(encoded))]
+        return [flat[i * len(wanted):(i + 1) * len(wanted)] for i in range(len(encoded))]
 
 
 class FakeBackend:
