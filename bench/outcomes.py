@@ -67,9 +67,10 @@ def save(summary: dict) -> None:
 
 
 def eot(out: Path, summary: dict, args) -> None:
-    tag = "" if args.eot_steps == 40 else f"-{args.eot_steps}"  # 40: the recipe's own steps
+    tag = f"-{args.eot_steps}" if args.eot_steps else ""  # none: the recipe's own steps
     run = out / f"eot-cpu{tag}"
-    step(f"eot{tag}.train", CTRLTOK + ["train", "recipes/eot-cpu.yaml", "--out", run, "--set", f"train.max_steps={args.eot_steps}"],
+    steps = ["--set", f"train.max_steps={args.eot_steps}"] if args.eot_steps else []
+    step(f"eot{tag}.train", CTRLTOK + ["train", "recipes/eot-cpu.yaml", "--out", run] + steps,
          run / "model.safetensors", summary)
     lima = SHARED / "lima" / "lima_train.jsonl"  # Alpaca layout; none of it seen by the run
     report = out / f"eot{tag}.eval.json"
@@ -145,12 +146,14 @@ def epe(out: Path, summary: dict, args) -> None:
 
 
 def backtranslate(out: Path, summary: dict, args) -> None:
-    run = out / "backtranslate-cpu"
-    step("backtranslate.run", CTRLTOK + ["backtranslate", "recipes/backtranslate-cpu.yaml", "--out", run, "--set",
-                                         f"backtranslate.max_documents={args.bt_documents}"], run / "report.json", summary)
-    report = out / "backtranslate.eval.json"
-    step("backtranslate.eval", CTRLTOK + ["eval", "--model", run, "--data", SHARED / "alpaca" / "alpaca_5000.jsonl",
-                                          "--max-conversations", "200", "--json"], report, summary, stdout=report)
+    tag = f"-{args.bt_tag}" if args.bt_tag else ""
+    run = out / f"backtranslate-cpu{tag}"
+    sets = [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set]
+    step(f"backtranslate{tag}.run", CTRLTOK + ["backtranslate", "recipes/backtranslate-cpu.yaml", "--out", run]
+         + [a for s in sets for a in ("--set", s)], run / "report.json", summary)
+    report = out / f"backtranslate{tag}.eval.json"
+    step(f"backtranslate{tag}.eval", CTRLTOK + ["eval", "--model", run, "--data", SHARED / "alpaca" / "alpaca_5000.jsonl",
+                                                "--max-conversations", "200", "--json"], report, summary, stdout=report)
 
 
 PARTS = {"eot": eot, "oasst": oasst, "conditional": conditional, "epe": epe, "backtranslate": backtranslate}
@@ -167,10 +170,14 @@ def main() -> None:
     parser.add_argument("--drop-fraction", type=float, default=0.1,
                         help="conditional: sentences left without a control token, what the unconditional mode learns from")
     parser.add_argument("--cond-tokens", type=int, default=500_000, help="conditional: training tokens")
-    parser.add_argument("--eot-steps", type=int, default=40, help="eot: optimizer steps (not 40: its own run folder)")
+    parser.add_argument("--eot-steps", type=int, default=None,
+                        help="eot: optimizer steps instead of the recipe's (the run folder is then eot-cpu-N)")
     parser.add_argument("--oasst-steps", type=int, default=40)
     parser.add_argument("--epe-steps", type=int, default=40)
     parser.add_argument("--bt-documents", type=int, default=60, help="backtranslate: corpus documents")
+    parser.add_argument("--bt-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="backtranslate: more --set values for the pipeline (give --bt-tag with them)")
+    parser.add_argument("--bt-tag", default="", help="backtranslate: a name for the run folder and its step times")
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs {SHARED} (public data beside the repository)")
