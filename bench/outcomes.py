@@ -20,8 +20,11 @@ step whose output exists is not run again, so a killed run resumes. Held-out dat
 * ``backtranslate``: ``recipes/backtranslate-cpu.yaml`` (with its ``baseline``: gold + as many
   uncurated pairs); curation parse failures, and the held-out loss of ``model-1`` vs ``baseline-1``
   on 200 Alpaca chats (``../shared/data/alpaca``).
+* ``backtranslate-controls`` (after ``backtranslate``, same ``--bt-*`` options): the ablation's spread,
+  two more uncurated draws and the pairs curation ranked lowest, fine-tuned alike and evaluated on the
+  same chats.
 
-    python bench/outcomes.py [eot oasst conditional epe backtranslate] [--out bench/out/outcomes] [--seeds 0 1 2]
+    python bench/outcomes.py [eot oasst conditional epe backtranslate backtranslate-controls] [--out bench/out/outcomes] [--seeds 0 1 2]
 
 Needs ``../shared/data``. Writes ``OUT/<part>/...`` and ``OUT/summary.json`` (times and outcomes).
 """
@@ -36,6 +39,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ctrltok.backtranslate.pairs import kept
+from ctrltok.backtranslate.pipeline import finetune, read_gold, uncurated_sample
+from ctrltok.core.config import load_recipe
+from ctrltok.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -156,7 +164,39 @@ def backtranslate(out: Path, summary: dict, args) -> None:
                                                 "--max-conversations", "200", "--json"], report, summary, stdout=report)
 
 
-PARTS = {"eot": eot, "oasst": oasst, "conditional": conditional, "epe": epe, "backtranslate": backtranslate}
+def backtranslate_controls(out: Path, summary: dict, args) -> None:
+    """The ablation's spread, for a run made with ``--bt-tag``: two more uncurated draws (seeds 1, 2)
+    and the pairs curation ranked lowest (as many as it kept), each fine-tuned exactly as model-1 is
+    (``pipeline.finetune``: gold + the pairs, the recipe's steps; in this process), then model-1,
+    baseline-1 and these evaluated alike: held-out loss on the same 200 Alpaca chats."""
+    tag = f"-{args.bt_tag}" if args.bt_tag else ""
+    run = out / f"backtranslate-cpu{tag}"
+    recipe = load_recipe(ROOT / "recipes" / "backtranslate-cpu.yaml",
+                         [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set])
+    cfg = recipe.backtranslate
+    pool = run / ("rewritten.jsonl" if cfg.rewrite else "augmented.jsonl")
+    n = sum(1 for _ in kept(run / "selected-1.jsonl"))
+    lowest = sorted(kept(run / "curated-1.jsonl"), key=lambda p: (p.score, p.id))[:n]
+    controls = {"uncurated-s1": lambda: uncurated_sample(lambda: kept(pool), n, 1),
+                "uncurated-s2": lambda: uncurated_sample(lambda: kept(pool), n, 2),
+                "curated-lowest": lambda: iter(lowest)}
+    gold = read_gold(cfg.gold)
+    for name, pairs in controls.items():
+        if not (run / f"control-{name}.done").exists():
+            start = time.perf_counter()
+            finetune(recipe, gold, pairs(), run, f"control-{name}", train)
+            summary["times"][f"backtranslate{tag}.control-{name}"] = round(time.perf_counter() - start, 1)
+            save(summary)
+    alpaca = SHARED / "alpaca" / "alpaca_5000.jsonl"
+    for name in ["model-1", "baseline-1", *(f"control-{c}" for c in controls)]:
+        report = out / f"backtranslate{tag}.{name}.eval.json"
+        step(f"backtranslate{tag}.eval.{name}", CTRLTOK + ["eval", "--model", run / name, "--data", alpaca,
+                                                           "--max-conversations", "200", "--max-prompts", "0", "--json"],
+             report, summary, stdout=report)
+
+
+PARTS = {"eot": eot, "oasst": oasst, "conditional": conditional, "epe": epe, "backtranslate": backtranslate,
+         "backtranslate-controls": backtranslate_controls}
 
 
 def main() -> None:
