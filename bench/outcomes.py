@@ -59,8 +59,11 @@ def step(name: str, argv: list[str], done: Path | None, summary: dict, stdout: P
         return
     print(f"[{name}] {' '.join(str(a) for a in argv)}", flush=True)
     start = time.perf_counter()
-    with open(stdout, "w") if stdout else open(os.devnull, "w") as out:
-        subprocess.run([str(a) for a in argv], check=True, cwd=ROOT, stdout=out if stdout else None)
+    partial = stdout.with_name(stdout.name + ".partial") if stdout else None  # renamed when the step succeeds,
+    with open(partial, "w") if partial else open(os.devnull, "w") as out:  # so a killed step is run again
+        subprocess.run([str(a) for a in argv], check=True, cwd=ROOT, stdout=out if partial else None)
+    if partial:
+        partial.replace(stdout)
     summary["times"][name] = round(time.perf_counter() - start, 1)
     print(f"[{name}] {summary['times'][name]} s", flush=True)
     save(summary)
