@@ -636,6 +636,33 @@ def test_end_to_end_with_the_real_trainer_and_backend_on_a_tiny_model(tmp_path, 
     assert again["stages"] == report["stages"]
 
 
+def test_expected_curation_end_to_end_on_a_tiny_model(tmp_path, tiny_llama, smol_tokenizer, gold):
+    """curation_scoring: expected with keep_fraction through the default backend factory and the
+    real trainer: every pair gets a graded score, the best half is kept, baseline-1 matches it."""
+    base = tmp_path / "tiny"
+    tiny_llama(len(smol_tokenizer), tie=False).save_pretrained(base)  # tied, it writes only newlines: no instruction
+    smol_tokenizer.save_pretrained(base)
+    recipe = recipe_from_mapping({
+        "model": {"name": str(base)},
+        "data": {"max_length": 256, "eval_fraction": 0.0},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "lr": 1e-3},
+        "backtranslate": {"corpus": "python:pydoc_topics", "gold": str(gold), "max_documents": 6,
+                          "max_candidates": 6, "max_new_tokens": 12, "rewrite": False, "min_instruction_chars": 1,
+                          "curation_scoring": "expected", "curation_answer_prefix": "Score:", "keep_fraction": 0.5,
+                          "baseline": True, "batch_size": 4},
+    }, "<slow test>")
+    out = tmp_path / "run"
+    report = run_backtranslation(recipe, out)
+    curated = list(kept(out / "curated-1.jsonl"))
+    assert curated and all(p.score_probs and 1 <= p.score <= 5 for p in curated)
+    assert report["curation"]["curated-1"]["unparsed"] == 0
+    assert report["curation"]["curated-1"]["expected"]["pairs"] == len(curated)
+    n = sum(1 for _ in kept(out / "selected-1.jsonl"))
+    assert n >= round(len(curated) / 2) and n == sum(p.score >= report["curation"]["curated-1"]["keep_threshold"]
+                                                     for p in curated)
+    assert report["training"]["baseline-1"]["examples"] == report["training"]["model-1"]["examples"]
+
+
 def test_resuming_with_changed_settings_says_so(corpus, gold, tmp_path):
     run(make_recipe(corpus, gold), tmp_path / "o")
     with pytest.warns(UserWarning, match=r"changed settings \['iterations'\]"):
