@@ -314,7 +314,7 @@ class BacktranslateConfig:
     # forward pass: no parse failures and a graded score where a small curator's greedy answer is
     # nearly always the same digit
     curation_scoring: str = "generated"
-    keep_score: float = 4  # pairs scoring at least this are kept (a fraction with curation_scoring: expected)
+    keep_score: float = 4  # pairs scoring at least this are kept (any value in 1..5: expected scores are not whole)
     # instead: keep the best-scored fraction of the curated pairs (the threshold is the score at that
     # rank; ties with it are kept too), whatever scale a small curator's scores take
     keep_fraction: float | None = None

@@ -183,7 +183,7 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
     (with ``prompt_only``: its root prompt as one user turn).
     """
     if not isinstance(record, dict):
-        raise ChatError(where, f"expected a JSON object, found {type(record).__name__}")
+        raise ChatError(where, "expected a JSON object", f"found {type(record).__name__}")
     if is_message_tree(record):
         if prompt_only:
             return validate_messages([_message(record["prompt"], "prompt", where)], where)
@@ -203,7 +203,7 @@ def to_conversation(record: dict[str, Any], where: str, prompt_only: bool = Fals
         for key in ("instruction", "input"):
             value = record.get(key)
             if not isinstance(value, str) and not (key == "input" and value is None):
-                raise ChatError(where, f"`{key}` must be a string, found {type(value).__name__}")
+                raise ChatError(where, f"`{key}` must be a string", f"found {type(value).__name__}")
         prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         msgs = _history(record.get("history") or [], where) + [
             {"role": "user", "content": prompt},

@@ -97,9 +97,9 @@ class DocumentEncoder:
         elif self.kind != "text":
             raise ValueError(f"data.kind = {self.kind!r}; expected chat, text, labelled or epe")
 
-    def _bad(self, reason: str, where: str, error: type[Exception] = RecordError) -> tuple[str, str]:
+    def _bad(self, reason: str, where: str) -> tuple[str, str]:
         if self.data.on_error != "skip":
-            raise error(f"{where}: {reason}")
+            raise RecordError(f"{where}: {reason}")
         return reason, where
 
     def encode(self, indexed: Sequence[tuple[int, Any]]) -> list[Encoded]:
