@@ -156,10 +156,14 @@ def epe(out: Path, summary: dict, args) -> None:
     step("epe.eval", CTRLTOK + ["eval", "--model", run, "--json"], report, summary, stdout=report)
 
 
-def backtranslate(out: Path, summary: dict, args) -> None:
+def _bt_run(out: Path, args) -> tuple[str, Path, list[str]]:
+    """The backtranslation run's tag, folder and ``--set`` values (``--bt-*`` options)."""
     tag = f"-{args.bt_tag}" if args.bt_tag else ""
-    run = out / f"backtranslate-cpu{tag}"
-    sets = [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set]
+    return tag, out / f"backtranslate-cpu{tag}", [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set]
+
+
+def backtranslate(out: Path, summary: dict, args) -> None:
+    tag, run, sets = _bt_run(out, args)
     step(f"backtranslate{tag}.run", CTRLTOK + ["backtranslate", "recipes/backtranslate-cpu.yaml", "--out", run]
          + [a for s in sets for a in ("--set", s)], run / "report.json", summary)
     report = out / f"backtranslate{tag}.eval.json"
@@ -172,10 +176,8 @@ def backtranslate_controls(out: Path, summary: dict, args) -> None:
     and the pairs curation ranked lowest (as many as it kept), each fine-tuned exactly as model-1 is
     (``pipeline.finetune``: gold + the pairs, the recipe's steps; in this process), then model-1,
     baseline-1 and these evaluated alike: held-out loss on the same 200 Alpaca chats."""
-    tag = f"-{args.bt_tag}" if args.bt_tag else ""
-    run = out / f"backtranslate-cpu{tag}"
-    recipe = load_recipe(ROOT / "recipes" / "backtranslate-cpu.yaml",
-                         [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set])
+    tag, run, sets = _bt_run(out, args)
+    recipe = load_recipe(ROOT / "recipes" / "backtranslate-cpu.yaml", sets)
     cfg = recipe.backtranslate
     pool = run / ("rewritten.jsonl" if cfg.rewrite else "augmented.jsonl")
     n = sum(1 for _ in kept(run / "selected-1.jsonl"))
