@@ -96,6 +96,25 @@ def test_next_token_logprobs_batched_equal_the_full_forward_alone(model_and_toke
     assert len({tuple(round(x, 3) for x in row) for row in got}) >= 4, "must depend on the prompt"
 
 
+def test_continuation_logprobs_batched_equal_the_full_forward_alone(model_and_tokenizer):
+    """Each continuation token's log-probability, read in right-padded batches of uneven rows ==
+    the full forward of that one prompt + continuation; an empty continuation gives no row values."""
+    model, tok = model_and_tokenizer
+    prompts = [render(tok, q) for q in QUESTIONS]
+    conts = [tok(" answer " * (i % 3) + "done.", add_special_tokens=False).input_ids for i in range(len(prompts))]
+    conts[1] = []
+    got = TransformersBackend(model, tok, batch_size=3).continuation_logprobs(prompts, conts)
+    for prompt, cont, row in zip(prompts, conts, got):
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([ids + cont])).logits[0].float(), dim=-1)
+        want = [full[len(ids) - 1 + k, t].item() for k, t in enumerate(cont)]
+        assert row == pytest.approx(want, abs=1e-5)
+    assert got[1] == []
+    with pytest.raises(ValueError, match="continuations"):
+        TransformersBackend(model, tok).continuation_logprobs(prompts, conts[:2])
+
+
 def test_shared_prefix_is_used_and_changes_nothing(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompts = [render(tok, q) for q in QUESTIONS[:4]]

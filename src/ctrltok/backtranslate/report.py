@@ -47,14 +47,18 @@ def _sample(p: Pair) -> dict:
             "original_response": _clip(p.original_response), "score": p.score, "drop": p.drop}
 
 
-def curation_stats(path: Path) -> dict:
-    """Sample-level parser counts and the histogram of parsed scores in one curation file."""
+def curation_stats(path: Path, scoring: str = "generated") -> dict:
+    """Sample-level parser counts and the histogram of parsed scores in one curation file (with
+    ``scoring: likelihood`` nothing is parsed: the spread of the scores instead)."""
     hist = {s: 0 for s in SCORES}
     samples = unparsed = out_of_range = 0
     expected: list[tuple[float, float]] = []  # (score, digit mass) of curation_scoring: expected
+    likelihood: list[float] = []  # curation_scoring: likelihood (nats per token)
     for pair in read_pairs(path):
         if pair.score_probs is not None and pair.score is not None:
             expected.append((pair.score, sum(pair.score_probs)))
+        elif scoring == "likelihood" and pair.score is not None:
+            likelihood.append(pair.score)
         for s in pair.scores:
             samples += 1
             if s is None:
@@ -72,6 +76,10 @@ def curation_stats(path: Path) -> dict:
         stats["expected"] = {"pairs": len(scores), "min": round(scores[0], 3), "median": round(scores[len(scores) // 2], 3),
                              "max": round(scores[-1], 3),
                              "mean_digit_probability": round(sum(m for _, m in expected) / len(expected), 4)}
+    if likelihood:
+        ranked = sorted(likelihood)
+        stats["likelihood"] = {"pairs": len(ranked), "min": round(ranked[0], 3),
+                               "median": round(ranked[len(ranked) // 2], 3), "max": round(ranked[-1], 3)}
     return stats
 
 
@@ -92,7 +100,7 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
         if name == "segments" and marker.exists():  # the segmenter's own counters, kept in its marker
             entry["documents"] = json.loads(marker.read_text()).get("stats", {}).get("documents")
         stages.append(entry)
-    curation = {name: {**curation_stats(out_dir / f"{name}.jsonl"),  # and the score select kept from
+    curation = {name: {**curation_stats(out_dir / f"{name}.jsonl", cfg.curation_scoring),  # and the score select kept from
                        "keep_threshold": keep_threshold((p.score for p in kept(out_dir / f"{name}.jsonl")), cfg)}
                 for name in _stage_names(out_dir, cfg) if name.startswith("curated-")}
     training = {}
@@ -114,7 +122,7 @@ def build_report(out_dir: Path, cfg: BacktranslateConfig, models: dict, gold: in
               "curation": curation, "curation_scoring": cfg.curation_scoring, "score_aggregate": cfg.score_aggregate,
               "keep_score": cfg.keep_score, "keep_fraction": cfg.keep_fraction,
               "samples": samples, "models": models}
-    if curation:
+    if any(c["samples"] for c in curation.values()):  # a histogram of parsed scores to draw
         report["histogram_png"] = str(_plot(curation, out_dir / "scores.png"))
     atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False))
     return report

@@ -4,7 +4,8 @@ input once, kept or with ``drop`` set to a reason (the shape :mod:`ctrltok.core.
     augment  (M_yx)  the backward model writes the instruction each candidate answers
     rewrite  (M0)    the seed model rewrites the answer for that instruction (seed 003)
     curate   (M0/Mi) the curator scores the pair 1-5, ``curation_samples`` times (or once, as the
-                     expected value of its next-token probabilities of the digits)
+                     expected value of its next-token probabilities of the digits; or by its
+                     likelihood of the response given the instruction)
     select           pairs scoring at least ``keep_score`` are kept (or the best ``keep_fraction``)
 
 Models are reached through one :class:`ChatModel` (rendering + a ``complete(prompts, sampling)``
@@ -86,6 +87,21 @@ class ChatModel:
                              "each in this tokenizer; backtranslate.curation_scoring: expected cannot read them")
         prompts = [list(self.render(c)) + encoded[0][:shared] for c in conversations]
         out = self.backend.next_token_logprobs(prompts, [t[0] for t in tails])
+        if len(out) != len(conversations):
+            raise RuntimeError(f"backend returned {len(out)} rows for {len(conversations)} prompts")
+        return out
+
+    def answer_logprobs(self, conversations: list[list[Message]], answers: list[str]) -> list[list[float]]:
+        """For each conversation, the log-probability of each token of ``answers[i]`` as the
+        assistant's reply to it (the answer encoded as plain text, so it never becomes a control
+        token). Needs id prompts and a backend with ``continuation_logprobs``."""
+        if self.encode_text is None:
+            raise ValueError("answer_logprobs needs id prompts (ChatModel.encode_text)")
+        if not hasattr(self.backend, "continuation_logprobs"):
+            raise ValueError(f"{type(self.backend).__name__} gives no token probabilities "
+                             "(backtranslate.curation_scoring: likelihood); use curation_scoring: generated")
+        out = self.backend.continuation_logprobs([list(self.render(c)) for c in conversations],
+                                                 [self.encode_text(a) for a in answers])
         if len(out) != len(conversations):
             raise RuntimeError(f"backend returned {len(out)} rows for {len(conversations)} prompts")
         return out
@@ -244,9 +260,13 @@ def curate(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, se
     """The curator scores each pair ``curation_samples`` times; the score is the median (or mean,
     ``score_aggregate``) of the samples that parsed to 1..5. A pair with none is dropped as
     ``score_unparsed`` (or ``score_out_of_range`` when every failing sample was a number outside 1..5).
-    With ``curation_scoring: expected`` see :func:`curate_expected`."""
+    With ``curation_scoring: expected`` see :func:`curate_expected`, with ``likelihood``
+    :func:`curate_likelihood`."""
     if cfg.curation_scoring == "expected":
         yield from curate_expected(pairs, model, cfg)
+        return
+    if cfg.curation_scoring == "likelihood":
+        yield from curate_likelihood(pairs, model, cfg)
         return
     prompt = load_text(cfg.curation_prompt, "curation_prompt")
     n = cfg.curation_samples
@@ -290,6 +310,21 @@ def curate_expected(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateC
             yield replace(pair, curator_outputs=[prefix + digits[best]], scores=[SCORES[best]],
                           score=None if score is None else round(score, 6), score_probs=[round(q, 6) for q in probs],
                           drop=None if score is not None else "score_unparsed")
+
+
+def curate_likelihood(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig) -> Iterator[Pair]:
+    """The likelihood score: the curator's mean log-probability per token (nats) of the response
+    as its own reply to the instruction, asked as a plain user turn in its chat template; one
+    forward pass per batch, nothing generated or parsed. It measures how far the pair is from what
+    the curator, an instruction-following model, would answer to that instruction (perplexity
+    filtering, scored by the seed model); ``keep_fraction`` keeps the most likely share. The scale
+    is nats (<= 0), not 1..5, so ``scores`` stays empty and ``keep_score`` does not apply."""
+    for batch in _batches(pairs, cfg.batch_size):
+        convs = [[{"role": "user", "content": p.instruction}] for p in batch]
+        rows = model.answer_logprobs(convs, [p.response for p in batch])
+        for pair, logps in zip(batch, rows, strict=True):
+            score = round(sum(logps) / len(logps), 6) if logps else None
+            yield replace(pair, score=score, drop=None if score is not None else "score_unparsed")
 
 
 def keep_threshold(scores: Iterable[float], cfg: BacktranslateConfig) -> float:

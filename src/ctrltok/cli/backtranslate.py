@@ -64,15 +64,21 @@ def print_report(report: dict, console: Any = None) -> None:
     console.print(table)
     for name, cs in report["curation"].items():
         hist = "  ".join(f"{s}: {cs['histogram'][s]}" for s in SCORES)
-        console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
-                      f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
-                      f"({cs['out_of_range_rate']}); scores {hist}")
+        if cs["samples"] or "likelihood" not in cs:  # likelihood curation parses nothing
+            console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
+                          f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
+                          f"({cs['out_of_range_rate']}); scores {hist}")
         if "expected" in cs:  # curation_scoring: expected
             ex = cs["expected"]
             console.print(f"{name}: expected scores of {ex['pairs']} pairs: min {ex['min']}, median {ex['median']}, "
                           f"max {ex['max']}; the curator's next token is a digit with probability "
                           f"{ex['mean_digit_probability']} on average")
-    how = "expected" if report.get("curation_scoring") == "expected" else report["score_aggregate"]
+        if "likelihood" in cs:  # curation_scoring: likelihood
+            lk = cs["likelihood"]
+            console.print(f"{name}: likelihood of the response given the instruction, {lk['pairs']} pairs: "
+                          f"min {lk['min']}, median {lk['median']}, max {lk['max']} nats per token")
+    scoring = report.get("curation_scoring")
+    how = scoring if scoring in ("expected", "likelihood") else report["score_aggregate"]
     last = list(report["curation"].values())[-1] if report["curation"] else {}
     rule = (f"the best {report['keep_fraction']:.0%}: score >= {last.get('keep_threshold', report['keep_score']):.3g}"
             if report.get("keep_fraction") else f"score >= {report['keep_score']}")

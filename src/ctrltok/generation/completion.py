@@ -18,7 +18,9 @@ all go through it.
 
 The two model backends also give ``next_token_logprobs(prompts, token_ids)``: how likely each of a
 few tokens is as the next one (backtranslation's expected curation score reads the score digits'
-probabilities instead of parsing a generated one).
+probabilities instead of parsing a generated one), and ``continuation_logprobs(prompts,
+continuations)``: the log-probability of each token of a given continuation (its likelihood
+curation score).
 
 A prompt is either token ids or a rendered string. Ids are used as they are: that is how stages
 pass prompts whose text came from outside (documents, model outputs), encoded by the injection-safe
@@ -243,6 +245,43 @@ class TransformersBackend:
                 out[i] = chosen[r].tolist()
         return out
 
+    @torch.no_grad()
+    def continuation_logprobs(self, prompts: list[Prompt], continuations: list[list[int]]) -> list[list[float]]:
+        """For each prompt, the log-probability of each token of its continuation (ids) following it.
+
+        Batched like :meth:`next_token_logprobs` (right-padded; sorted by length); the output layer
+        runs on each row's continuation positions only."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        encoded = encode_prompts(self.tokenizer, prompts)
+        device = self.model.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        head = self.model.get_output_embeddings()
+        full = [p + [int(t) for t in c] for p, c in zip(encoded, continuations)]
+        out: list[list[float]] = [[] for _ in full]
+        order = sorted(range(len(full)), key=lambda i: len(full[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            ids = torch.full((len(rows), max(len(full[i]) for i in rows)), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(rows):
+                ids[r, :len(full[i])] = torch.tensor(full[i])
+                mask[r, :len(full[i])] = 1
+            hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for r, i in enumerate(rows):
+                n, first = len(continuations[i]), len(encoded[i])
+                if not n:
+                    continue
+                if not first:
+                    raise ValueError("continuation_logprobs needs a non-empty prompt to condition on")
+                logits = head(hidden[r, first - 1:first - 1 + n]).float()  # position t predicts token t + 1
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                target = ids[r, first:first + n].to(device)
+                out[i] = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].cpu().tolist()
+        return out
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
@@ -315,6 +354,16 @@ class VLLMBackend:
         outputs = self.llm.generate([{"prompt_token_ids": ids + [t]} for ids in encoded for t in wanted], params)
         flat = [request.prompt_logprobs[-1][t].logprob for request, t in zip(outputs, wanted * len(encoded))]
         return [flat[i * len(wanted):(i + 1) * len(wanted)] for i in range(len(encoded))]
+
+    def continuation_logprobs(self, prompts: list[Prompt], continuations: list[list[int]]) -> list[list[float]]:
+        """:meth:`TransformersBackend.continuation_logprobs` on vLLM: the prompt log-probabilities of
+        the continuation's tokens in ``prompt + continuation``."""
+        encoded = encode_prompts(self.tokenizer, prompts)
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
+        full = [p + [int(t) for t in c] for p, c in zip(encoded, continuations, strict=True)]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params)
+        return [[request.prompt_logprobs[len(p) + k][t].logprob for k, t in enumerate(c)]
+                for request, p, c in zip(outputs, encoded, continuations)]
 
 
 class FakeBackend:
