@@ -32,6 +32,7 @@ Needs ``../shared/data``. Writes ``OUT/<part>/...`` and ``OUT/summary.json`` (ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -41,8 +42,11 @@ import time
 from pathlib import Path
 
 from ctrltok.backtranslate.pairs import kept
-from ctrltok.backtranslate.pipeline import finetune, read_gold, uncurated_sample
+from ctrltok.backtranslate.pipeline import finetune, load_chat_model, read_gold, uncurated_sample
+from ctrltok.backtranslate.report import curation_stats
+from ctrltok.backtranslate.stages import curate
 from ctrltok.core.config import load_recipe
+from ctrltok.core.stages import atomic_write
 from ctrltok.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +196,13 @@ def backtranslate_controls(out: Path, summary: dict, args) -> None:
             finetune(recipe, gold, pairs(), run, f"control-{name}", train)
             summary["times"][f"backtranslate{tag}.control-{name}"] = round(time.perf_counter() - start, 1)
             save(summary)
+    parsed = run / "control-generated-curation.jsonl"  # the written score's parse failures on the same pairs
+    if not parsed.exists():
+        generated = dataclasses.replace(cfg, curation_scoring="generated", curation_samples=1, curation_temperature=0.0)
+        scored = curate(kept(pool), load_chat_model(str(recipe.model.name), recipe), generated, recipe.train.seed)
+        atomic_write(parsed, "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in scored))
+    summary.setdefault("backtranslate", {})[f"generated-curation{tag}"] = curation_stats(parsed)
+    save(summary)
     alpaca = SHARED / "alpaca" / "alpaca_5000.jsonl"
     for name in ["model-1", "baseline-1", *(f"control-{c}" for c in controls)]:
         report = out / f"backtranslate{tag}.{name}.eval.json"
