@@ -6,7 +6,8 @@ plain process and resumes; the shipped accelerate configs pick the engine they n
 
 Tolerances (float32, CPU): runs with another number of processes or another engine sum the same
 gradients in another order, so weights agree to ``atol=1e-5, rtol=1e-4`` (observed: <= 2.5e-6 over
-4 steps) and logged losses to a relative 1e-6; a resumed run on the same processes as the
+4 steps) but for a few elements where Adam divides by a gradient near its eps (``_same_weights``),
+and logged losses to a relative 1e-6; a resumed run on the same processes as the
 uninterrupted one repeats its arithmetic (``atol=1e-6``; observed: equal).
 
 Every multi-process run is a tiny random Llama, 4 optimizer steps of 8 rows (micro-batch 1).
@@ -42,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "recipes" / "accelerate"
 DEEPSPEED = ROOT / "recipes" / "deepspeed"
 STEPS, ACCUM = 4, 4  # two processes x micro-batch 1 x ACCUM = 8 rows a step; one process: 2 * ACCUM
+LR = {"chat": 1e-3, "epe": 1e-2}
+OUTLIERS = 1e-3  # the share of a tensor's elements allowed past the tolerance (_same_weights)
 
 
 def _free_port() -> int:
@@ -62,7 +65,7 @@ def _mapping(tiny_dir: Path, kind: str = "chat", **train) -> dict:
                    "epe": {"sidecar": str(resource_path("epe_sidecar"))},
                    "lora": {"enabled": True, "r": 4}}
     mapping["model"] = {"name": str(tiny_dir)}
-    mapping["train"] = {"lr": 1e-2 if kind == "epe" else 1e-3, "max_steps": STEPS, "micro_batch_size": 1,
+    mapping["train"] = {"lr": LR[kind], "max_steps": STEPS, "micro_batch_size": 1,
                         "grad_accum": ACCUM, "warmup_steps": 0, "save_every": 1, "save_total_limit": 2, **train}
     return mapping
 
@@ -109,11 +112,23 @@ def _summary(d: Path) -> dict:
     return json.loads((Path(d) / "ctrltok.json").read_text())["summary"]
 
 
-def _same_weights(a: Path, b: Path, atol: float = 1e-5, rtol: float = 1e-4, name: str = "model.safetensors"):
+def _same_weights(a: Path, b: Path, atol: float = 1e-5, rtol: float = 1e-4, name: str = "model.safetensors",
+                  outliers: float = OUTLIERS, lr: float = LR["chat"]):
+    """Every tensor within ``atol + rtol * |a|``, except at most ``outliers`` of its elements, and
+    those within Adam's reach of each other (2 lr a step). Why the exception: where an element's
+    gradient is near Adam's eps, its update divides a rounding difference by a number as small, so
+    two correct runs that sum in another order can part there by up to ~lr a step (observed: one
+    element of 8192 at 1.2e-6 here, past 1e-5 on another CPU). A broken sync or a lost micro-batch
+    moves most elements by ~lr, which this still fails, and the logged losses are compared too."""
     wa, wb = _weights(a, name), _weights(b, name)
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=rtol, msg=k)
+        diff = (wb[k].float() - wa[k].float()).abs()
+        past = diff > atol + rtol * wa[k].float().abs()
+        worst = float(diff.max()) if diff.numel() else 0.0
+        detail = f"{k}: {int(past.sum())} of {diff.numel()} elements past atol={atol}, rtol={rtol}; largest difference {worst:.3g}"
+        assert int(past.sum()) <= outliers * diff.numel(), detail
+        assert worst <= 2 * lr * STEPS, detail
 
 
 def _same_losses(a: Path, b: Path, key: str = "loss"):
@@ -243,8 +258,8 @@ def test_fsdp2_lora_new_rows_and_constitution_head_equal_one(runs):
     assert _summary(two)["strategy"] == "fsdp2"
     _same_losses(one, two)
     _same_losses(one, two, "head_bce")
-    _same_weights(one, two)
-    _same_weights(one, two, name="constitution_head.safetensors")
+    _same_weights(one, two, lr=LR["epe"])
+    _same_weights(one, two, name="constitution_head.safetensors", lr=LR["epe"])
     assert not any("lora" in k for k in _weights(two))
 
 
@@ -261,7 +276,7 @@ def test_fsdp2_resumes_after_sigkill_to_the_uninterrupted_run(runs):
     assert killed.returncode != 0 and not (resumed / "ctrltok.json").exists()
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     _torchrun(2, runs.recipe("chat"), resumed, "--set", "train.strategy=fsdp2")
-    _same_weights(straight, resumed, atol=1e-6, rtol=0)
+    _same_weights(straight, resumed, atol=1e-6, rtol=0, outliers=0)
     assert _metrics(resumed, "loss") == pytest.approx(_metrics(straight, "loss"), rel=1e-9)
     assert len(_metrics(resumed, "loss")) == STEPS, "metrics lost or duplicated across the resume"
 
