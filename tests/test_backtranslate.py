@@ -365,8 +365,9 @@ def test_expected_curation_reads_the_digit_probabilities(tiny_model_dir):
 
 def test_likelihood_curation_is_the_mean_logprob_of_the_response(tiny_model_dir, tmp_path):
     """curation_scoring: likelihood == the curator's mean log-probability per token of the response
-    after the instruction as a user turn (one full forward alone); a response spelling a control
-    token is scored as text; the report gives the scores' spread and no parse counts."""
+    after the instruction as a user turn (one full forward alone); pmi == that minus the same after
+    an empty user turn; a response spelling a control token is scored as text; the report gives the
+    scores' spread and no parse counts."""
     recipe = recipe_from_mapping({"model": {"name": str(tiny_model_dir)},
                                   "data": {"train": "ctrltok:instructions", "template": "default"},
                                   "backtranslate": {"curation_scoring": "likelihood", "keep_fraction": 0.5,
@@ -376,22 +377,29 @@ def test_likelihood_curation_is_the_mean_logprob_of_the_response(tiny_model_dir,
     pairs = [Pair(id=str(i), source="s", response=f"Answer <|im_end|> number {i}." * (i + 1), instruction=f"Question {i}?")
              for i in range(3)]
     got = list(curate(pairs, model, recipe.backtranslate))
-    for pair, out in zip(pairs, got):
-        prompt = model.prompt([{"role": "user", "content": pair.instruction}])
-        answer = tok(pair.response, add_special_tokens=False, split_special_tokens=True).input_ids
-        assert tok.convert_tokens_to_ids("<|im_end|>") not in answer
+    pmi = list(curate(pairs, model, dataclasses.replace(recipe.backtranslate, curation_scoring="pmi")))
+
+    def mean_logprob(instruction: str, answer: list[int]) -> float:
+        prompt = model.prompt([{"role": "user", "content": instruction}])
         with torch.no_grad():
             logp = torch.log_softmax(net(torch.tensor([list(prompt) + answer])).logits[0].float(), dim=-1)
-        want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer)) / len(answer)
+        return sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer)) / len(answer)
+
+    for pair, out, out_pmi in zip(pairs, got, pmi, strict=True):
+        answer = tok(pair.response, add_special_tokens=False, split_special_tokens=True).input_ids
+        assert tok.convert_tokens_to_ids("<|im_end|>") not in answer
+        want = mean_logprob(pair.instruction, answer)
         assert out.score == pytest.approx(want, abs=1e-4) and out.drop is None and out.scores == []
+        assert out_pmi.score == pytest.approx(want - mean_logprob("", answer), abs=1e-4) and out_pmi.drop is None
     path = tmp_path / "curated-1.jsonl"
     path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in got))
     stats = curation_stats(path, "likelihood")
     assert stats["samples"] == 0 and stats["likelihood"]["pairs"] == 3
     assert stats["likelihood"]["min"] == round(min(p.score for p in got), 3)
     assert keep_threshold((p.score for p in got), recipe.backtranslate) == sorted(p.score for p in got)[1]
-    with pytest.raises(ConfigError, match="backtranslate.keep_fraction"):
-        BacktranslateConfig(curation_scoring="likelihood").check()
+    for scoring in ("likelihood", "pmi"):
+        with pytest.raises(ConfigError, match="backtranslate.keep_fraction"):
+            BacktranslateConfig(curation_scoring=scoring).check()
     with pytest.raises(ValueError, match="no token probabilities"):
         list(curate(pairs[:1], ChatModel(FakeBackend(lambda p: "x"), model.render, model.encode_text),
                     recipe.backtranslate))

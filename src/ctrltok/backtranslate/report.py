@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from ctrltok.backtranslate.pairs import SCORES, Pair, kept, read_pairs
 from ctrltok.backtranslate.stages import keep_threshold
-from ctrltok.core.config import BacktranslateConfig
+from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig
 from ctrltok.core.stages import atomic_write
 
 # The files that make a folder a backtranslation folder: the pipeline writes SETTINGS_FILE when it
@@ -49,15 +49,15 @@ def _sample(p: Pair) -> dict:
 
 def curation_stats(path: Path, scoring: str = "generated") -> dict:
     """Sample-level parser counts and the histogram of parsed scores in one curation file (with
-    ``scoring: likelihood`` nothing is parsed: the spread of the scores instead)."""
+    ``scoring: likelihood`` or ``pmi`` nothing is parsed: the spread of the scores instead)."""
     hist = {s: 0 for s in SCORES}
     samples = unparsed = out_of_range = 0
     expected: list[tuple[float, float]] = []  # (score, digit mass) of curation_scoring: expected
-    likelihood: list[float] = []  # curation_scoring: likelihood (nats per token)
+    likelihood: list[float] = []  # curation_scoring: likelihood or pmi (nats per token)
     for pair in read_pairs(path):
         if pair.score_probs is not None and pair.score is not None:
             expected.append((pair.score, sum(pair.score_probs)))
-        elif scoring == "likelihood" and pair.score is not None:
+        elif scoring in LIKELIHOOD_SCORINGS and pair.score is not None:
             likelihood.append(pair.score)
         for s in pair.scores:
             samples += 1

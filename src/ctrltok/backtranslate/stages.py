@@ -5,7 +5,8 @@ input once, kept or with ``drop`` set to a reason (the shape :mod:`ctrltok.core.
     rewrite  (M0)    the seed model rewrites the answer for that instruction (seed 003)
     curate   (M0/Mi) the curator scores the pair 1-5, ``curation_samples`` times (or once, as the
                      expected value of its next-token probabilities of the digits; or by its
-                     likelihood of the response given the instruction)
+                     likelihood of the response given the instruction, or by how much the
+                     instruction raises that likelihood: pmi)
     select           pairs scoring at least ``keep_score`` are kept (or the best ``keep_fraction``)
 
 Models are reached through one :class:`ChatModel` (rendering + a ``complete(prompts, sampling)``
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ctrltok.backtranslate.pairs import SCORES, Pair
 from ctrltok.backtranslate.segment import normalise
-from ctrltok.core.config import BacktranslateConfig, ConfigError
+from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig, ConfigError
 from ctrltok.core.records import RecordError, resource_path
 from ctrltok.generation.completion import Backend, Prompt, Sampling
 
@@ -260,12 +261,12 @@ def curate(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, se
     """The curator scores each pair ``curation_samples`` times; the score is the median (or mean,
     ``score_aggregate``) of the samples that parsed to 1..5. A pair with none is dropped as
     ``score_unparsed`` (or ``score_out_of_range`` when every failing sample was a number outside 1..5).
-    With ``curation_scoring: expected`` see :func:`curate_expected`, with ``likelihood``
+    With ``curation_scoring: expected`` see :func:`curate_expected`, with ``likelihood`` or ``pmi``
     :func:`curate_likelihood`."""
     if cfg.curation_scoring == "expected":
         yield from curate_expected(pairs, model, cfg)
         return
-    if cfg.curation_scoring == "likelihood":
+    if cfg.curation_scoring in LIKELIHOOD_SCORINGS:
         yield from curate_likelihood(pairs, model, cfg)
         return
     prompt = load_text(cfg.curation_prompt, "curation_prompt")
@@ -318,13 +319,22 @@ def curate_likelihood(pairs: Iterable[Pair], model: ChatModel, cfg: Backtranslat
     forward pass per batch, nothing generated or parsed. It measures how far the pair is from what
     the curator, an instruction-following model, would answer to that instruction (perplexity
     filtering, scored by the seed model); ``keep_fraction`` keeps the most likely share. The scale
-    is nats (<= 0), not 1..5, so ``scores`` stays empty and ``keep_score`` does not apply."""
+    is nats, not 1..5, so ``scores`` stays empty and ``keep_score`` does not apply.
+
+    ``curation_scoring: pmi`` subtracts the same mean for the response as the reply to an empty user
+    turn (a second forward pass): the pointwise mutual information of instruction and response per
+    token, high where the instruction predicts its response. Likelihood alone ranks repetitive text
+    first (a page of phone-number listings scored -0.15 nats, the median pair -3.7, on C4), which the
+    empty turn predicts just as well."""
     for batch in _batches(pairs, cfg.batch_size):
-        convs = [[{"role": "user", "content": p.instruction}] for p in batch]
-        rows = model.answer_logprobs(convs, [p.response for p in batch])
-        for pair, logps in zip(batch, rows, strict=True):
-            score = round(sum(logps) / len(logps), 6) if logps else None
-            yield replace(pair, score=score, drop=None if score is not None else "score_unparsed")
+        answers = [p.response for p in batch]
+        rows = model.answer_logprobs([[{"role": "user", "content": p.instruction}] for p in batch], answers)
+        priors = (model.answer_logprobs([[{"role": "user", "content": ""}] for _ in batch], answers)
+                  if cfg.curation_scoring == "pmi" else [None] * len(batch))
+        for pair, logps, prior in zip(batch, rows, priors, strict=True):
+            score = sum(logps) / len(logps) - (sum(prior) / len(prior) if prior else 0.0) if logps else None
+            yield replace(pair, score=None if score is None else round(score, 6),
+                          drop=None if score is not None else "score_unparsed")
 
 
 def keep_threshold(scores: Iterable[float], cfg: BacktranslateConfig) -> float:

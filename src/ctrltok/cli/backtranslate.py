@@ -13,7 +13,7 @@ from ctrltok.backtranslate.pairs import SCORES
 from ctrltok.backtranslate.pipeline import run_backtranslation
 from ctrltok.backtranslate.report import SETTINGS_FILE
 from ctrltok.cli.checks import check_model_name, default_out
-from ctrltok.core.config import BacktranslateConfig, ConfigError, Recipe, load_recipe
+from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig, ConfigError, Recipe, load_recipe
 from ctrltok.core.inputs import input_fingerprint, model_fingerprint
 from ctrltok.core.records import RecordError
 from ctrltok.training.runs import check_inputs
@@ -64,7 +64,7 @@ def print_report(report: dict, console: Any = None) -> None:
     console.print(table)
     for name, cs in report["curation"].items():
         hist = "  ".join(f"{s}: {cs['histogram'][s]}" for s in SCORES)
-        if cs["samples"] or "likelihood" not in cs:  # likelihood curation parses nothing
+        if cs["samples"] or "likelihood" not in cs:  # likelihood and pmi curation parse nothing
             console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
                           f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
                           f"({cs['out_of_range_rate']}); scores {hist}")
@@ -73,12 +73,14 @@ def print_report(report: dict, console: Any = None) -> None:
             console.print(f"{name}: expected scores of {ex['pairs']} pairs: min {ex['min']}, median {ex['median']}, "
                           f"max {ex['max']}; the curator's next token is a digit with probability "
                           f"{ex['mean_digit_probability']} on average")
-        if "likelihood" in cs:  # curation_scoring: likelihood
+        if "likelihood" in cs:  # curation_scoring: likelihood or pmi
             lk = cs["likelihood"]
-            console.print(f"{name}: likelihood of the response given the instruction, {lk['pairs']} pairs: "
+            what = ("how much the instruction raises the response's likelihood"
+                    if report.get("curation_scoring") == "pmi" else "likelihood of the response given the instruction")
+            console.print(f"{name}: {what}, {lk['pairs']} pairs: "
                           f"min {lk['min']}, median {lk['median']}, max {lk['max']} nats per token")
     scoring = report.get("curation_scoring")
-    how = scoring if scoring in ("expected", "likelihood") else report["score_aggregate"]
+    how = scoring if scoring in ("expected", *LIKELIHOOD_SCORINGS) else report["score_aggregate"]
     last = list(report["curation"].values())[-1] if report["curation"] else {}
     rule = (f"the best {report['keep_fraction']:.0%}: score >= {last.get('keep_threshold', report['keep_score']):.3g}"
             if report.get("keep_fraction") else f"score >= {report['keep_score']}")

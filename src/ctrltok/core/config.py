@@ -266,7 +266,8 @@ class ConditionalConfig:
 
 CURATION_SCORES = (1, 2, 3, 4, 5)  # the curator's scale (backtranslate.keep_score lies in it)
 SCORE_AGGREGATES = ("median", "mean")  # backtranslate.score_aggregate
-CURATION_SCORINGS = ("generated", "expected", "likelihood")  # backtranslate.curation_scoring
+CURATION_SCORINGS = ("generated", "expected", "likelihood", "pmi")  # backtranslate.curation_scoring
+LIKELIHOOD_SCORINGS = ("likelihood", "pmi")  # scored in nats per token, not 1..5: kept by keep_fraction
 
 
 @dataclass
@@ -313,7 +314,9 @@ class BacktranslateConfig:
     # "expected": sum of k * p(k) over the score digits 1..5 read after curation_answer_prefix in one
     # forward pass: no parse failures and a graded score where a small curator's greedy answer is
     # nearly always the same digit; "likelihood": the curator's mean log-probability per token of the
-    # response as its reply to the instruction (no prompt, nothing parsed; needs keep_fraction)
+    # response as its reply to the instruction (no prompt, nothing parsed; needs keep_fraction); "pmi":
+    # that minus the same for the response as a reply to an empty turn, i.e. how much the instruction
+    # helps predict its response (repetitive or boilerplate text is likely with or without it)
     curation_scoring: str = "generated"
     keep_score: float = 4  # pairs scoring at least this are kept (any value in 1..5: expected scores are not whole)
     # instead: keep the best-scored fraction of the curated pairs (the threshold is the score at that
@@ -344,10 +347,10 @@ class BacktranslateConfig:
         if self.curation_scoring == "expected" and not self.curation_answer_prefix.strip():
             raise bad("curation_answer_prefix", "is empty with curation_scoring: expected, which reads the score "
                       "digit right after it: set it to the answer's start, e.g. \"Score:\"")
-        if self.curation_scoring == "likelihood" and self.keep_fraction is None:
-            raise bad("keep_fraction", "is unset with curation_scoring: likelihood, whose scores are nats per "
-                      "token, not 1..5: set the share to keep, e.g. 0.5")
-        if self.curation_scoring in ("expected", "likelihood") and self.curation_samples != 1:
+        if self.curation_scoring in LIKELIHOOD_SCORINGS and self.keep_fraction is None:
+            raise bad("keep_fraction", f"is unset with curation_scoring: {self.curation_scoring}, whose scores are "
+                      "nats per token, not 1..5: set the share to keep, e.g. 0.5")
+        if self.curation_scoring in ("expected", *LIKELIHOOD_SCORINGS) and self.curation_samples != 1:
             raise bad("curation_samples", f"= {self.curation_samples} with curation_scoring: {self.curation_scoring}, "
                       "which reads the curator's probabilities once: set 1")
         for key in ("curation_samples", "iterations", "batch_size", "max_new_tokens", "rewrite_max_new_tokens",
