@@ -44,7 +44,7 @@ The invariant that proves it right: greedy batched output == greedy one-prompt-a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -213,73 +213,65 @@ class TransformersBackend:
                               stop_strings=sampling.stop, decode=self._decode, share_prefix=self.share_prefix)
         return [self._finish(ids, set(eos), sampling.stop) for ids in outs]
 
-    @torch.no_grad()
-    def next_token_logprobs(self, prompts: list[Prompt], token_ids: Sequence[int]) -> list[list[float]]:
-        """For each prompt, the log-probability of each of ``token_ids`` as the next token.
-
-        One forward pass per batch of ``batch_size`` prompts, right-padded so that each row is read
-        at its own last token (in a causal model no real token sees the padding after it); the
-        output layer runs on those positions only, never on ``[B, T, V]``. A final logit soft cap
-        (Gemma 2) is applied as the model's own forward applies it."""
-        encoded = encode_prompts(self.tokenizer, prompts)
+    def _hidden_batches(self, sequences: list[list[int]]) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """The decoder's last hidden states for ``sequences`` in batches of ``batch_size``: the row
+        indices, the hidden states and the attention mask of each. Rows are right-padded, so each
+        real token sees only the tokens before it (in a causal model none sees the padding after
+        it), and sorted by length for less padding per batch."""
         device = self.model.device
-        wanted = torch.tensor([int(t) for t in token_ids], device=device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        out: list[list[float]] = [[] for _ in encoded]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding per batch
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            ids = torch.full((len(rows), max(len(encoded[i]) for i in rows)), pad, dtype=torch.long)
+            ids = torch.full((len(rows), max(len(sequences[i]) for i in rows)), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(rows):
-                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-                mask[r, :len(encoded[i])] = 1
+                ids[r, :len(sequences[i])] = torch.tensor(sequences[i])
+                mask[r, :len(sequences[i])] = 1
             hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            last = hidden[torch.arange(len(rows), device=device), mask.sum(1).to(device) - 1]
-            logits = self.model.get_output_embeddings()(last).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            chosen = torch.log_softmax(logits, dim=-1)[:, wanted].cpu()
+            yield rows, hidden, mask.to(device)
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the output layer on the given positions only (never ``[B, T, V]``), with a
+        final logit soft cap (Gemma 2) applied as the model's own forward applies it."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompts: list[Prompt], token_ids: Sequence[int]) -> list[list[float]]:
+        """For each prompt, the log-probability of each of ``token_ids`` as the next token: one
+        forward pass per batch of ``batch_size`` prompts, each row read at its own last token."""
+        encoded = encode_prompts(self.tokenizer, prompts)
+        wanted = torch.tensor([int(t) for t in token_ids], device=self.model.device)
+        out: list[list[float]] = [[] for _ in encoded]
+        for rows, hidden, mask in self._hidden_batches(encoded):
+            last = hidden[torch.arange(len(rows), device=hidden.device), mask.sum(1) - 1]
+            chosen = self._logprobs(last)[:, wanted].cpu()
             for r, i in enumerate(rows):
                 out[i] = chosen[r].tolist()
         return out
 
     @torch.no_grad()
     def continuation_logprobs(self, prompts: list[Prompt], continuations: list[list[int]]) -> list[list[float]]:
-        """For each prompt, the log-probability of each token of its continuation (ids) following it.
-
-        Batched like :meth:`next_token_logprobs` (right-padded; sorted by length); the output layer
-        runs on each row's continuation positions only."""
+        """For each prompt, the log-probability of each token of its continuation (ids) following it,
+        batched as :meth:`next_token_logprobs`; the output layer runs on the continuation's positions."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         encoded = encode_prompts(self.tokenizer, prompts)
-        device = self.model.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        head = self.model.get_output_embeddings()
+        if any(c and not p for p, c in zip(encoded, continuations)):
+            raise ValueError("continuation_logprobs needs a non-empty prompt to condition on")
         full = [p + [int(t) for t in c] for p, c in zip(encoded, continuations)]
         out: list[list[float]] = [[] for _ in full]
-        order = sorted(range(len(full)), key=lambda i: len(full[i]))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            ids = torch.full((len(rows), max(len(full[i]) for i in rows)), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(rows):
-                ids[r, :len(full[i])] = torch.tensor(full[i])
-                mask[r, :len(full[i])] = 1
-            hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        for rows, hidden, _ in self._hidden_batches(full):
             for r, i in enumerate(rows):
                 n, first = len(continuations[i]), len(encoded[i])
-                if not n:
-                    continue
-                if not first:
-                    raise ValueError("continuation_logprobs needs a non-empty prompt to condition on")
-                logits = head(hidden[r, first - 1:first - 1 + n]).float()  # position t predicts token t + 1
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                target = ids[r, first:first + n].to(device)
-                out[i] = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].cpu().tolist()
+                if n:  # position t predicts token t + 1
+                    target = torch.tensor(full[i][first:], device=hidden.device)
+                    logps = self._logprobs(hidden[r, first - 1:first - 1 + n])
+                    out[i] = logps.gather(1, target[:, None])[:, 0].cpu().tolist()
         return out
 
     def _decode(self, ids: list[int]) -> str:
