@@ -324,8 +324,7 @@ def curate_likelihood(pairs: Iterable[Pair], model: ChatModel, cfg: Backtranslat
     ``curation_scoring: pmi`` subtracts the same mean for the response as the reply to an empty user
     turn (a second forward pass): the pointwise mutual information of instruction and response per
     token, high where the instruction predicts its response. Likelihood alone ranks repetitive text
-    first (a page of phone-number listings scored -0.15 nats, the median pair -3.7, on C4), which the
-    empty turn predicts just as well."""
+    first, which the empty turn predicts just as well (figures: bench/README "outcomes")."""
     for batch in _batches(pairs, cfg.batch_size):
         answers = [p.response for p in batch]
         rows = model.answer_logprobs([[{"role": "user", "content": p.instruction}] for p in batch], answers)
