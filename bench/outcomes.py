@@ -22,7 +22,8 @@ step whose output exists is not run again, so a killed run resumes. Held-out dat
   on 200 Alpaca chats (``../shared/data/alpaca``).
 * ``backtranslate-controls`` (after ``backtranslate``, same ``--bt-*`` options): the ablation's spread,
   two more uncurated draws and the pairs curation ranked lowest, fine-tuned alike and evaluated on the
-  same chats.
+  same chats. ``--bt-unused-by TAG`` runs on the documents an earlier run (``--bt-tag TAG``) took no
+  candidate from: a disjoint slice of the same corpus, to check a choice made on that run.
 
     python bench/outcomes.py [eot oasst conditional epe backtranslate backtranslate-controls] [--out bench/out/outcomes] [--seeds 0 1 2]
 
@@ -44,6 +45,7 @@ from pathlib import Path
 from ctrltok.backtranslate.pairs import kept
 from ctrltok.backtranslate.pipeline import finetune, load_chat_model, read_gold, uncurated_sample
 from ctrltok.backtranslate.report import curation_stats
+from ctrltok.backtranslate.segment import read_documents
 from ctrltok.backtranslate.stages import curate
 from ctrltok.core.config import load_recipe
 from ctrltok.core.stages import atomic_write
@@ -163,7 +165,24 @@ def epe(out: Path, summary: dict, args) -> None:
 def _bt_run(out: Path, args) -> tuple[str, Path, list[str]]:
     """The backtranslation run's tag, folder and ``--set`` values (``--bt-*`` options)."""
     tag = f"-{args.bt_tag}" if args.bt_tag else ""
-    return tag, out / f"backtranslate-cpu{tag}", [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set]
+    sets = [f"backtranslate.max_documents={args.bt_documents}", *args.bt_set]
+    if args.bt_unused_by:
+        sets.append(f"backtranslate.corpus={_unused_corpus(out, args.bt_unused_by, sets)}")
+    return tag, out / f"backtranslate-cpu{tag}", sets
+
+
+def _unused_corpus(out: Path, earlier: str, sets: list[str]) -> Path:
+    """The corpus's documents that the run tagged ``earlier`` took no candidate from, with their
+    ids (``OUT/corpus-unused-by-<earlier>.jsonl``): a slice of the same corpus disjoint from that
+    run's pool, to check a choice made on it."""
+    path = out / f"corpus-unused-by-{earlier}.jsonl"
+    if not path.exists():
+        cfg = load_recipe(ROOT / "recipes" / "backtranslate-cpu.yaml", sets).backtranslate
+        used = {p.source for p in kept(out / f"backtranslate-cpu-{earlier}" / "segments.jsonl")}
+        rows = (json.dumps({"id": doc_id, cfg.corpus_field: text}) + "\n"
+                for doc_id, text in read_documents(cfg.corpus, cfg.corpus_field) if doc_id not in used)
+        atomic_write(path, "".join(rows))
+    return path
 
 
 def backtranslate(out: Path, summary: dict, args) -> None:
@@ -234,6 +253,8 @@ def main() -> None:
     parser.add_argument("--bt-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="backtranslate: more --set values for the pipeline (give --bt-tag with them)")
     parser.add_argument("--bt-tag", default="", help="backtranslate: a name for the run folder and its step times")
+    parser.add_argument("--bt-unused-by", default="", metavar="TAG",
+                        help="backtranslate: use only the corpus documents the run tagged TAG took no candidate from")
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs {SHARED} (public data beside the repository)")
