@@ -254,10 +254,12 @@ def test_clean_instruction(raw, expected, reason):
     ("Fine.\nScore: 4", 4), ("Score: 5", 5), ("reasons\nScore:3\n\n  ", 3), ("a\nScore: 0", 0),
     ("a\nScore: 12", 12), ("Score: 4/5", None), ("**Score: 4**", None), ("score: 4", None),
     ("Score: four", None), ("Score: 4.", None), ("Score: 4\nThanks!", None), ("I give it a 4", None),
-    ("", None), ("Score: 99999999999999", None),
+    ("", None), ("Score: 99999999999999", None), ("Score: 4.5", 4.5), ("Score: 4.0", 4), ("Score: 0.5", 0.5),
+    ("Score: 4.5/5", None), ("Score: 4.5.", None), ("Score: .5", None),
 ])
 def test_parse_score_cases(text, score):
-    assert parse_score(text) == score
+    got = parse_score(text)
+    assert got == score and type(got) is type(score)  # whole scores stay ints (histogram keys)
 
 
 @given(st.text())
@@ -267,7 +269,7 @@ def test_random_text_without_the_exact_form_never_parses(text):
     else:  # it may parse, but only when the last non-empty line is exactly the form
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if parse_score(text) is not None:
-            assert lines[-1].startswith("Score:") and lines[-1][6:].strip().isdigit()
+            assert lines[-1].startswith("Score:") and lines[-1][6:].strip().replace(".", "", 1).isdigit()
 
 
 @given(st.text(), st.integers(0, 10**6), st.sampled_from(["", " ", "  ", "\t"]),
@@ -310,6 +312,28 @@ def test_curate_several_samples_median_and_separate_failure_counts():
     assert got[1].scores == [9, None, 1]
     mean_cfg = BacktranslateConfig(curation_samples=3, curation_temperature=0.7, score_aggregate="mean")
     assert next(curate(pairs[:1], ChatModel(SampleBackend(outs), render), mean_cfg)).score == pytest.approx(11 / 3)
+
+
+def test_a_score_between_points_counts_and_is_reported_apart(tmp_path):
+    cfg = BacktranslateConfig(curation_samples=3, curation_temperature=0.7)
+    outs = [["Score: 4.5", "Score: 3", "Score: 5.5"],  # 5.5 is off the scale; median of 4.5 and 3
+            ["Score: 4.5", "Score: 4.5/5", "nothing"]]
+    pairs = [Pair(id=str(i), source="s", response="r", instruction="i") for i in range(2)]
+    got = list(curate(pairs, ChatModel(SampleBackend(outs), render), cfg))
+    assert [p.scores for p in got] == [[4.5, 3, 5.5], [4.5, None, None]]
+    assert [p.score for p in got] == [3.75, 4.5] and all(p.drop is None for p in got)
+    path = tmp_path / "curated-1.jsonl"
+    path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in got))
+    stats = curation_stats(path)
+    assert stats["samples"] == 6 and stats["unparsed"] == 2 and stats["out_of_range"] == 1
+    assert stats["between_points"] == 2 and stats["histogram"][3] == 1 and stats["parsed"] == 3
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(-3, 9), st.sampled_from([0.5, 1.5, 4.5, 5.5])), max_size=7))
+def test_aggregate_takes_scores_between_points_on_the_scale(scores):
+    valid = [s for s in scores if s is not None and 1 <= s <= 5]
+    med = aggregate(scores, "median")
+    assert (med is None) if not valid else (min(valid) <= med <= max(valid))
 
 
 def test_curation_answer_prefix_prefills_and_stays_strict():
@@ -429,7 +453,7 @@ def test_pipeline_counts_reasons_training_data_and_report(corpus, gold, tmp_path
 
     cur = report["curation"]["curated-1"]
     assert cur["samples"] == stages["curated-1"]["in"]
-    assert cur["unparsed"] + cur["out_of_range"] + sum(cur["histogram"].values()) == cur["samples"]
+    assert cur["unparsed"] + cur["out_of_range"] + sum(cur["histogram"].values()) + cur["between_points"] == cur["samples"]
     assert cur["parse_failure_rate"] == round(cur["unparsed"] / cur["samples"], 4)
 
     # backward: roles swapped; finetune: gold + kept, each with its tag

@@ -14,6 +14,11 @@ from ctrltok.core.stages import Outcome, read_jsonl
 SCORES = CURATION_SCORES
 
 
+def on_scale(score: float | None) -> bool:
+    """A parsed score within the curator's scale: a whole point or one between (4.5)."""
+    return score is not None and SCORES[0] <= score <= SCORES[-1]
+
+
 @dataclass
 class Pair:
     """One candidate (instruction, response) pair as it moves through the stages."""
@@ -24,7 +29,7 @@ class Pair:
     instruction: str = ""
     original_response: str | None = None  # the segment as found, once rewritten
     curator_outputs: list[str] = field(default_factory=list)
-    scores: list[int | None] = field(default_factory=list)  # per sample; None = did not parse
+    scores: list[float | None] = field(default_factory=list)  # per sample; None = did not parse
     score: float | None = None  # aggregate of the samples in 1..5 (curation_scoring: expected: sum of k * p(k))
     score_probs: list[float] | None = None  # curation_scoring: expected: p(1) .. p(5) as the next token
     drop: str | None = None  # reason, or None when kept

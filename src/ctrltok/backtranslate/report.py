@@ -13,7 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ctrltok.backtranslate.pairs import SCORES, Pair, kept, read_pairs
+from ctrltok.backtranslate.pairs import SCORES, Pair, kept, on_scale, read_pairs
 from ctrltok.backtranslate.stages import keep_threshold
 from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig
 from ctrltok.core.stages import atomic_write
@@ -51,7 +51,7 @@ def curation_stats(path: Path, scoring: str = "generated") -> dict:
     """Sample-level parser counts and the histogram of parsed scores in one curation file (with
     ``scoring: likelihood`` or ``pmi`` nothing is parsed: the spread of the scores instead)."""
     hist = {s: 0 for s in SCORES}
-    samples = unparsed = out_of_range = 0
+    samples = unparsed = out_of_range = between = 0
     expected: list[tuple[float, float]] = []  # (score, digit mass) of curation_scoring: expected
     likelihood: list[float] = []  # curation_scoring: likelihood or pmi (nats per token)
     for pair in read_pairs(path):
@@ -63,14 +63,16 @@ def curation_stats(path: Path, scoring: str = "generated") -> dict:
             samples += 1
             if s is None:
                 unparsed += 1
-            elif s not in SCORES:
+            elif not on_scale(s):
                 out_of_range += 1
-            else:
+            elif s in hist:
                 hist[s] += 1
+            else:  # parsed, on the scale, between whole points: not a histogram bar
+                between += 1
     rate = (lambda k: round(k / samples, 4) if samples else None)
     stats = {"samples": samples, "parsed": samples - unparsed - out_of_range, "unparsed": unparsed,
              "out_of_range": out_of_range, "parse_failure_rate": rate(unparsed),
-             "out_of_range_rate": rate(out_of_range), "histogram": hist}
+             "out_of_range_rate": rate(out_of_range), "histogram": hist, "between_points": between}
     if expected:  # the graded scores, and how much of the curator's next token went to a digit at all
         scores = sorted(s for s, _ in expected)
         stats["expected"] = {"pairs": len(scores), "min": round(scores[0], 3), "median": round(scores[len(scores) // 2], 3),

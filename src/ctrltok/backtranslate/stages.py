@@ -11,8 +11,8 @@ input once, kept or with ``drop`` set to a reason (the shape :mod:`ctrltok.core.
 
 Models are reached through one :class:`ChatModel` (rendering + a ``complete(prompts, sampling)``
 backend), so tests run every stage with fakes. The curation parser is strict: the last non-empty
-line must be ``Score: N``. Anything else is a parse failure, a number outside 1-5 is counted
-apart, and the report shows both rates.
+line must be ``Score: N`` (N whole, or between points: 4.5). Anything else is a parse failure, a
+number outside 1-5 is counted apart, and the report shows both rates.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ctrltok.backtranslate.pairs import SCORES, Pair
+from ctrltok.backtranslate.pairs import SCORES, Pair, on_scale
 from ctrltok.backtranslate.segment import normalise
 from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig, ConfigError
 from ctrltok.core.records import RecordError, resource_path
@@ -235,23 +235,28 @@ def rewrite(pairs: Iterable[Pair], model: ChatModel, cfg: BacktranslateConfig, s
 
 # --------------------------------------------------------------------------- curate, select
 
-_SCORE = re.compile(r"Score:[ \t]*([0-9]{1,9})")
+_SCORE = re.compile(r"Score:[ \t]*([0-9]{1,9}(?:\.[0-9]{1,3})?)")
 
 
-def parse_score(text: str) -> int | None:
-    """The strict parser: the last non-empty line, stripped, must be exactly ``Score: N``.
+def parse_score(text: str) -> float | None:
+    """The strict parser: the last non-empty line, stripped, must be exactly ``Score: N``, N a whole
+    number or a decimal ("Score: 4.5": a rating between points, which a small curator writes as its
+    whole answer, not a cut-off one; bench/README "outcomes").
 
-    Returns N (which may be outside 1..5: the caller counts that apart) or None. "Score: 4/5",
-    "**Score: 4**", "score: 4", "Score: 4." and a score followed by more text all fail."""
+    Returns N (an int when whole; it may be outside 1..5: the caller counts that apart) or None.
+    "Score: 4/5", "**Score: 4**", "score: 4", "Score: 4." and a score followed by more text all fail."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return None
     match = _SCORE.fullmatch(lines[-1])
-    return int(match.group(1)) if match else None
+    if not match:
+        return None
+    value = float(match.group(1))
+    return int(value) if value.is_integer() else value
 
 
-def aggregate(scores: list[int | None], how: str) -> float | None:
-    valid = [s for s in scores if s in SCORES]
+def aggregate(scores: list[float | None], how: str) -> float | None:
+    valid = [s for s in scores if on_scale(s)]
     if not valid:
         return None
     return float(statistics.median(valid)) if how == "median" else sum(valid) / len(valid)

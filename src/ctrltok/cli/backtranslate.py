@@ -67,7 +67,8 @@ def print_report(report: dict, console: Any = None) -> None:
         if cs["samples"] or "likelihood" not in cs:  # likelihood and pmi curation parse nothing
             console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
                           f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
-                          f"({cs['out_of_range_rate']}); scores {hist}")
+                          f"({cs['out_of_range_rate']}); scores {hist}"
+                          + (f"; {cs['between_points']} between whole points" if cs.get("between_points") else ""))
         if "expected" in cs:  # curation_scoring: expected
             ex = cs["expected"]
             console.print(f"{name}: expected scores of {ex['pairs']} pairs: min {ex['min']}, median {ex['median']}, "

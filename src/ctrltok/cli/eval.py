@@ -350,8 +350,8 @@ def eval_backtranslate(run: str | os.PathLike, data: str | None = None, limit: i
     for stats in report.get("curation", {}).values():  # JSON made the scores' keys strings
         stats["histogram"] = {int(k): v for k, v in stats.get("histogram", {}).items()}
     print_report(report, console)
-    curation = {name: {k: c[k] for k in ("samples", "parsed", "unparsed", "parse_failure_rate", "expected",
-                                         "likelihood", "keep_threshold") if k in c}
+    curation = {name: {k: c[k] for k in ("samples", "parsed", "unparsed", "parse_failure_rate", "out_of_range",
+                                         "between_points", "expected", "likelihood", "keep_threshold") if k in c}
                 for name, c in report.get("curation", {}).items()}
     models = {name: info for name, info in report.get("training", {}).items() if name != "backward"}
     ablation: dict[str, Any] = {"data": str(data) if data else None, "models": {}}
