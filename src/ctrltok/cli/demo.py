@@ -17,6 +17,22 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
+from tokenizers import AddedToken
+from transformers import AutoTokenizer
+
+from ctrltok.cli.eval import comparison_table
+from ctrltok.cli.tokens import print_report
+from ctrltok.core.chat import encode_chat, show
+from ctrltok.core.config import load_recipe
+from ctrltok.core.models import load_model, resolve_model
+from ctrltok.core.templates import get_template, install_templates
+from ctrltok.core.tokens import add_tokens, load_charter, resolve_tokens
+from ctrltok.data.encode import build_examples
+from ctrltok.evaluation.doctor import inspect_checkpoint
+from ctrltok.evaluation.evaluate import evaluate_model, load_conversations
+from ctrltok.generation.generate import generate
+from ctrltok.training.setup import prepare_model
+from ctrltok.training.train import train
 
 DEMO_STEPS = 30
 HELD_OUT_PROMPTS = 4
@@ -24,12 +40,6 @@ MAX_NEW_TOKENS = 200  # the shipped replies are 20-120 words: room to finish a t
 
 
 def _seed_000(console: Console, model_name: str, out: Path) -> None:
-    from ctrltok.cli.tokens import print_report
-    from ctrltok.core.models import load_model
-    from ctrltok.core.templates import install_templates
-    from ctrltok.core.tokens import add_tokens, load_charter, resolve_tokens
-    from ctrltok.evaluation.doctor import inspect_checkpoint
-
     console.rule("[bold]1. Seed 000's tokenizer, reproduced on the embedded SmolLM2-135M")
     model, tok = load_model(model_name)
     rows_before = model.get_input_embeddings().weight.shape[0]
@@ -54,14 +64,6 @@ def _seed_000(console: Console, model_name: str, out: Path) -> None:
 
 
 def _templates(console: Console, model_name: str) -> None:
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
-    from ctrltok.core.chat import encode_chat, show
-    from ctrltok.core.models import resolve_model
-    from ctrltok.core.templates import install_templates
-    from ctrltok.core.tokens import resolve_tokens
-
     console.rule("[bold]2. One conversation under each named template (green: supervised)")
     tok = AutoTokenizer.from_pretrained(resolve_model(model_name))
     for t in resolve_tokens(["epe", "eot", "oasst"]):
@@ -77,16 +79,6 @@ def _templates(console: Console, model_name: str) -> None:
 
 def run_demo(model: str = "smollm2-135m", out: str | Path = "runs/demo", steps: int | None = None,
              quick: bool = False) -> Path:
-    from ctrltok.cli.eval import comparison_table
-    from ctrltok.core.config import load_recipe
-    from ctrltok.core.models import load_model, resolve_model
-    from ctrltok.core.templates import get_template
-    from ctrltok.data.encode import build_examples
-    from ctrltok.evaluation.evaluate import evaluate_model, load_conversations
-    from ctrltok.generation.generate import generate
-    from ctrltok.training.setup import prepare_model
-    from ctrltok.training.train import train
-
     console = Console()
     steps = steps or (4 if quick else DEMO_STEPS)
     out = Path(out)
