@@ -13,6 +13,9 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import IO, Iterator
 
+from ctrltok.core.records import FORMATS, file_format
+from ctrltok.core.templates import NAMES, saved_templates
+
 PRESET_NAMES = ("eot", "oasst", "conditional", "epe")  # core.tokens.PRESETS and epe (tested equal)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
 
@@ -62,8 +65,6 @@ def default_out(out: str | None, name: str) -> Path:
 
 def check_template(name: str, model: str | None, what: str = "--template") -> None:
     """A template is a shipped name (``core.templates.NAMES``) or one the model folder saves."""
-    from ctrltok.core.templates import NAMES, saved_templates
-
     if name in NAMES:
         return
     local = model is not None and Path(model).expanduser().is_dir()
@@ -84,8 +85,6 @@ def check_template(name: str, model: str | None, what: str = "--template") -> No
 def check_input(value: str, what: str = "--input") -> None:
     """An input path exists, and a folder holds files ctrltok reads (a name that is no path is
     taken as a dataset on the Hub, as :mod:`ctrltok.core.records` reads it)."""
-    from ctrltok.core.records import FORMATS, file_format
-
     if value.startswith(("ctrltok:", "hf:")):
         return
     path = Path(value).expanduser()

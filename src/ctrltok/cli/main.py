@@ -30,6 +30,8 @@ from ctrltok.cli.checks import (  # noqa: F401  (PRESET_NAMES: tests name it her
     check_output,
     check_template,
 )
+from ctrltok.cli.run import check_train
+from ctrltok.training.launch import relaunch_if_needed
 
 # The library's user-error types, by module (checked only once their module is loaded: an error of a
 # type whose module was never imported cannot have been raised).
@@ -355,9 +357,6 @@ def _quiet_transformers() -> None:
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     preflight(args)
     if args.command == "train":  # `accelerate launch --cpu --num_processes N` starts one process
-        from ctrltok.cli.run import check_train
-        from ctrltok.training.launch import relaunch_if_needed
-
         if check_train(args) == "done":  # a bad recipe or used --out fails here, once, not in every process
             return 0
         code = relaunch_if_needed(sys.argv[1:] if argv is None else list(argv))

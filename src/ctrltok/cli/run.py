@@ -24,14 +24,13 @@ from ctrltok.cli.checks import (
     model_vocab,
 )
 from ctrltok.core.config import ConfigError, Recipe, load_recipe
+from ctrltok.core.templates import get_template
 
 
 def check_recipe_names(recipe: Recipe) -> None:
     """The names a recipe gives, checked without loading the model: ``model.name``, ``tokens.presets``
     (known, and not already in the model), ``tokens.charter``, ``data.template`` (known, with the
     tokens it writes)."""
-    from ctrltok.core.templates import get_template
-
     src, t = recipe.source, recipe.tokens
     known = sorted(PRESET_NAMES)
     for name in t.presets:
