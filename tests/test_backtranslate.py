@@ -216,6 +216,29 @@ def test_segment_glues_code_to_its_introduction_and_packs_paragraphs():
     assert all(p.drop is None for p in pairs)
 
 
+def test_segment_by_line_packs_web_text_and_cuts_an_article_per_line_at_sentence_ends():
+    """C4, CCNet and Dolma end a paragraph with one newline; a dump of one article per line has
+    none. Read at blank lines, both are one paragraph over max_chars and give nothing."""
+    cfg = BacktranslateConfig(min_chars=10, max_chars=120, paragraphs="line")
+    web = ("Our shop opens at nine every day of the week.\nWe sell fresh bread and cakes.\n"
+           "Parking is free behind the building for all our customers, every day of the year.")
+    sentences = ["Tides rise and fall twice a day.", "The moon pulls the oceans toward it as it passes.",
+                 "Dr. Hale measured this in 1890.", "The sun adds a smaller pull of its own.",
+                 "Spring tides come when both pull together."]
+    article = " ".join(sentences)
+    assert [p.drop for p in segment([("w", web), ("a", article)], dataclasses.replace(cfg, paragraphs="blank_line"))] \
+        == ["too_long", "too_long"]
+    pairs = list(segment([("w", web), ("a", article)], cfg))
+    assert all(p.drop is None for p in pairs)
+    assert [p.response for p in pairs if p.source == "w"] == [
+        "Our shop opens at nine every day of the week.\nWe sell fresh bread and cakes.",
+        "Parking is free behind the building for all our customers, every day of the year."]
+    runs = [p.response for p in pairs if p.source == "a"]
+    assert runs == [" ".join(sentences[:3]), " ".join(sentences[3:])]  # whole sentences, "Dr." not an end
+    with pytest.raises(ConfigError, match="backtranslate.paragraphs"):
+        BacktranslateConfig(paragraphs="lines").check()
+
+
 def test_pydoc_corpus_gives_stable_unique_ids_and_respects_caps():
     cfg = BacktranslateConfig(max_candidates=7)
     first = list(segment(read_documents("python:pydoc_topics", limit=6), cfg))

@@ -1,8 +1,10 @@
 """Backtranslation's first stage: unlabelled documents -> candidate responses.
 
 Each document is cut at its headings (a line underlined by ``*****``, ``=====``, ...), split into
-paragraphs (an indented block stays with the paragraph introducing it), and the paragraphs of a
-section are packed greedily up to ``max_chars``. Each chunk is a candidate :class:`Pair`; the
+paragraphs (``paragraphs: blank_line``: at blank lines, an indented block staying with the paragraph
+introducing it; ``line``: every line, the web-text convention of C4, CCNet and Dolma, where a line
+over ``max_chars`` is cut at sentence ends), and the paragraphs of a section are packed greedily up
+to ``max_chars``. Each chunk is a candidate :class:`Pair`; the
 ones failing a quality heuristic (:func:`quality_issue`: too short or long, mostly symbols,
 shouting, not self-contained, repetitive), duplicates (by normalised hash) and those over the
 per-document cap are yielded with ``drop`` set to the reason, so every drop is counted.
@@ -19,6 +21,7 @@ from pydoc_data.topics import topics as pydoc_topics
 from ctrltok.backtranslate.pairs import Pair
 from ctrltok.core.config import BacktranslateConfig
 from ctrltok.core.records import read_records
+from ctrltok.core.segment import split_sentences
 
 PYDOC = "python:pydoc_topics"
 
@@ -67,9 +70,18 @@ def _sections(text: str) -> list[str]:
     return [s.strip("\n") for s in sections if s.strip()]
 
 
-def _units(section: str) -> list[str]:
-    """Paragraphs, with an indented block (code, a grammar) glued to the paragraph introducing it,
-    so no segment ends on "is equivalent to:" with the example cut away."""
+def _units(section: str, cfg: BacktranslateConfig) -> list[str]:
+    """The section's paragraphs. ``blank_line``: an indented block (code, a grammar) is glued to the
+    paragraph introducing it, so no segment ends on "is equivalent to:" with the example cut away.
+    ``line``: each non-empty line, one over ``max_chars`` cut into runs of whole sentences."""
+    if cfg.paragraphs == "line":
+        units = []
+        for line in section.split("\n"):
+            if len(line) > cfg.max_chars:
+                units.extend(_sentence_runs(line.strip(), cfg.max_chars))
+            elif line.strip():
+                units.append(line.strip())
+        return units
     units: list[str] = []
     for block in re.split(r"\n\s*\n", section):
         if not block.strip():
@@ -80,6 +92,18 @@ def _units(section: str) -> list[str]:
         else:
             units.append(block.strip("\n"))
     return units
+
+
+def _sentence_runs(text: str, max_chars: int) -> list[str]:
+    """Whole sentences (:func:`ctrltok.core.segment.split_sentences`) packed greedily up to
+    ``max_chars``; a sentence longer than that stays whole and is dropped later as too long."""
+    runs: list[str] = []
+    for sentence in split_sentences(text):
+        if runs and len(runs[-1]) + len(sentence.rstrip()) <= max_chars:
+            runs[-1] += sentence
+        else:
+            runs.append(sentence)
+    return [run.strip() for run in runs]
 
 
 def normalise(text: str) -> str:
@@ -125,9 +149,10 @@ def segment(documents: Iterable[tuple[str, str]], cfg: BacktranslateConfig,
         k = kept_here = 0
         for section in _sections(text):
             chunks: list[str] = []
-            for unit in _units(section):
-                if chunks and len(chunks[-1]) + 2 + len(unit) <= cfg.max_chars:
-                    chunks[-1] += "\n\n" + unit
+            sep = "\n" if cfg.paragraphs == "line" else "\n\n"
+            for unit in _units(section, cfg):
+                if chunks and len(chunks[-1]) + len(sep) + len(unit) <= cfg.max_chars:
+                    chunks[-1] += sep + unit
                 else:
                     chunks.append(unit)
             for chunk in chunks:

@@ -267,6 +267,7 @@ class ConditionalConfig:
 CURATION_SCORES = (1, 2, 3, 4, 5)  # the curator's scale (backtranslate.keep_score lies in it)
 SCORE_AGGREGATES = ("median", "mean")  # backtranslate.score_aggregate
 CURATION_SCORINGS = ("generated", "expected", "likelihood", "pmi")  # backtranslate.curation_scoring
+PARAGRAPH_BREAKS = ("blank_line", "line")  # backtranslate.paragraphs
 LIKELIHOOD_SCORINGS = ("likelihood", "pmi")  # scored in nats per token, not 1..5: kept by keep_fraction
 
 
@@ -284,6 +285,9 @@ class BacktranslateConfig:
     max_per_document: int | None = None  # keep at most this many candidates from one document
     min_chars: int = 200
     max_chars: int = 1500
+    # blank_line: paragraphs end at a blank line (Markdown, pydoc). line: every line is a paragraph, as
+    # in C4, CCNet and Dolma web text, and one over max_chars (an article per line) is cut at sentence ends
+    paragraphs: str = "blank_line"
     # augment: the backward model M_yx writes instructions
     backward_system: str = "ctrltok:backtranslate_backward_system.txt"  # file or ctrltok:<resource>
     backward_steps: int | None = None  # optimizer steps for the backward model (None: train.max_steps)
@@ -342,6 +346,8 @@ class BacktranslateConfig:
             raise bad("score_aggregate", f"= {self.score_aggregate!r}; expected one of {list(SCORE_AGGREGATES)}")
         if not min(CURATION_SCORES) <= self.keep_score <= max(CURATION_SCORES):
             raise bad("keep_score", f"= {self.keep_score}; expected 1..5")
+        if self.paragraphs not in PARAGRAPH_BREAKS:
+            raise bad("paragraphs", f"= {self.paragraphs!r}; expected one of {list(PARAGRAPH_BREAKS)}")
         if self.curation_scoring not in CURATION_SCORINGS:
             raise bad("curation_scoring", f"= {self.curation_scoring!r}; expected one of {list(CURATION_SCORINGS)}")
         if self.curation_scoring == "expected" and not self.curation_answer_prefix.strip():
