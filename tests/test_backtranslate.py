@@ -436,6 +436,9 @@ def test_likelihood_curation_is_the_mean_logprob_of_the_response(tiny_model_dir,
     stats = curation_stats(path, "likelihood")
     assert stats["samples"] == 0 and stats["likelihood"]["pairs"] == 3
     assert stats["likelihood"]["min"] == round(min(p.score for p in got), 3)
+    path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pmi))
+    stats = curation_stats(path, "pmi")  # reported under its own name: it is not a likelihood
+    assert "likelihood" not in stats and stats["pmi"]["max"] == round(max(p.score for p in pmi), 3)
     assert keep_threshold((p.score for p in got), recipe.backtranslate) == sorted(p.score for p in got)[1]
     for scoring in ("likelihood", "pmi"):
         with pytest.raises(ConfigError, match="backtranslate.keep_fraction"):

@@ -49,7 +49,8 @@ def _sample(p: Pair) -> dict:
 
 def curation_stats(path: Path, scoring: str = "generated") -> dict:
     """Sample-level parser counts and the histogram of parsed scores in one curation file (with
-    ``scoring: likelihood`` or ``pmi`` nothing is parsed: the spread of the scores instead)."""
+    ``scoring: likelihood`` or ``pmi`` nothing is parsed: the spread of the scores instead, under
+    the scoring's name)."""
     hist = {s: 0 for s in SCORES}
     samples = unparsed = out_of_range = between = 0
     expected: list[tuple[float, float]] = []  # (score, digit mass) of curation_scoring: expected
@@ -80,8 +81,8 @@ def curation_stats(path: Path, scoring: str = "generated") -> dict:
                              "mean_digit_probability": round(sum(m for _, m in expected) / len(expected), 4)}
     if likelihood:
         ranked = sorted(likelihood)
-        stats["likelihood"] = {"pairs": len(ranked), "min": round(ranked[0], 3),
-                               "median": round(ranked[len(ranked) // 2], 3), "max": round(ranked[-1], 3)}
+        stats[scoring] = {"pairs": len(ranked), "min": round(ranked[0], 3),
+                          "median": round(ranked[len(ranked) // 2], 3), "max": round(ranked[-1], 3)}
     return stats
 
 

@@ -64,7 +64,8 @@ def print_report(report: dict, console: Any = None) -> None:
     console.print(table)
     for name, cs in report["curation"].items():
         hist = "  ".join(f"{s}: {cs['histogram'][s]}" for s in SCORES)
-        if cs["samples"] or "likelihood" not in cs:  # likelihood and pmi curation parse nothing
+        nats = next((cs[k] for k in LIKELIHOOD_SCORINGS if k in cs), None)  # curation_scoring: likelihood or pmi
+        if cs["samples"] or nats is None:  # likelihood and pmi curation parse nothing
             console.print(f"{name}: {cs['samples']} samples, parse failures {cs['unparsed']} "
                           f"({cs['parse_failure_rate']}), out of range {cs['out_of_range']} "
                           f"({cs['out_of_range_rate']}); scores {hist}"
@@ -74,12 +75,11 @@ def print_report(report: dict, console: Any = None) -> None:
             console.print(f"{name}: expected scores of {ex['pairs']} pairs: min {ex['min']}, median {ex['median']}, "
                           f"max {ex['max']}; the curator's next token is a digit with probability "
                           f"{ex['mean_digit_probability']} on average")
-        if "likelihood" in cs:  # curation_scoring: likelihood or pmi
-            lk = cs["likelihood"]
+        if nats is not None:
             what = ("how much the instruction raises the response's likelihood"
                     if report.get("curation_scoring") == "pmi" else "likelihood of the response given the instruction")
-            console.print(f"{name}: {what}, {lk['pairs']} pairs: "
-                          f"min {lk['min']}, median {lk['median']}, max {lk['max']} nats per token")
+            console.print(f"{name}: {what}, {nats['pairs']} pairs: "
+                          f"min {nats['min']}, median {nats['median']}, max {nats['max']} nats per token")
     scoring = report.get("curation_scoring")
     how = scoring if scoring in ("expected", *LIKELIHOOD_SCORINGS) else report["score_aggregate"]
     last = list(report["curation"].values())[-1] if report["curation"] else {}
