@@ -433,12 +433,20 @@ def test_likelihood_curation_is_the_mean_logprob_of_the_response(tiny_model_dir,
         assert out_pmi.score == pytest.approx(want - mean_logprob("", answer), abs=1e-4) and out_pmi.drop is None
     path = tmp_path / "curated-1.jsonl"
     path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in got))
-    stats = curation_stats(path, "likelihood")
-    assert stats["samples"] == 0 and stats["likelihood"]["pairs"] == 3
-    assert stats["likelihood"]["min"] == round(min(p.score for p in got), 3)
+    liked = curation_stats(path, "likelihood")
+    assert liked["samples"] == 0 and liked["likelihood"]["pairs"] == 3
+    assert liked["likelihood"]["min"] == round(min(p.score for p in got), 3)
     path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pmi))
     stats = curation_stats(path, "pmi")  # reported under its own name: it is not a likelihood
     assert "likelihood" not in stats and stats["pmi"]["max"] == round(max(p.score for p in pmi), 3)
+    for scoring, stats in (("likelihood", liked), ("pmi", stats)):  # as the command prints them
+        printed = Console(file=io.StringIO(), width=200)
+        print_report({"out_dir": "o", "stages": [], "training": {}, "curation": {"curated-1": stats},
+                      "curation_scoring": scoring, "score_aggregate": "mean", "keep_fraction": 0.5, "keep_score": 4,
+                      "samples": {"kept": [], "dropped": []}}, printed)
+        text = printed.file.getvalue()
+        assert "parse failures" not in text and f"max {stats[scoring]['max']} nats per token" in text
+        assert ("raises the response's likelihood" in text) == (scoring == "pmi"), text
     assert keep_threshold((p.score for p in got), recipe.backtranslate) == sorted(p.score for p in got)[1]
     for scoring in ("likelihood", "pmi"):
         with pytest.raises(ConfigError, match="backtranslate.keep_fraction"):
