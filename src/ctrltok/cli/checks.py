@@ -13,6 +13,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import IO, Iterator
 
+from ctrltok.core.cache import ALIASES, default_model_dir, is_complete
 from ctrltok.core.records import FORMATS, file_format
 from ctrltok.core.templates import NAMES, saved_templates
 
@@ -38,8 +39,6 @@ def check_model_name(name: str, what: str = "--model") -> None:
             raise UsageError(f"{what} {name}: this folder holds no model (no config.json or tokenizer files); "
                              "give a checkpoint folder, an alias or a Hub id")
         return
-    from ctrltok.core.models import ALIASES
-
     if name.lower() in ALIASES:
         return
     aliases = ", ".join(sorted(ALIASES))
@@ -72,8 +71,6 @@ def check_template(name: str, model: str | None, what: str = "--template") -> No
     if name in saved:
         return
     if model is not None and not local:
-        from ctrltok.core.models import ALIASES
-
         if model.lower() not in ALIASES:
             return  # a Hub model's own named templates are known only once it is downloaded
     known = sorted(set(NAMES) | set(saved))
@@ -142,8 +139,6 @@ def model_vocab(name: str) -> dict[str, int] | None:
     copy; ``None`` when there is none)."""
     folder = Path(name).expanduser()
     if not folder.is_dir():  # an alias: its converted copy, when it is there (never converted here)
-        from ctrltok.core.models import ALIASES, default_model_dir, is_complete
-
         if name.lower() not in ALIASES or not is_complete(default_model_dir()):
             return None
         folder = default_model_dir()

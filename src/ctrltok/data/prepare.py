@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from ctrltok.conditional.stream import scorer_provenance
+from ctrltok.core.cache import cache_dir
 from ctrltok.core.config import Recipe
 from ctrltok.core.inputs import content, recipe_inputs
-from ctrltok.core.models import cache_dir
 from ctrltok.core.records import Skips
 from ctrltok.core.stages import Outcome, StageRun, map_ordered
 from ctrltok.core.tokens import CharterItem

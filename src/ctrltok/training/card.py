@@ -47,10 +47,10 @@ from huggingface_hub import (
 )
 from jinja2 import Environment, StrictUndefined
 
+from ctrltok.core.cache import ALIASES
 from ctrltok.core.models import (
     ADAPTER,
     ADAPTER_CONFIG,
-    ALIASES,
     adapter_only,
     adapter_rows,
 )
