@@ -471,7 +471,10 @@ def test_backtranslation_eval_reports_stages_and_ablation(eot_model, tmp_path, c
                            "model-1": {"model": str(run / "model-1"), "examples": 4}},
               "curation": {"curated-1": {"samples": 3, "parsed": 2, "unparsed": 1, "out_of_range": 0,
                                          "parse_failure_rate": 0.3333, "out_of_range_rate": 0.0,
-                                         "histogram": {s: 0 for s in range(1, 6)}}},
+                                         "histogram": {s: 0 for s in range(1, 6)}},
+                           "curated-2": {"samples": 0, "unparsed": 0, "keep_threshold": 0.25,
+                                         "histogram": {s: 0 for s in range(1, 6)},
+                                         "pmi": {"pairs": 2, "min": 0.1, "median": 0.3, "max": 0.5}}},
               "samples": {"kept": [], "dropped": []}, "models": {}}
     (run / "report.json").write_text(json.dumps(report))
     data = tmp_path / "heldout.jsonl"
@@ -484,6 +487,7 @@ def test_backtranslation_eval_reports_stages_and_ablation(eot_model, tmp_path, c
     got = _strict_json(out)
     assert got["kind"] == "backtranslate" and got["stages"] == stages
     assert got["curation"]["curated-1"]["parse_failure_rate"] == 0.3333
+    assert got["curation"]["curated-2"]["pmi"] == report["curation"]["curated-2"]["pmi"]  # under its scoring's name
     assert set(got["ablation"]["models"]) == {"model-1"}  # the backward model answers another task
     direct = evaluate_model(model, tok, CONVS[:3], "eot", n_generate=0, data=recipe.data)
     assert got["ablation"]["models"]["model-1"]["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-6)
