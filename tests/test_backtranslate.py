@@ -437,9 +437,9 @@ def test_likelihood_curation_is_the_mean_logprob_of_the_response(tiny_model_dir,
     assert liked["samples"] == 0 and liked["likelihood"]["pairs"] == 3
     assert liked["likelihood"]["min"] == round(min(p.score for p in got), 3)
     path.write_text("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pmi))
-    stats = curation_stats(path, "pmi")  # reported under its own name: it is not a likelihood
-    assert "likelihood" not in stats and stats["pmi"]["max"] == round(max(p.score for p in pmi), 3)
-    for scoring, stats in (("likelihood", liked), ("pmi", stats)):  # as the command prints them
+    ratio = curation_stats(path, "pmi")  # reported under its own name: it is not a likelihood
+    assert "likelihood" not in ratio and ratio["pmi"]["max"] == round(max(p.score for p in pmi), 3)
+    for scoring, stats in (("likelihood", liked), ("pmi", ratio)):  # as the command prints them
         printed = Console(file=io.StringIO(), width=200)
         print_report({"out_dir": "o", "stages": [], "training": {}, "curation": {"curated-1": stats},
                       "curation_scoring": scoring, "score_aggregate": "mean", "keep_fraction": 0.5, "keep_score": 4,

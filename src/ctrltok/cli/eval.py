@@ -48,7 +48,7 @@ from ctrltok.cli.checks import MAX_PROMPTS, SAMPLES, UsageError
 from ctrltok.cli.generate import decoding_flags, model_decoding
 from ctrltok.conditional.label import LabelError
 from ctrltok.conditional.scorers import DEFAULT_SCORER
-from ctrltok.core.config import LIKELIHOOD_SCORINGS, DataConfig
+from ctrltok.core.config import DataConfig
 from ctrltok.core.conversation import to_conversation
 from ctrltok.core.decoding import describe_decoding
 from ctrltok.core.heads import load_head
@@ -350,9 +350,6 @@ def eval_backtranslate(run: str | os.PathLike, data: str | None = None, limit: i
     for stats in report.get("curation", {}).values():  # JSON made the scores' keys strings
         stats["histogram"] = {int(k): v for k, v in stats.get("histogram", {}).items()}
     print_report(report, console)
-    curation = {name: {k: c[k] for k in ("samples", "parsed", "unparsed", "parse_failure_rate", "out_of_range",
-                                         "between_points", "expected", *LIKELIHOOD_SCORINGS, "keep_threshold") if k in c}
-                for name, c in report.get("curation", {}).items()}
     models = {name: info for name, info in report.get("training", {}).items() if name != "backward"}
     ablation: dict[str, Any] = {"data": str(data) if data else None, "models": {}}
     if "ablation" in report:
@@ -383,7 +380,8 @@ def eval_backtranslate(run: str | os.PathLike, data: str | None = None, limit: i
     caps = {"conversations": len(convs) if data else 0, "max_conversations": limit}
     console.print(f"caps: {caps['conversations']} held-out conversations "
                   f"({'all' if limit is None else f'at most {limit}'}; --max-conversations)")
-    return {"kind": "backtranslate", "run": str(folder), "stages": report.get("stages", []), "curation": curation,
+    return {"kind": "backtranslate", "run": str(folder), "stages": report.get("stages", []),
+            "curation": report.get("curation", {}),  # as curation_stats wrote it, whatever the scoring
             "training": report.get("training", {}), "ablation": ablation, "caps": caps}
 
 
