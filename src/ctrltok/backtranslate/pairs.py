@@ -1,9 +1,11 @@
-"""The record of backtranslation's stages: one candidate (instruction, response) pair, and the
-stage files (``<stage>.jsonl``, one pair per line, kept or with ``drop`` set) that hold them."""
+"""The record of backtranslation's stages: one candidate (instruction, response) pair, the stage
+files (``<stage>.jsonl``, one pair per line, kept or with ``drop`` set) that hold them, and the files
+that make a folder a backtranslation folder (no torch: ``ctrltok eval`` asks before loading anything)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,17 @@ from ctrltok.core.config import CURATION_SCORES
 from ctrltok.core.stages import Outcome, read_jsonl
 
 SCORES = CURATION_SCORES
+# The pipeline writes SETTINGS_FILE when it first starts in a folder (its model and backtranslate
+# settings), REPORT_FILE at the end of every run.
+REPORT_FILE = "report.json"
+SETTINGS_FILE = "backtranslate.settings.json"
+
+
+def backtranslation_folder(path: str | os.PathLike) -> Path | None:
+    """``path`` as a folder the pipeline has written to (it holds :data:`REPORT_FILE` or
+    :data:`SETTINGS_FILE`), or ``None``; the models trained there are folders of their own."""
+    folder = Path(str(path)).expanduser()
+    return folder if folder.is_dir() and any((folder / f).is_file() for f in (REPORT_FILE, SETTINGS_FILE)) else None
 
 
 def on_scale(score: float | None) -> bool:

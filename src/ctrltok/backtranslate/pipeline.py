@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from ctrltok.backtranslate.pairs import Pair, kept
-from ctrltok.backtranslate.report import SETTINGS_FILE, build_report
+from ctrltok.backtranslate.pairs import SETTINGS_FILE, Pair, kept
+from ctrltok.backtranslate.report import build_report
 from ctrltok.backtranslate.segment import read_documents, segment
 from ctrltok.backtranslate.stages import (
     ChatModel,

@@ -7,29 +7,15 @@ prints it as tables).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ctrltok.backtranslate.pairs import SCORES, Pair, kept, on_scale, read_pairs
+from ctrltok.backtranslate.pairs import REPORT_FILE, SCORES, Pair, kept, on_scale, read_pairs
 from ctrltok.backtranslate.stages import keep_threshold
 from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig
 from ctrltok.core.stages import atomic_write
-
-# The files that make a folder a backtranslation folder: the pipeline writes SETTINGS_FILE when it
-# first starts there (its model and backtranslate settings), REPORT_FILE at the end of every run.
-REPORT_FILE = "report.json"
-SETTINGS_FILE = "backtranslate.settings.json"
-
-
-def backtranslation_folder(path: str | os.PathLike) -> Path | None:
-    """``path`` as a folder the pipeline has written to (it holds :data:`REPORT_FILE` or
-    :data:`SETTINGS_FILE`), or ``None``; the models trained there are folders of their own."""
-    folder = Path(str(path)).expanduser()
-    return folder if folder.is_dir() and any((folder / f).is_file() for f in (REPORT_FILE, SETTINGS_FILE)) else None
-
 
 def _stage_names(out_dir: Path, cfg: BacktranslateConfig) -> list[str]:
     names = ["segments", "augmented"] + (["rewritten"] if cfg.rewrite else [])

@@ -9,9 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ctrltok.backtranslate.pairs import SCORES
+from ctrltok.backtranslate.pairs import SCORES, SETTINGS_FILE
 from ctrltok.backtranslate.pipeline import run_backtranslation
-from ctrltok.backtranslate.report import SETTINGS_FILE
 from ctrltok.cli.checks import check_model_name, default_out
 from ctrltok.core.config import LIKELIHOOD_SCORINGS, BacktranslateConfig, ConfigError, Recipe, load_recipe
 from ctrltok.core.inputs import input_fingerprint, model_fingerprint

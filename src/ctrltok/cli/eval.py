@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ctrltok.backtranslate.report import REPORT_FILE, backtranslation_folder
+from ctrltok.backtranslate.pairs import REPORT_FILE, backtranslation_folder
 from ctrltok.cli.backtranslate import print_report
 from ctrltok.cli.checks import MAX_PROMPTS, SAMPLES, UsageError
 from ctrltok.cli.generate import decoding_flags, model_decoding

@@ -21,6 +21,7 @@ import os
 import sys
 
 from ctrltok import __version__
+from ctrltok.backtranslate.pairs import backtranslation_folder
 from ctrltok.cli.checks import (  # noqa: F401  (PRESET_NAMES: tests name it here)
     MAX_PROMPTS,
     PRESET_NAMES,
@@ -307,9 +308,7 @@ def preflight(args: argparse.Namespace) -> None:
     """The names and paths a command takes, checked before its handler imports or loads anything."""
     model = getattr(args, "model", None)
     run_folder = False  # a backtranslation folder holds models, is none
-    if args.command == "eval" and model is not None:  # only here: the report module loads matplotlib
-        from ctrltok.backtranslate.report import backtranslation_folder
-
+    if args.command == "eval" and model is not None:
         run_folder = backtranslation_folder(model) is not None
     if model is not None and not run_folder:
         check_model_name(model)
